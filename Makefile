@@ -1,0 +1,85 @@
+# dglstm-lm — every target uses .venv; nothing needs activating.
+#
+# Hydra overrides pass straight through:  make train model=dglstm trainer.max_epochs=3 seed=7
+# Sweeps take Hydra's multirun syntax:     make sweep model=lstm,stacked_lstm,dglstm seed=1,2,3
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install. The default is the CPU wheel this project is developed on; elsewhere choose
+# your own, e.g.  make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+# Variables of this Makefile itself, never forwarded to Hydra. (ckpt=, dir=, seed= ... of eval, generate and
+# report are read by those targets only; train and sweep forward everything else.)
+MAKE_VARS := PYTHON VENV TORCH_SPEC TORCH_INDEX ARGS
+# Command-line assignments arrive in $(MAKEOVERRIDES) in reverse order, spaces escaped as '\ '.
+_reverse = $(if $(1),$(call _reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
+_is_make_var = $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(1))))
+OVERRIDES := $(strip $(foreach o,$(call _reverse,$(MAKEOVERRIDES)),$(if $(call _is_make_var,$(o)),,$(o))))
+# Hydra reads these as overrides; `make` must not also export them into the environment.
+unexport $(foreach o,$(MAKEOVERRIDES),$(firstword $(subst =, ,$(o))))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data train sweep search eval generate bench report test test-fast lint format slurm-up slurm-down clean
+
+help:  ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup:  ## create .venv: torch (TORCH_SPEC) first, then the project with dev extras, then the fused CPU kernel
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)'
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(PY) -m dglstm_lm.build_kernels
+
+data:  ## prepare PTB (verify, tokenise, cache) and print the split statistics
+	$(PY) -m dglstm_lm.data $(OVERRIDES)
+
+train:  ## train one model; any Hydra override, e.g. model=dglstm experiment=zaremba_small seed=7
+	$(PY) -m dglstm_lm.train $(OVERRIDES)
+
+sweep:  ## Hydra multirun over any grid, e.g. model=lstm,stacked_lstm,dglstm seed=1,2,3
+	$(PY) -m dglstm_lm.train --multirun $(OVERRIDES)
+
+search:  ## Optuna hyper-parameter search (conf/hparams_search/), e.g. hparams_search=dglstm_lr
+	$(PY) -m dglstm_lm.train --multirun $(if $(filter hparams_search=%,$(OVERRIDES)),,hparams_search=dglstm_lr) $(OVERRIDES)
+
+eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt
+	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(ARGS)
+
+generate:  ## sample text: make generate ckpt=... [temperature=1.0 length=50 seed=1 prompt='the market']
+	$(PY) -m dglstm_lm.generate --ckpt '$(ckpt)' $(if $(temperature),--temperature $(temperature)) \
+	  $(if $(length),--length $(length)) $(if $(seed),--seed $(seed)) $(if $(prompt),--prompt '$(prompt)') $(ARGS)
+
+bench:  ## throughput and memory of every core against nn.LSTM; data preparation speed -> outputs/bench/
+	$(PY) -m dglstm_lm.bench $(ARGS)
+
+report:  ## perplexity tables and figures from outputs/ (or dir=<run or sweep dir>) -> outputs/report/
+	$(PY) -m dglstm_lm.report $(if $(dir),--dir '$(dir)') $(ARGS)
+
+test:  ## the whole test suite, slow end-to-end tests included (what CI runs)
+	$(PY) -m pytest -m 'slow or not slow' $(ARGS)
+
+test-fast:  ## the fast tests only
+	$(PY) -m pytest $(ARGS)
+
+lint:  ## ruff
+	$(VENV)/bin/ruff check dglstm_lm tests
+	$(VENV)/bin/ruff format --check dglstm_lm tests
+
+format:  ## ruff format + autofix
+	$(VENV)/bin/ruff check --fix dglstm_lm tests
+	$(VENV)/bin/ruff format dglstm_lm tests
+
+slurm-up:  ## start a one-node SLURM cluster on this machine (Debian slurm-wlm + munge)
+	scripts/slurm_local.sh start
+
+slurm-down:  ## stop the daemons that slurm-up started
+	scripts/slurm_local.sh stop
+
+clean:  ## remove caches and build files (keeps .venv, data/ptb and outputs/)
+	rm -rf build .pytest_cache .ruff_cache data/cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,369 @@
+// Fused time loop of one (depth-gated) LSTM layer, forward and backward, for the CPU.
+//
+// Everything that does not depend on h_{t-1} is computed outside, for all T steps at once, by ordinary
+// PyTorch ops (one GEMM per input projection); this file only runs the recurrence:
+//
+//   z_t   = gx_t + W_hh h_{t-1}                           (one small GEMM per step)
+//   i,f,o = sigmoid(z + peepholes),  g = tanh(z_g),  f = 1 - i when the gates are coupled
+//   d_t   = sigmoid(gd_t + w_cd * c_{t-1})                (depth gate; gd_t already holds b_d + W_xd x + w_ld c^L)
+//   c_t   = d_t * m_t + f * c_{t-1} + i * g               (m_t: the lower layer's cell, or a projection of it)
+//   h_t   = o * tanh(c_t)
+//
+// The backward pass walks the steps in reverse doing only dh_{t-1} = dz_t W_hh plus elementwise work; the
+// weight gradient dW_hh is one GEMM over all steps afterwards (the layout cuDNN uses). The gate activations
+// and tanh(c_t) are saved by the forward pass, so the backward pass evaluates no transcendental function.
+//
+// Gate layout along the last dimension: [i, f, g, o] (nn.LSTM's order), or [i, g, o] when coupled.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk; one step is B*H elements
+
+// The per-row loops are kept out of line (inlined into at::parallel_for's lambda GCC stops vectorising them)
+// and, with GCC on x86-64, compiled twice: AVX2+FMA and baseline SSE2, chosen when the module loads. The
+// binary stays portable across the nodes of a cluster; no -march=native.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DGLSTM_ROW_FN __attribute__((noinline, target_clones("arch=x86-64-v3", "default")))
+#else
+#define DGLSTM_ROW_FN __attribute__((noinline))
+#endif
+
+// exp for float in plain arithmetic (Cephes' expf: relative error below 2e-7), so that GCC vectorises the
+// step loops without -ffast-math: glibc's vector expf needs finite-math assumptions, and this kernel must let
+// NaN and inf through for the trainer's divergence check. exp(x) is exactly 0 below -87.3 and inf above 88.7,
+// so a gate driven far negative is exactly shut. double uses std::exp (gradcheck runs in double).
+inline float exp_(float x) {
+  const float xc = x > 88.0f ? 88.0f : (x < -87.0f ? -87.0f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float p;
+  std::memcpy(&p, &bits, sizeof p);
+  const float e = y * p;  // NaN stays NaN through y
+  return x > 88.7f ? std::numeric_limits<float>::infinity() : (x < -87.3f ? 0.0f : e);
+}
+inline double exp_(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_(-x));
+}
+template <typename T>
+inline T tanh_(T x) {
+  return T(2) / (T(1) + exp_(T(-2) * x)) - T(1);
+}
+
+struct Flags {
+  bool coupled;
+  bool peephole;
+  bool depth;
+};
+
+const Tensor& need(const std::optional<Tensor>& t, const char* name) {
+  TORCH_CHECK(t.has_value() && t->defined(), "scan: missing tensor ", name);
+  return *t;
+}
+
+// One forward step for one batch row: z (G*H) pre-activations gx_t + W_hh h_{t-1}; writes the K*H saved
+// activations, c_t, tanh(c_t) and h_t. A plain loop over units with restrict pointers, so GCC vectorises it.
+template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
+DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict z, const scalar_t* __restrict gd,
+                 const scalar_t* __restrict m, const scalar_t* __restrict c_prev, const scalar_t* __restrict wci,
+                 const scalar_t* __restrict wcf, const scalar_t* __restrict wco, const scalar_t* __restrict wcd,
+                 scalar_t* __restrict acts, scalar_t* __restrict c_out, scalar_t* __restrict tc_out,
+                 scalar_t* __restrict h_out) {
+  constexpr int64_t G = COUPLED ? 3 : 4;
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t cp = c_prev[j];
+    scalar_t zi = z[j];
+    if (PEEP) zi += wci[j] * cp;
+    const scalar_t i = sigmoid(zi);
+    scalar_t f, g, zo;
+    if (COUPLED) {
+      f = scalar_t(1) - i;
+      g = tanh_(z[H + j]);
+      zo = z[2 * H + j];
+    } else {
+      scalar_t zf = z[H + j];
+      if (PEEP) zf += wcf[j] * cp;
+      f = sigmoid(zf);
+      g = tanh_(z[2 * H + j]);
+      zo = z[3 * H + j];
+    }
+    scalar_t c = f * cp + i * g;
+    if (DEPTH) {
+      const scalar_t d = sigmoid(gd[j] + wcd[j] * cp);
+      c += d * m[j];
+      acts[G * H + j] = d;
+    }
+    if (PEEP) zo += wco[j] * c;
+    const scalar_t o = sigmoid(zo);
+    const scalar_t tc = tanh_(c);
+    c_out[j] = c;
+    tc_out[j] = tc;
+    h_out[j] = o * tc;
+    acts[j] = i;
+    if (COUPLED) {
+      acts[H + j] = g;
+      acts[2 * H + j] = o;
+    } else {
+      acts[H + j] = f;
+      acts[2 * H + j] = g;
+      acts[3 * H + j] = o;
+    }
+  }
+}
+
+// One backward step for one batch row. On entry dc holds the gradient reaching c_t from outside the layer and
+// from step t+1, dh the gradient reaching h_t. Writes dz (gate pre-activations), dgd and dm, and replaces dc
+// by the gradient reaching c_{t-1} through this step.
+template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
+DGLSTM_ROW_FN void backward_row(int64_t H, const scalar_t* __restrict acts, const scalar_t* __restrict tanh_c,
+                  const scalar_t* __restrict c_prev, const scalar_t* __restrict m, const scalar_t* __restrict dh,
+                  const scalar_t* __restrict wci, const scalar_t* __restrict wcf, const scalar_t* __restrict wco,
+                  const scalar_t* __restrict wcd, scalar_t* __restrict dc, scalar_t* __restrict dz,
+                  scalar_t* __restrict dgd, scalar_t* __restrict dm) {
+  constexpr int64_t G = COUPLED ? 3 : 4;
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t i = acts[j];
+    const scalar_t f = COUPLED ? scalar_t(1) - i : acts[H + j];
+    const scalar_t g = COUPLED ? acts[H + j] : acts[2 * H + j];
+    const scalar_t o = COUPLED ? acts[2 * H + j] : acts[3 * H + j];
+    const scalar_t tc = tanh_c[j];
+    const scalar_t cp = c_prev[j];
+    const scalar_t dhj = dh[j];
+
+    const scalar_t dzo = dhj * tc * o * (scalar_t(1) - o);
+    scalar_t dcj = dc[j] + dhj * o * (scalar_t(1) - tc * tc);
+    if (PEEP) dcj += dzo * wco[j];
+    scalar_t dcp = dcj * f;
+    if (DEPTH) {
+      const scalar_t d = acts[G * H + j];
+      const scalar_t dzd = dcj * m[j] * d * (scalar_t(1) - d);
+      dgd[j] = dzd;
+      dm[j] = dcj * d;
+      dcp += dzd * wcd[j];
+    }
+    const scalar_t dzg = dcj * i * (scalar_t(1) - g * g);
+    if (COUPLED) {
+      // f = 1 - i: the forget path's gradient reaches i with the opposite sign.
+      const scalar_t dzi = dcj * (g - cp) * i * (scalar_t(1) - i);
+      if (PEEP) dcp += dzi * wci[j];
+      dz[j] = dzi;
+      dz[H + j] = dzg;
+      dz[2 * H + j] = dzo;
+    } else {
+      const scalar_t dzi = dcj * g * i * (scalar_t(1) - i);
+      const scalar_t dzf = dcj * cp * f * (scalar_t(1) - f);
+      if (PEEP) dcp += dzi * wci[j] + dzf * wcf[j];
+      dz[j] = dzi;
+      dz[H + j] = dzf;
+      dz[2 * H + j] = dzg;
+      dz[3 * H + j] = dzo;
+    }
+    dc[j] = dcp;
+  }
+}
+
+template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
+void forward_step(int64_t B, int64_t H, const scalar_t* z, const scalar_t* gd, const scalar_t* m,
+                  const scalar_t* c_prev, const scalar_t* wci, const scalar_t* wcf, const scalar_t* wco,
+                  const scalar_t* wcd, scalar_t* acts, scalar_t* c_out, scalar_t* tc_out, scalar_t* h_out) {
+  constexpr int64_t G = COUPLED ? 3 : 4;
+  constexpr int64_t K = G + (DEPTH ? 1 : 0);  // saved activations per unit
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrain / H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b * H;
+      forward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, z + b * G * H, DEPTH ? gd + r : nullptr, DEPTH ? m + r : nullptr,
+                                                  c_prev + r, wci, wcf, wco, wcd, acts + b * K * H, c_out + r,
+                                                  tc_out + r, h_out + r);
+    }
+  });
+}
+
+template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
+void backward_step(int64_t B, int64_t H, const scalar_t* acts, const scalar_t* tanh_c, const scalar_t* c_prev,
+                   const scalar_t* m, const scalar_t* dh, const scalar_t* wci, const scalar_t* wcf,
+                   const scalar_t* wco, const scalar_t* wcd, scalar_t* dc, scalar_t* dz, scalar_t* dgd,
+                   scalar_t* dm) {
+  constexpr int64_t G = COUPLED ? 3 : 4;
+  constexpr int64_t K = G + (DEPTH ? 1 : 0);
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrain / H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b * H;
+      backward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, acts + b * K * H, tanh_c + r, c_prev + r,
+                                                   DEPTH ? m + r : nullptr, dh + r, wci, wcf, wco, wcd, dc + r,
+                                                   dz + b * G * H, DEPTH ? dgd + r : nullptr,
+                                                   DEPTH ? dm + r : nullptr);
+    }
+  });
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const std::optional<Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+#define DISPATCH_FLAGS(FLAGS, FN, ...)                                     \
+  do {                                                                     \
+    if (FLAGS.coupled) {                                                   \
+      if (FLAGS.peephole) {                                                \
+        if (FLAGS.depth) FN<scalar_t, true, true, true>(__VA_ARGS__);      \
+        else FN<scalar_t, true, true, false>(__VA_ARGS__);                 \
+      } else {                                                             \
+        if (FLAGS.depth) FN<scalar_t, true, false, true>(__VA_ARGS__);     \
+        else FN<scalar_t, true, false, false>(__VA_ARGS__);                \
+      }                                                                    \
+    } else {                                                               \
+      if (FLAGS.peephole) {                                                \
+        if (FLAGS.depth) FN<scalar_t, false, true, true>(__VA_ARGS__);     \
+        else FN<scalar_t, false, true, false>(__VA_ARGS__);                \
+      } else {                                                             \
+        if (FLAGS.depth) FN<scalar_t, false, false, true>(__VA_ARGS__);    \
+        else FN<scalar_t, false, false, false>(__VA_ARGS__);               \
+      }                                                                    \
+    }                                                                      \
+  } while (0)
+
+void check_input(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "scan: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "scan: ", name, " must be contiguous");
+}
+
+}  // namespace
+
+// Returns {h_all [T,B,H], c_all [T,B,H], acts [T,B,K*H], tanh_c [T,B,H]}.
+std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& gd, const std::optional<Tensor>& m,
+                                 const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                                 const std::optional<Tensor>& wci, const std::optional<Tensor>& wcf,
+                                 const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled) {
+  const Flags flags{coupled, wci.has_value() && wci->defined(), gd.has_value() && gd->defined()};
+  const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
+  const int64_t G = coupled ? 3 : 4, K = G + (flags.depth ? 1 : 0);
+  TORCH_CHECK(gx.dim() == 3 && gx.size(2) == G * H, "scan: gx must be [T, B, ", G, "*H]");
+  TORCH_CHECK(w_hh.size(0) == G * H && w_hh.size(1) == H, "scan: w_hh must be [", G, "*H, H]");
+  check_input(gx, "gx");
+  check_input(h0, "h0");
+  check_input(c0, "c0");
+  if (flags.depth) {
+    check_input(*gd, "gd");
+    check_input(need(m, "m"), "m");
+    need(wcd, "wcd");
+  }
+
+  auto h_all = at::empty({T, B, H}, gx.options());
+  auto c_all = at::empty({T, B, H}, gx.options());
+  auto tanh_c = at::empty({T, B, H}, gx.options());
+  auto acts = at::empty({T, B, K * H}, gx.options());
+  auto z = at::empty({B, G * H}, gx.options());
+  const auto w_hh_t = w_hh.t();
+
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "scan_forward", [&] {
+    const scalar_t* p_wci = ptr_or_null<scalar_t>(wci);
+    const scalar_t* p_wcf = ptr_or_null<scalar_t>(wcf);
+    const scalar_t* p_wco = ptr_or_null<scalar_t>(wco);
+    const scalar_t* p_wcd = ptr_or_null<scalar_t>(wcd);
+    for (int64_t t = 0; t < T; ++t) {
+      const Tensor h_prev = t == 0 ? h0 : h_all[t - 1];
+      const Tensor c_prev = t == 0 ? c0 : c_all[t - 1];
+      at::addmm_out(z, gx[t], h_prev, w_hh_t);
+      const scalar_t* p_gd = flags.depth ? gd->data_ptr<scalar_t>() + t * B * H : nullptr;
+      const scalar_t* p_m = flags.depth ? m->data_ptr<scalar_t>() + t * B * H : nullptr;
+      DISPATCH_FLAGS(flags, forward_step, B, H, z.data_ptr<scalar_t>(), p_gd, p_m, c_prev.data_ptr<scalar_t>(),
+                     p_wci, p_wcf, p_wco, p_wcd, acts.data_ptr<scalar_t>() + t * B * K * H,
+                     c_all.data_ptr<scalar_t>() + t * B * H, tanh_c.data_ptr<scalar_t>() + t * B * H,
+                     h_all.data_ptr<scalar_t>() + t * B * H);
+    }
+  });
+  return {h_all, c_all, acts, tanh_c};
+}
+
+// grad_h, grad_c: [T,B,H] gradients arriving at every h_t and c_t from outside the layer.
+// Returns {d_gx, d_gd, d_m, d_h0, d_c0, d_w_hh, d_wci, d_wcf, d_wco, d_wcd}; entries the forward pass had
+// no input for are undefined tensors (None in Python).
+std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& w_hh, const Tensor& h_all, const Tensor& c_all, const Tensor& acts,
+                                  const Tensor& tanh_c, const std::optional<Tensor>& m,
+                                  const std::optional<Tensor>& wci, const std::optional<Tensor>& wcf,
+                                  const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled) {
+  const Flags flags{coupled, wci.has_value() && wci->defined(), m.has_value() && m->defined()};
+  const int64_t T = h_all.size(0), B = h_all.size(1), H = h_all.size(2);
+  const int64_t G = coupled ? 3 : 4;
+  check_input(grad_h, "grad_h");
+  check_input(grad_c, "grad_c");
+
+  auto d_gx = at::empty({T, B, G * H}, h_all.options());
+  Tensor d_gd, d_m;
+  if (flags.depth) {
+    d_gd = at::empty({T, B, H}, h_all.options());
+    d_m = at::empty({T, B, H}, h_all.options());
+  }
+  auto dh = at::empty({B, H}, h_all.options());  // gradient reaching h_t
+  auto dh_rec = at::zeros({B, H}, h_all.options());  // dz_{t+1} W_hh: the recurrent part of it
+  auto dc = at::zeros({B, H}, h_all.options());
+
+  AT_DISPATCH_FLOATING_TYPES(h_all.scalar_type(), "scan_backward", [&] {
+    const scalar_t* p_wci = ptr_or_null<scalar_t>(wci);
+    const scalar_t* p_wcf = ptr_or_null<scalar_t>(wcf);
+    const scalar_t* p_wco = ptr_or_null<scalar_t>(wco);
+    const scalar_t* p_wcd = ptr_or_null<scalar_t>(wcd);
+    const int64_t K = acts.size(2) / H;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at::add_out(dh, grad_h[t], dh_rec);
+      dc.add_(grad_c[t]);
+      const Tensor c_prev = t == 0 ? c0 : c_all[t - 1];
+      scalar_t* p_dgd = flags.depth ? d_gd.data_ptr<scalar_t>() + t * B * H : nullptr;
+      scalar_t* p_dm = flags.depth ? d_m.data_ptr<scalar_t>() + t * B * H : nullptr;
+      const scalar_t* p_m = flags.depth ? m->data_ptr<scalar_t>() + t * B * H : nullptr;
+      DISPATCH_FLAGS(flags, backward_step, B, H, acts.data_ptr<scalar_t>() + t * B * K * H,
+                     tanh_c.data_ptr<scalar_t>() + t * B * H, c_prev.data_ptr<scalar_t>(), p_m, dh.data_ptr<scalar_t>(), p_wci, p_wcf, p_wco, p_wcd,
+                     dc.data_ptr<scalar_t>(), d_gx.data_ptr<scalar_t>() + t * B * G * H, p_dgd, p_dm);
+      at::mm_out(dh_rec, d_gx[t], w_hh);
+    }
+  });
+
+  // dW_hh = sum_t dz_t^T h_{t-1}: one GEMM over steps 1..T-1 plus the first step's term.
+  auto d_w_hh = at::mm(d_gx[0].t(), h0);
+  if (T > 1) {
+    d_w_hh.addmm_(d_gx.narrow(0, 1, T - 1).reshape({(T - 1) * B, G * H}).t(),
+                  h_all.narrow(0, 0, T - 1).reshape({(T - 1) * B, H}));
+  }
+
+  Tensor d_wci, d_wcf, d_wco, d_wcd;
+  if (flags.peephole || flags.depth) {
+    // c_{t-1} for every step, and the per-gate slices of dz, as [T*B, H] views.
+    const auto c_prev_all = at::cat({c0.unsqueeze(0), c_all.narrow(0, 0, T - 1)}, 0).reshape({T * B, H});
+    const auto dz = d_gx.reshape({T * B, G * H});
+    if (flags.peephole) {
+      d_wci = (dz.narrow(1, 0, H) * c_prev_all).sum(0);
+      if (!coupled) d_wcf = (dz.narrow(1, H, H) * c_prev_all).sum(0);
+      d_wco = (dz.narrow(1, (G - 1) * H, H) * c_all.reshape({T * B, H})).sum(0);
+    }
+    if (flags.depth) d_wcd = (d_gd.reshape({T * B, H}) * c_prev_all).sum(0);
+  }
+  return {d_gx, d_gd, d_m, dh_rec, dc, d_w_hh, d_wci, d_wcf, d_wco, d_wcd};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("forward", &scan_forward, "fused (depth-gated) LSTM layer: forward over all steps");
+  mod.def("backward", &scan_backward, "fused (depth-gated) LSTM layer: backward over all steps");
+}

@@ -1,0 +1,271 @@
+"""The recurrence of one (depth-gated) LSTM layer as a single autograd Function.
+
+`scan(gx, gd, m, h0, c0, w_hh, ...)` runs
+
+    z_t = gx_t + W_hh h_{t-1};  i, f, o = σ(z + peepholes);  g = tanh(z_g);  (f = 1 - i when coupled)
+    d_t = σ(gd_t + w_cd ⊙ c_{t-1});  c_t = d_t ⊙ m_t + f ⊙ c_{t-1} + i ⊙ g;  h_t = o ⊙ tanh(c_t)
+
+over all T steps and returns (h_all, c_all), both [T, B, H]. Everything that does not depend on h_{t-1}
+(gx, gd, m) is computed by the caller for all steps at once, so the loop holds one small GEMM per step.
+
+Two implementations of the same forward and backward:
+- ``cpp``: a C++ extension (csrc/scan.cpp) with the elementwise work of a step fused into one loop. CPU only.
+  Built once by ``make setup`` (``python -m dglstm_lm.build_kernels``) into ``build/``; loading a
+  built module takes no lock, so parallel jobs never wait on each other.
+- ``python``: the same loops written with torch ops; runs on any device (CUDA included) and is the fallback
+  when no compiler is available.
+Both save the gate activations in the forward pass, so that the backward pass is elementwise work plus
+``dh_{t-1} = dz_t W_hh`` per step, with dW_hh as one GEMM over all steps afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "scan.cpp"
+_EXT_NAME = "dglstm_scan"
+# Portable flags: the build directory may be shared by the nodes of a cluster, so no -march=native.
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+_ext = None
+_ext_error: str | None = None
+
+
+def _build_dir() -> Path:
+    """Where the compiled module lives: $DGLSTM_EXT_DIR, else build/ of the source checkout, else a user cache.
+
+    The folder name carries a hash of the source, the flags and the torch version, so that an edit or a
+    torch upgrade builds anew instead of loading a stale module.
+    """
+    key = hashlib.sha256(
+        _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode() + sys.version.encode()
+    ).hexdigest()[:12]
+    root = os.environ.get("DGLSTM_EXT_DIR")
+    if root:
+        base = Path(root)
+    elif (Path(__file__).resolve().parents[2] / "pyproject.toml").exists():
+        base = Path(__file__).resolve().parents[2] / "build" / "torch_extensions"
+    else:
+        base = Path.home() / ".cache" / "dglstm_lm" / "torch_extensions"
+    return base / f"{_EXT_NAME}_{key}"
+
+
+def _import_built(build_dir: Path):
+    for so in sorted(build_dir.glob(f"{_EXT_NAME}*.so")):
+        spec = importlib.util.spec_from_file_location(
+            _EXT_NAME, so, loader=importlib.machinery.ExtensionFileLoader(_EXT_NAME, str(so))
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return None
+
+
+def build(verbose: bool = False):
+    """Compile the extension (if it is not built yet) and return the module."""
+    from torch.utils.cpp_extension import load
+
+    build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=_EXT_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS,
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+def cpp_extension(build_if_missing: bool = True):
+    """The compiled module, or None (with the reason in `cpp_unavailable_reason()`) if it cannot be had."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    try:
+        _ext = _import_built(_build_dir())
+        if _ext is None and build_if_missing:
+            log.info("compiling the fused CPU kernel (once; `make setup` does this ahead of time)")
+            _ext = build()
+        if _ext is None:
+            _ext_error = "the fused CPU kernel is not built (run `make setup`)"
+    except Exception as exc:  # no compiler, no headers, ...: fall back to the python implementation
+        _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        log.warning("fused CPU kernel unavailable (%s); using the python implementation", _ext_error)
+    return _ext
+
+
+def cpp_unavailable_reason() -> str | None:
+    cpp_extension()
+    return _ext_error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same recurrence with torch ops (any device).
+
+
+def _py_forward(gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled):
+    T, B, _ = gx.shape
+    H = h0.shape[1]
+    depth = gd is not None
+    h_all = gx.new_empty(T, B, H)
+    c_all = gx.new_empty(T, B, H)
+    tanh_c = gx.new_empty(T, B, H)
+    acts = gx.new_empty(T, B, (3 if coupled else 4) * H + (H if depth else 0))
+    h, c = h0, c0
+    w_hh_t = w_hh.t()
+    for t in range(T):
+        z = torch.addmm(gx[t], h, w_hh_t)  # (B, G*H)
+        if coupled:
+            zi, zg, zo = z.split(H, dim=1)
+        else:
+            zi, zf, zg, zo = z.split(H, dim=1)
+        if wci is not None:
+            zi = zi + wci * c
+        i = torch.sigmoid(zi)
+        if coupled:
+            f = 1 - i
+        else:
+            f = torch.sigmoid(zf + wcf * c if wci is not None else zf)
+        g = torch.tanh(zg)
+        c_new = f * c + i * g
+        if depth:
+            d = torch.sigmoid(gd[t] + wcd * c)
+            c_new = c_new + d * m[t]
+        if wco is not None:
+            zo = zo + wco * c_new
+        o = torch.sigmoid(zo)
+        tc = torch.tanh(c_new)
+        h = o * tc
+        gates = [i, g, o] if coupled else [i, f, g, o]
+        if depth:
+            gates.append(d)
+        torch.cat(gates, dim=1, out=acts[t])
+        h_all[t], c_all[t], tanh_c[t] = h, c_new, tc
+        c = c_new
+    return h_all, c_all, acts, tanh_c
+
+
+def _py_backward(grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd, coupled):
+    T, B, H = h_all.shape
+    G = 3 if coupled else 4
+    depth = m is not None
+    d_gx = h_all.new_empty(T, B, G * H)
+    d_gd = h_all.new_empty(T, B, H) if depth else None
+    d_m = h_all.new_empty(T, B, H) if depth else None
+    dh_rec = h_all.new_zeros(B, H)
+    dc = h_all.new_zeros(B, H)
+    for t in range(T - 1, -1, -1):
+        dh = grad_h[t] + dh_rec
+        dc = dc + grad_c[t]
+        a = acts[t].split(H, dim=1)
+        if coupled:
+            i, g, o = a[:3]
+            f = 1 - i
+        else:
+            i, f, g, o = a[:4]
+        c_prev = c0 if t == 0 else c_all[t - 1]
+        tc = tanh_c[t]
+        dzo = dh * tc * o * (1 - o)
+        dc = dc + dh * o * (1 - tc * tc)
+        if wco is not None:
+            dc = dc + dzo * wco
+        dcp = dc * f
+        if depth:
+            d = a[G]
+            dzd = dc * m[t] * d * (1 - d)
+            d_gd[t] = dzd
+            d_m[t] = dc * d
+            dcp = dcp + dzd * wcd
+        dzg = dc * i * (1 - g * g)
+        if coupled:
+            dzi = dc * (g - c_prev) * i * (1 - i)
+            if wci is not None:
+                dcp = dcp + dzi * wci
+            torch.cat([dzi, dzg, dzo], dim=1, out=d_gx[t])
+        else:
+            dzi = dc * g * i * (1 - i)
+            dzf = dc * c_prev * f * (1 - f)
+            if wci is not None:
+                dcp = dcp + dzi * wci + dzf * wcf
+            torch.cat([dzi, dzf, dzg, dzo], dim=1, out=d_gx[t])
+        dh_rec = d_gx[t] @ w_hh
+        dc = dcp
+    h_prev = torch.cat([h0.unsqueeze(0), h_all[:-1]], 0).reshape(T * B, H)
+    d_w_hh = d_gx.reshape(T * B, G * H).t() @ h_prev
+    d_wci = d_wcf = d_wco = d_wcd = None
+    if wci is not None or depth:
+        c_prev_all = torch.cat([c0.unsqueeze(0), c_all[:-1]], 0).reshape(T * B, H)
+        dz = d_gx.reshape(T * B, G * H)
+        if wci is not None:
+            d_wci = (dz[:, :H] * c_prev_all).sum(0)
+            d_wcf = None if coupled else (dz[:, H : 2 * H] * c_prev_all).sum(0)
+            d_wco = (dz[:, (G - 1) * H :] * c_all.reshape(T * B, H)).sum(0)
+        if depth:
+            d_wcd = (d_gd.reshape(T * B, H) * c_prev_all).sum(0)
+    return d_gx, d_gd, d_m, dh_rec, dc, d_w_hh, d_wci, d_wcf, d_wco, d_wcd
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, use_cpp):
+        fn = cpp_extension().forward if use_cpp else _py_forward
+        h_all, c_all, acts, tanh_c = fn(gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled)
+        ctx.save_for_backward(h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd)
+        ctx.coupled, ctx.use_cpp = coupled, use_cpp
+        return h_all, c_all
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c):
+        h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd = ctx.saved_tensors
+        grad_h = torch.zeros_like(h_all) if grad_h is None else grad_h.contiguous()
+        grad_c = torch.zeros_like(c_all) if grad_c is None else grad_c.contiguous()
+        fn = cpp_extension().backward if ctx.use_cpp else _py_backward
+        grads = fn(grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd, ctx.coupled)
+        return (*grads, None, None)
+
+
+def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, coupled=False, backend="auto"):
+    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "python"."""
+    if backend == "auto":
+        use_cpp = gx.device.type == "cpu" and gx.dtype in (torch.float32, torch.float64) and cpp_extension() is not None
+    elif backend == "cpp":
+        if gx.device.type != "cpu":
+            raise ValueError(f"the fused C++ kernel runs on the CPU only, not on {gx.device.type}")
+        if cpp_extension() is None:
+            raise RuntimeError(f"the fused C++ kernel is unavailable: {cpp_unavailable_reason()}")
+        use_cpp = True
+    elif backend == "python":
+        use_cpp = False
+    else:
+        raise ValueError(f"unknown scan backend {backend!r} (auto, cpp, python)")
+    contig = [None if t is None else t.contiguous() for t in (gx, gd, m, h0, c0)]
+    return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, use_cpp)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build (or check) the fused CPU kernel of the DGLSTM.")
+    parser.add_argument("--build", action="store_true", help="compile it now if it is not built")
+    args = parser.parse_args(argv)
+    if args.build:
+        try:
+            build(verbose=False)
+        except Exception as exc:
+            print(f"warning: could not build the fused CPU kernel ({exc}); the python implementation will be used")
+            return 0
+    ext = cpp_extension(build_if_missing=False)
+    print(f"fused CPU kernel: {'ready in ' + str(_build_dir()) if ext else cpp_unavailable_reason()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The language model: embedding → dropout → recurrent core → dropout → decoder over the vocabulary."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .cores import RecurrentStack, State, build_core
+
+
+class LanguageModel(nn.Module):
+    """Word-level LM around an interchangeable recurrent core; the variants differ only in `core`."""
+
+    def __init__(self, vocab_size: int, emb_dim: int, core: RecurrentStack, dropout: float = 0.0, tie_weights=False):
+        super().__init__()
+        self.vocab_size, self.emb_dim = vocab_size, emb_dim
+        self.encoder = nn.Embedding(vocab_size, emb_dim)
+        self.drop = nn.Dropout(dropout)
+        self.core = core
+        self.decoder = nn.Linear(core.output_dim, vocab_size)
+        self.tie_weights = tie_weights
+        if tie_weights:
+            if core.output_dim != emb_dim:
+                raise ValueError(f"tie_weights needs the last hidden size ({core.output_dim}) == emb_dim ({emb_dim})")
+            self.decoder.weight = self.encoder.weight
+
+    def init_state(self, batch_size: int, device=None) -> State:
+        return self.core.init_state(batch_size, device=device, dtype=self.encoder.weight.dtype)
+
+    def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """tokens (T, B) -> logits (T, B, V) and the state after the last step."""
+        x = self.drop(self.encoder(tokens))  # (T, B, E)
+        out, state = self.core(x, state)  # (T, B, H_last)
+        return self.decoder(self.drop(out)), state
+
+    def reset_parameters(self, init: str = "uniform", init_range: float = 0.1, depth_gate_bias: float | None = None):
+        """uniform: every parameter ~ U(-r, r) (Zaremba et al.). xavier: U(±sqrt(6 / (fan_in + fan_out))) for
+        every parameter, biases included, with fan_out = 1 for vectors (the `cnn` library's rule).
+        depth_gate_bias, when given, then sets every depth-gate bias b_d to that constant."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if init == "uniform":
+                    p.uniform_(-init_range, init_range)
+                elif init == "xavier":
+                    fan_out, fan_in = (p.shape[0], p.shape[1]) if p.dim() == 2 else (p.shape[0], 1)
+                    bound = math.sqrt(6.0 / (fan_in + fan_out))
+                    p.uniform_(-bound, bound)
+                else:
+                    raise ValueError(f"unknown init {init!r} (uniform, xavier)")
+                if depth_gate_bias is not None and name.endswith("depth_bias"):
+                    p.fill_(depth_gate_bias)
+
+    def init_from(self, state_dict: dict[str, Tensor]) -> list[str]:
+        """Copy every tensor of `state_dict` whose name and shape match (e.g. a stacked LSTM into a DGLSTM);
+        return the names of this model's parameters that were left as initialised."""
+        own = self.state_dict()
+        bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+        if bad:
+            raise ValueError("shapes differ for " + ", ".join(f"{k} {tuple(state_dict[k].shape)}→{tuple(own[k].shape)}" for k in bad))
+        unknown = [k for k in state_dict if k not in own]
+        if unknown:
+            raise ValueError("the checkpoint has tensors this model lacks: " + ", ".join(unknown[:5]))
+        self.load_state_dict(state_dict, strict=False)
+        return [k for k in own if k not in state_dict]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, tied tensors counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(vocab_size: int, cfg) -> LanguageModel:
+    """Build the LM described by a model config (see `dglstm_lm.config`: RNNConfig ... DGLSTMConfig)."""
+    core = build_core(
+        cfg.name,
+        cfg.emb_dim,
+        list(cfg.layer_dims),
+        dropout=cfg.dropout,
+        gate_input=getattr(cfg, "gate_input", False),
+        peephole=getattr(cfg, "peephole", False),
+        coupled=getattr(cfg, "coupled_gates", False),
+        backend=getattr(cfg, "backend", "auto"),
+    )
+    model = LanguageModel(vocab_size, cfg.emb_dim, core, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
+    model.reset_parameters(cfg.init, cfg.init_range, getattr(cfg, "depth_gate_bias", None))
+    return model
