@@ -390,3 +390,18 @@ def compose(overrides: list[str], config_name: str = "train", return_hydra_confi
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain data (what checkpoints, metrics and W&B store)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+MODEL_SCHEMAS = {"rnn": RNNConfig, "lstm": LSTMConfig, "stacked_lstm": StackedLSTMConfig, "dglstm": DGLSTMConfig}
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """A TrainConfig from a checkpoint's resolved config (plain data), validated."""
+    try:
+        base = OmegaConf.structured(TrainConfig)
+        model_schema = MODEL_SCHEMAS[d["model"]["name"]]
+        base.model = OmegaConf.structured(model_schema)
+        cfg = OmegaConf.merge(base, {k: v for k, v in d.items() if k in ("model", "data", "trainer", "logger", "paths", "seed", "name", "tags", "optimized_metric")})
+    except (KeyError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"the checkpoint's config is not one this version understands ({one_line_error(exc) if isinstance(exc, OmegaConfBaseException) else exc})") from None
+    return validate(cfg)

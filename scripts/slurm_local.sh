@@ -152,6 +152,13 @@ DefMemPerCPU=1024
 MinJobAge=3600
 # Allow 'scontrol requeue' and submitit's self-requeue on preemption/timeout.
 JobRequeue=1
+# A requeued job may only restart after cred_expire (default 120 s); 30 s keeps
+# requeue tests short while leaving ample time for a local step launch.
+AuthInfo=cred_expire=30
+# SIGTERM->SIGKILL grace on cancel/requeue/timeout (default 30 s). submitit
+# jobs ignore SIGTERM, so they always use all of it, and the node takes no new
+# jobs while one is COMPLETING: keep it short.
+KillWait=10
 # Node comes back on its own after a restart instead of staying DOWN.
 ReturnToService=2
 # Trust the node line below even if the hardware/container reports differ.
@@ -237,7 +244,7 @@ slurm_local: cluster is up: node '$NODE', partition '$PARTITION' (default).
     export PATH=$SCRIPT_DIR/slurm:\$PATH    # sacct stand-in for submitit (accounting is off)
   (or: source $STATE/env.sh)
   e.g. sbatch -p $PARTITION --wrap 'hostname'; Hydra: hydra/launcher=submitit_slurm hydra.launcher.partition=$PARTITION
-  Stop with: $0 stop
+  Stop with: $SCRIPT_DIR/slurm_local.sh stop
 EOF
 }
 

@@ -201,4 +201,8 @@ def build_core(
         ]
     else:
         raise ValueError(f"unknown recurrent core {kind!r} (rnn, lstm, stacked_lstm, dglstm)")
+    for layer in layers:  # nn.LSTM's default; LanguageModel.reset_parameters applies the configured init
+        bound = 1.0 / layer.hidden_dim**0.5
+        for p in layer.parameters():
+            nn.init.uniform_(p, -bound, bound)
     return RecurrentStack(layers, dropout)

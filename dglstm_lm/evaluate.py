@@ -1,0 +1,93 @@
+"""`make eval ckpt=<checkpoint or run dir>`: perplexity of a checkpoint on valid and test.
+
+Uses the data and batching the run was trained with; PTB is found as for training (data.dir, PTB_DIR, data/).
+Reading a checkpoint while its run is still writing is safe: checkpoints are replaced by atomic renames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import config_from_dict
+from .errors import CheckpointError, DataError, cli
+
+
+def load_model(path, device="cpu"):
+    """(model, config, state) from a checkpoint file or run directory."""
+    from .models import build_model
+
+    state = ckpt.load(ckpt.resolve(path), map_location=device)
+    cfg = config_from_dict(state["config"])
+    model = build_model(len(state["vocab"]), cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, state
+
+
+@torch.no_grad()
+def evaluate_checkpoint(path, data_dir: str | None = None, splits=("valid", "test"), device: str = "auto") -> dict:
+    from .data import make_batches, prepare_from_config
+    from .train import resolve_device
+    from .trainer import Trainer
+
+    dev = resolve_device(device)
+    model, cfg, state = load_model(path, dev)
+    if data_dir:
+        cfg.data.dir = data_dir
+    corpus = prepare_from_config(cfg.data)
+    if corpus.vocab.words != state["vocab"]:
+        raise DataError(f"the corpus at {corpus.source} has a different vocabulary than {path} was trained on")
+    results = {"checkpoint": str(ckpt.resolve(path)), "epoch": state["epoch"], "step": state["step"]}
+    t = cfg.trainer
+    for split in splits:
+        batches = make_batches(corpus, split, cfg.data.batching, t.eval_batch_size, t.bptt, shuffle=False)
+        # the trainer's evaluate(), so that eval and training report the same number for the same weights
+        shim = Trainer.__new__(Trainer)
+        shim.model, shim.device, shim.t, shim.progress = model, dev, t, sys.stderr.isatty()
+        t.limit_eval_batches = None
+        nll, ntok = Trainer.evaluate(shim, batches, split)
+        results[f"{split}/ppl"] = math.exp(nll / ntok)
+        results[f"{split}/tokens"] = ntok
+    return results
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="make eval", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)")
+    p.add_argument("--data-dir", help="folder with the PTB files, if not where the run found them")
+    p.add_argument("--split", default="valid,test", help="comma-separated splits (default: valid,test)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    args = p.parse_args(argv)
+    if not args.ckpt:
+        raise CheckpointError("no checkpoint given: make eval ckpt=<checkpoint file or run dir>")
+    target = args.ckpt
+    from pathlib import Path
+
+    if Path(target).is_dir() and (Path(target) / "checkpoints" / ckpt.BEST).is_file():
+        target = str(Path(target) / "checkpoints" / ckpt.BEST)
+    splits = [s for s in args.split.split(",") if s]
+    for s in splits:
+        if s not in ("train", "valid", "test"):
+            raise DataError(f"unknown split {s!r} (train, valid, test)")
+    res = evaluate_checkpoint(target, args.data_dir, splits, args.device)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"checkpoint {res['checkpoint']} (epoch {res['epoch']}, step {res['step']})")
+        for s in splits:
+            print(f"{s:<6} ppl {res[f'{s}/ppl']:.2f}  ({res[f'{s}/tokens']:,} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The data module: PTB counts, exact round trips, batching coverage, downloads (offline fixtures), bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dglstm_lm.config import PTB_SHA256
+from dglstm_lm.data import (
+    EOS,
+    FILES,
+    PAD_TARGET,
+    SentenceBatches,
+    StreamBatches,
+    make_batches,
+    prepare,
+)
+from dglstm_lm.errors import DataError
+
+from .conftest import PY, ROOT, TINY_TRAIN, run_cli, write_corpus
+
+
+def sums_of(folder: Path) -> dict:
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in FILES.values()}
+
+
+def cache_entries(root: Path) -> list[str]:
+    cache = root / "cache"
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+# ------------------------------------------------------------------------------------------ tiny corpus
+def test_tiny_vocab_ids_and_oov(tiny_dir, tmp_path):
+    corpus = prepare(data_dir=str(tiny_dir), root=tmp_path / "root", verify_checksums=False)
+    words = corpus.vocab.words
+    assert words[0] == EOS
+    counts = {}
+    for line in TINY_TRAIN:
+        for w in line.split():
+            counts[w] = counts.get(w, 0) + 1
+    assert words[1:] == sorted(counts, key=lambda w: (-counts[w], w))  # by count, ties by spelling
+    assert len(corpus.vocab) == len(counts) + 1  # <unk> occurs in train already
+    # 'bird' (valid) and 'fish' (test) are not in train: they become <unk> and are counted
+    assert corpus.splits["valid"].oov == 1 and corpus.splits["test"].oov == 1
+    unk = corpus.vocab.unk
+    assert (corpus.splits["valid"].ids == unk).sum() == 1
+    meta = json.loads((corpus.cache / "vocab.json").read_text())
+    assert meta["words"] == words
+
+
+def test_ids_are_stable_across_preparations(tiny_dir, tmp_path):
+    a = prepare(data_dir=str(tiny_dir), root=tmp_path / "a", verify_checksums=False)
+    b = prepare(data_dir=str(tiny_dir), root=tmp_path / "b", verify_checksums=False)
+    assert (a.cache / "vocab.json").read_bytes() == (b.cache / "vocab.json").read_bytes()
+    for s in ("train", "valid", "test"):
+        assert np.array_equal(a.splits[s].ids, b.splits[s].ids)
+
+
+def test_second_prepare_reads_the_cache(tiny_dir, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    first = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    import dglstm_lm.data as data
+
+    monkeypatch.setattr(data, "_build_cache", lambda *a: pytest.fail("the cache should have been used"))
+    second = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    assert second.cache == first.cache and np.array_equal(second.splits["train"].ids, first.splits["train"].ids)
+
+
+# ------------------------------------------------------------------------------------------ real PTB
+def test_ptb_counts(ptb_corpus):
+    s = ptb_corpus.stats()
+    assert s["vocab_size"] == 10_000
+    assert [s[k]["sentences"] for k in ("train", "valid", "test")] == [42_068, 3_370, 3_761]
+    assert [s[k]["tokens"] for k in ("train", "valid", "test")] == [929_589, 73_760, 82_430]
+    assert [s[k]["oov"] for k in ("train", "valid", "test")] == [0, 0, 0]
+    assert ptb_corpus.vocab.unk is not None
+
+
+def test_ptb_ids_words_ids_round_trip_is_exact(ptb_corpus, ptb_dir):
+    """ids → words → ids is the identity, and the words rebuild each file byte for byte."""
+    vocab = ptb_corpus.vocab
+    for split, name in FILES.items():
+        sp = ptb_corpus.splits[split]
+        words = vocab.decode(sp.ids)
+        assert np.array_equal(np.array(vocab.encode(words)), sp.ids)
+        lines = []
+        for s in range(sp.num_sentences):
+            sentence = words[sp.offsets[s] : sp.offsets[s + 1]]
+            assert sentence[-1] == EOS
+            lines.append(" " + " ".join(sentence[:-1]) + " \n")
+        assert hashlib.sha256("".join(lines).encode()).hexdigest() == PTB_SHA256[name]
+
+
+def _stream_targets(batches: StreamBatches) -> np.ndarray:
+    """Every target the windows hold, read column by column (the order the model sees them), padding dropped."""
+    cols = [[] for _ in range(batches.batch_size)]
+    for i in range(len(batches)):
+        x, y = batches[i]
+        assert x.shape == y.shape and x.shape[0] <= batches.bptt
+        for b in range(batches.batch_size):
+            cols[b].extend(int(t) for t in y[:, b] if int(t) != PAD_TARGET)
+    return np.array([t for col in cols for t in col])
+
+
+@pytest.mark.parametrize("split,batch_size,bptt", [("train", 20, 35), ("valid", 10, 20), ("test", 7, 13)])
+def test_ptb_stream_covers_every_token_once(ptb_corpus, split, batch_size, bptt):
+    ids = ptb_corpus.splits[split].ids
+    batches = make_batches(ptb_corpus, split, "stream", batch_size, bptt, shuffle=False)
+    assert np.array_equal(_stream_targets(batches), ids)
+    # inputs are the targets shifted by one step, with <eos> as the very first context
+    stream = np.concatenate([[ptb_corpus.vocab.eos], ids])
+    x = batches.inputs.numpy()
+    y = batches.targets.numpy()
+    mask = y != PAD_TARGET
+    assert mask.sum() == len(ids) and (~mask).sum() == batches.rows * batch_size - len(ids)
+    pos = np.searchsorted(np.cumsum(mask.sum(0)), 0)  # first column starts at the stream's beginning
+    assert pos == 0 and x[0, 0] == stream[0] and y[0, 0] == stream[1]
+
+
+def test_ptb_sentence_mode_covers_every_sentence_once(ptb_corpus):
+    sp = ptb_corpus.splits["train"]
+    batches = make_batches(ptb_corpus, "train", "sentence", 20, 35, shuffle=True, seed=3)
+    for epoch in (0, 1):
+        order = batches.order(epoch)
+        seen = np.concatenate(order)
+        assert np.array_equal(np.sort(seen), np.arange(sp.num_sentences))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches.order(0), batches.order(1)))
+    again = make_batches(ptb_corpus, "train", "sentence", 20, 35, shuffle=True, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(again.order(1), batches.order(1)))  # resumable order
+    # each batch: targets are the sentences' tokens, inputs the same shifted behind <eos>, the rest padding
+    total = 0
+    for i in range(0, len(batches), 97):
+        ids = batches.order(0)[i]
+        x, y = batches.get(0, i)
+        for b, s in enumerate(ids):
+            toks = sp.ids[sp.offsets[s] : sp.offsets[s + 1]]
+            n = len(toks)
+            assert y[:n, b].tolist() == toks.tolist() and (y[n:, b] == PAD_TARGET).all()
+            assert x[0, b] == ptb_corpus.vocab.eos and x[1:n, b].tolist() == toks[:-1].tolist()
+            total += n
+    assert total > 0
+    # all batches together hold every token exactly once
+    assert sum(int((batches.get(0, i)[1] != PAD_TARGET).sum()) for i in range(len(batches))) == sp.num_tokens
+
+
+def test_eval_sentence_batches_are_sorted_and_complete(ptb_corpus):
+    batches = make_batches(ptb_corpus, "valid", "sentence", 10, 35, shuffle=False)
+    order = np.concatenate(batches.order(0))
+    assert np.array_equal(np.sort(order), np.arange(3_370))
+    lengths = batches.lengths[order]
+    assert (np.diff(lengths) >= 0).all()
+
+
+def test_stream_layout_small_example():
+    """The docstring's picture: 11 tokens, 3 columns of 4, 4 and 3 targets."""
+    ids = np.arange(1, 12)
+    b = StreamBatches(ids, batch_size=3, bptt=2, eos_id=0)
+    assert b.targets.tolist() == [[1, 5, 9], [2, 6, 10], [3, 7, 11], [4, 8, PAD_TARGET]]
+    assert b.inputs[:3].tolist() == [[0, 4, 8], [1, 5, 9], [2, 6, 10]]
+    assert len(b) == 2 and b[1][1].tolist() == [[3, 7, 11], [4, 8, PAD_TARGET]]
+
+
+# ------------------------------------------------------------------------------------------ downloads (offline)
+def _write_parquet_fixture(folder: Path, corpus_dir: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split, hub in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        lines = (corpus_dir / FILES[split]).read_text().splitlines()
+        out = folder / hub / "0000.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"sentence": [line.strip() for line in lines]}), out)
+    return str(folder / "{split}" / "0000.parquet")
+
+
+def test_download_from_hub_parquet_restores_the_files(tiny_dir, tmp_path, monkeypatch):
+    """The hub path (parquet → text) through the real code on a local parquet fixture: the files come back
+    byte for byte, proved by their checksums."""
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    hub_url = _write_parquet_fixture(tmp_path / "hub", tiny_dir)
+    root = tmp_path / "root"
+    corpus = prepare(root=root, sha256=sums_of(tiny_dir), sources=["hub"], hub_url=hub_url, raw_url="")
+    assert corpus.source == root / "ptb"
+    assert sums_of(root / "ptb") == sums_of(tiny_dir)
+    assert not [p for p in root.iterdir() if p.name.startswith(".ptb-download")]
+
+
+def test_download_falls_back_to_raw_files(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    root = tmp_path / "root"
+    corpus = prepare(
+        root=root,
+        sha256=sums_of(tiny_dir),
+        sources=["hub", "github"],
+        hub_url=str(tmp_path / "nowhere" / "{split}.parquet"),
+        raw_url=f"file://{tiny_dir}/{{file}}",
+    )
+    assert sums_of(corpus.source) == sums_of(tiny_dir)
+
+
+def test_download_with_wrong_checksum_keeps_nothing(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    root = tmp_path / "root"
+    bad = dict(sums_of(tiny_dir), **{"ptb.valid.txt": "0" * 64})
+    with pytest.raises(DataError, match="ptb.valid.txt has SHA-256"):
+        prepare(root=root, sha256=bad, sources=["github"], hub_url="", raw_url=f"file://{tiny_dir}/{{file}}")
+    assert not (root / "ptb").exists() and list(root.iterdir()) == []
+
+
+def test_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    with pytest.raises(DataError) as exc:
+        prepare(
+            root=tmp_path / "root",
+            sha256=PTB_SHA256,
+            sources=["hub", "github"],
+            hub_url=str(tmp_path / "none" / "{split}.parquet"),
+            raw_url="file:///nonexistent/{file}",
+        )
+    msg = str(exc.value)
+    assert "PTB not found" in msg and "PTB_DIR" in msg and "ptb.train.txt" in msg and "\n" not in msg
+
+
+def test_make_data_offline_is_a_one_line_error(tmp_path):
+    env = {"PTB_DIR": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = run_cli(
+        [PY, "-m", "dglstm_lm.data", f"paths.data_dir={tmp_path}", "data.raw_url='file:///nonexistent/{file}'"], env=env
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: PTB not found") and "Traceback" not in r.stderr
+
+
+def test_make_data_prints_the_ptb_statistics(ptb_dir, tmp_path):
+    r = run_cli(["make", "-s", "data", f"paths.data_dir={tmp_path}"], env={"PTB_DIR": str(ptb_dir)})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for expected in ("42,068", "929,589", "3,370", "73,760", "3,761", "82,430", "vocabulary 10,000"):
+        assert expected in out, out
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _copy_tiny(tiny_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in FILES.values():
+        (dest / f).write_bytes((tiny_dir / f).read_bytes())
+    return dest
+
+
+def _write(name: str, content: bytes):
+    def mutate(folder: Path) -> Path:
+        (folder / name).write_bytes(content)
+        return folder
+
+    return mutate
+
+
+def _remove(name: str):
+    def mutate(folder: Path) -> Path:
+        (folder / name).unlink()
+        return folder
+
+    return mutate
+
+
+BAD_DATA = {
+    "missing folder": (lambda d: d / "absent", "does not exist"),
+    "missing split file": (_remove("ptb.test.txt"), "ptb.test.txt is missing"),
+    "empty file": (_write("ptb.valid.txt", b""), "ptb.valid.txt is empty"),
+    "whitespace only": (_write("ptb.valid.txt", b" \n \n"), "ptb.valid.txt is empty"),
+    "not UTF-8": (_write("ptb.train.txt", b" caf\xe9 au lait \n"), "ptb.train.txt is not UTF-8"),
+    "truncated (checksum)": (_write("ptb.train.txt", b" the cat \n"), "ptb.train.txt has SHA-256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_a_clear_error_and_leaves_no_cache(case, tiny_dir, tmp_path):
+    mutate, expected = BAD_DATA[case]
+    folder = mutate(_copy_tiny(tiny_dir, tmp_path / "corpus"))
+    root = tmp_path / "root"
+    sums = sums_of(tiny_dir) if "checksum" in case else None
+    with pytest.raises(DataError, match=expected) as exc:
+        prepare(data_dir=str(folder), root=root, verify_checksums=sums is not None, sha256=sums)
+    assert "\n" not in str(exc.value)
+    assert cache_entries(root) == []
+
+
+@pytest.mark.parametrize(
+    "mode,batch_size,bptt,expected",
+    [
+        ("stream", 0, 20, "batch size must be positive"),
+        ("stream", -3, 20, "batch size must be positive"),
+        ("stream", 4, 0, "bptt must be positive"),
+        ("stream", 500, 5, "valid split: the split has 21 tokens, fewer than the batch size 500"),
+        ("sentence", 10, 5, "valid split: the split has 3 sentences, fewer than the batch size 10"),
+    ],
+)
+def test_bad_batching_arguments(tiny_dir, tmp_path, mode, batch_size, bptt, expected):
+    corpus = prepare(data_dir=str(tiny_dir), root=tmp_path, verify_checksums=False)
+    with pytest.raises(DataError, match=expected):
+        make_batches(corpus, "valid", mode, batch_size, bptt, shuffle=False)
+
+
+def test_interrupted_preparation_leaves_no_half_written_cache(tiny_dir, tmp_path, monkeypatch):
+    import datasets
+
+    root = tmp_path / "root"
+
+    def boom(self, *a, **k):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", boom)
+    with pytest.raises(RuntimeError):
+        prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    assert cache_entries(root) == []
+    monkeypatch.undo()
+    corpus = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    assert cache_entries(root) == [corpus.cache.name]
+
+
+def _prepare_in_process(args):
+    folder, root = args
+    from dglstm_lm.data import prepare as prep
+
+    c = prep(data_dir=folder, root=root, verify_checksums=False)
+    return c.cache.name, c.splits["train"].ids.tolist()
+
+
+def test_two_processes_preparing_at_once_share_one_cache(tiny_dir, tmp_path):
+    root = tmp_path / "root"
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        (name_a, ids_a), (name_b, ids_b) = pool.map(_prepare_in_process, [(str(tiny_dir), str(root))] * 2)
+    assert name_a == name_b and ids_a == ids_b
+    assert cache_entries(root) == [name_a]  # one complete cache, no temporary folder left
+
+
+def test_sentence_batches_respect_padding(tiny_dir, tmp_path):
+    corpus = prepare(data_dir=str(write_corpus(tmp_path / "c")), root=tmp_path / "r", verify_checksums=False)
+    b = make_batches(corpus, "train", "sentence", 3, 5, shuffle=False)
+    assert isinstance(b, SentenceBatches)
+    n = sum(int((b.get(0, i)[1] != PAD_TARGET).sum()) for i in range(len(b)))
+    assert n == corpus.splits["train"].num_tokens
+
+
+def test_project_root_has_no_ptb_copy():
+    """The PTB files are read where they are; the repository never holds them."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not any(Path(p).name in FILES.values() for p in tracked)
