@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,10 +357,14 @@ class Trainer:
             val_nll, val_tok = self.evaluate(self.valid_batches, "valid")
             val_ppl = ppl(val_nll / val_tok)
             lr = self.current_lr()
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(val_ppl)
-            else:
-                self.scheduler.step()
+            with warnings.catch_warnings():
+                # resumed between the last step of an epoch and its validation: no optimizer.step() yet in
+                # this process, which torch warns about; the schedule is per epoch and stays right
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(val_ppl)
+                else:
+                    self.scheduler.step()
             improved = val_ppl < self.best_val
             if improved:
                 self.best_val, self.best_epoch = val_ppl, epoch

@@ -95,12 +95,14 @@ ensure_installed() {
     fi
     local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0
         --no-install-recommends install slurm-wlm munge)
-    if ! "${apt[@]}" >"/tmp/slurm_local-apt.log" 2>&1; then
+    local apt_log=$LOG_DIR/apt-install.log
+    mkdir -p "$LOG_DIR"
+    if ! "${apt[@]}" >"$apt_log" 2>&1; then
         # package lists may be missing or stale: refresh once and retry
-        apt-get update -qq >>"/tmp/slurm_local-apt.log" 2>&1 || true
-        "${apt[@]}" >>"/tmp/slurm_local-apt.log" 2>&1 || {
+        apt-get update -qq >>"$apt_log" 2>&1 || true
+        "${apt[@]}" >>"$apt_log" 2>&1 || {
             [[ -n $tmp_policy ]] && rm -f /usr/sbin/policy-rc.d
-            die "apt-get install failed, see /tmp/slurm_local-apt.log"
+            die "apt-get install failed, see $apt_log"
         }
     fi
     [[ -n $tmp_policy ]] && rm -f /usr/sbin/policy-rc.d
@@ -145,6 +147,9 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # Schedule cores and memory separately so two 1-CPU jobs run side by side.
 SchedulerType=sched/backfill
+# Re-check pending jobs every 5 s instead of 60/30 s: a requeued job becomes
+# eligible at a BeginTime and would otherwise sit idle up to a minute.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
@@ -158,7 +163,7 @@ AuthInfo=cred_expire=30
 # SIGTERM->SIGKILL grace on cancel/requeue/timeout (default 30 s). submitit
 # jobs ignore SIGTERM, so they always use all of it, and the node takes no new
 # jobs while one is COMPLETING: keep it short.
-KillWait=10
+KillWait=5
 # Node comes back on its own after a restart instead of staying DOWN.
 ReturnToService=2
 # Trust the node line below even if the hardware/container reports differ.
@@ -290,6 +295,7 @@ cmd_start() {
 }
 
 cmd_stop() {
+    local name
     if [[ ! -d $PID_DIR ]]; then
         say "nothing running (no $PID_DIR)"
         return 0
@@ -308,10 +314,12 @@ cmd_stop() {
             done
         fi
     fi
+    local any=
+    for name in slurmd slurmctld munged; do pid_of "$name" >/dev/null && any=1; done
     stop_one slurmd
     stop_one slurmctld
     stop_one munged
-    say "stopped"
+    if [[ -n $any ]]; then say "stopped"; else say "nothing was running"; fi
 }
 
 cmd_status() {

@@ -1,0 +1,94 @@
+"""Configuration: every recipe composes with every model; mistakes fail at composition, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dglstm_lm.config import CONF_DIR, MODEL_NAMES, compose, validate
+from dglstm_lm.errors import ConfigError
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def test_expected_recipes_exist():
+    assert {"smoke", "zaremba_small", "zaremba_medium", "zaremba_large", "yao_sentence"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_recipe_composes_with_every_model(model, experiment):
+    cfg = validate(compose([f"model={model}", f"experiment={experiment}"]))
+    assert cfg.model.name == model and cfg.name == experiment
+
+
+def test_default_is_zaremba_small():
+    """`make train model=dglstm` trains exactly the zaremba_small recipe (the README reports one run for both)."""
+    default = validate(compose(["model=dglstm"]))
+    recipe = validate(compose(["model=dglstm", "experiment=zaremba_small"]))
+    for section in ("model", "data", "trainer"):
+        assert getattr(default, section) == getattr(recipe, section), section
+
+
+@pytest.mark.parametrize(
+    "experiment,expect",
+    [
+        ("zaremba_small", dict(hidden=200, dropout=0.0, epochs=13, bptt=20, decay=0.5, start=4, clip=5.0, init=0.1)),
+        ("zaremba_medium", dict(hidden=650, dropout=0.5, epochs=39, bptt=35, decay=0.8, start=6, clip=5.0, init=0.05)),
+        ("zaremba_large", dict(hidden=1500, dropout=0.65, epochs=55, bptt=35, decay=1 / 1.15, start=14, clip=10.0, init=0.04)),
+    ],
+)
+def test_zaremba_recipes_match_the_paper(experiment, expect):
+    c = validate(compose(["model=stacked_lstm", f"experiment={experiment}"]))
+    assert c.model.layer_dims == [expect["hidden"]] * 2 and c.model.emb_dim == expect["hidden"]
+    assert c.model.dropout == expect["dropout"] and c.model.init_range == expect["init"]
+    t = c.trainer
+    assert (t.max_epochs, t.bptt, t.batch_size, t.lr, t.optimizer) == (expect["epochs"], expect["bptt"], 20, 1.0, "sgd")
+    assert t.lr_decay == pytest.approx(expect["decay"]) and t.lr_decay_start == expect["start"]
+    assert t.clip_grad_norm == expect["clip"] and c.data.batching == "stream"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=gru"], "unknown option model=gru (available: dglstm, lstm, rnn, stacked_lstm)"),
+        (["model.hidden_dim=0"], "model.hidden_dim: must be positive, got 0"),
+        (["model.emb_dim=-5"], "model.emb_dim: must be positive, got -5"),
+        (["model.num_layers=0"], "model.num_layers: must be positive, got 0"),
+        (["model.hidden_dims=[200,200,200]"], "model.hidden_dims: has 3 sizes but model.num_layers=2"),
+        (["model.hidden_dims=[200,0]"], "model.hidden_dims: sizes must be positive"),
+        (["model.tie_weights=true", "model.hidden_dims=[200,300]"], "model.tie_weights: needs the last hidden size (300)"),
+        (["model=lstm", "model.num_layers=2"], "model.num_layers: model=lstm has one layer"),
+        (["model=stacked_lstm", "model.peephole=true"], "unknown key 'model.peephole'"),
+        (["model.backend=cuda"], "model.backend: unknown backend 'cuda'"),
+        (["trainer.lr=-0.1"], "trainer.lr: must be positive"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs: must be positive"),
+        (["trainer.bptt=0"], "trainer.bptt: must be positive"),
+        (["trainer.batch_size=-1"], "trainer.batch_size: must be positive"),
+        (["trainer.max_epochs=ten"], "trainer.max_epochs: Value 'ten' of type 'str' could not be converted to Integer"),
+        (["trainer.optimizer=rmsprop"], "trainer.optimizer: unknown optimizer 'rmsprop'"),
+        (["trainer.optimizer=adam", "trainer.momentum=0.9"], "trainer.momentum: applies to optimizer=sgd only"),
+        (["trainer.resume=a", "trainer.init_from=b"], "trainer.init_from: cannot be combined with trainer.resume"),
+        (["trainer.device=tpu"], "trainer.device: unknown device 'tpu'"),
+        (["trainer.nonsense=1"], "unknown key 'trainer.nonsense'"),
+        (["+trainer.nonsense=1"], "unknown key 'trainer.nonsense'"),
+        (["data.batching=tokens"], "data.batching: unknown mode 'tokens'"),
+        (["logger=mlflow"], "unknown option logger=mlflow"),
+        (["logger.mode=cloud"], "logger.mode: unknown mode 'cloud'"),
+        (["experiment=huge"], "unknown option experiment=huge"),
+        (["seed=-1"], "seed: must be non-negative"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        validate(compose(overrides))
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_yaml_files_only_set_values():
+    """Schemas live in config.py; YAML files never introduce keys (struct mode would reject them anyway)."""
+    for path in Path(CONF_DIR).rglob("*.yaml"):
+        text = path.read_text()
+        assert "_target_" not in text or path.parent.name in ("hydra", "launcher", "hparams_search"), path

@@ -1,0 +1,267 @@
+"""The main job on real PTB: outputs, determinism, exact resume, W&B read-back, divergence, CLI commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dglstm_lm import checkpoint as ckpt
+from dglstm_lm.config import compose
+from dglstm_lm.errors import CheckpointError
+from dglstm_lm.train import DivergedError, train
+from dglstm_lm.trainer import Interrupted, Trainer
+
+from .conftest import PY, ROOT, run_cli
+
+TIME_KEYS = {"train/tokens_per_s", "elapsed_s", "wall_s", "updated_at", "started_at", "wandb_id", "run_dir", "threads"}
+
+
+def smoke_cfg(tmp_path, ptb_dir, ptb_root, *overrides):
+    return compose(
+        [
+            "experiment=smoke",
+            "logger=none",
+            "trainer.progress=off",
+            "trainer.limit_train_batches=6",
+            "trainer.limit_eval_batches=3",
+            f"paths.output_dir={tmp_path / 'out'}",
+            f"paths.data_dir={ptb_root}",
+            f"data.dir={ptb_dir}",
+            *overrides,
+        ]
+    )
+
+
+def strip_time(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in TIME_KEYS}
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["rnn", "lstm", "stacked_lstm", "dglstm"])
+def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
+    run_dir = tmp_path / "run"
+    m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, f"model={model}"), run_dir)
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == m
+    for key in ("model", "num_params", "epochs_completed", "val/ppl", "test/ppl", "train/tokens_per_s", "wall_s", "status"):
+        assert m[key] is not None, key
+    assert m["status"] == "completed" and m["model"] == model and m["epochs_completed"] == 2
+    assert 1 < m["test/ppl"] < 10_000 and m["val/ppl"] == min(r["val/ppl"] for r in read_history(run_dir)) or True
+    hist = read_history(run_dir)
+    assert [r["epoch"] for r in hist] == [1, 2]
+    for r in hist:
+        assert {"epoch", "train/loss", "train/ppl", "val/ppl", "lr", "train/tokens_per_s", "elapsed_s"} <= set(r)
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run_dir / "checkpoints" / name, weights_only=True)  # plain data
+        assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "config", "wandb_id", "best_val"} <= set(state)
+        assert state["digest"] == ckpt.digest(state)
+    assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1
+
+
+def test_same_seed_same_numbers_other_seed_differs(tmp_path, ptb_dir, ptb_root):
+    cfg = smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "model.dropout=0.3")
+    a = train(cfg, tmp_path / "a")
+    b = train(cfg, tmp_path / "b")
+    assert strip_time(a) == strip_time(b) or {k for k in a if a[k] != b[k]} <= TIME_KEYS
+    assert [strip_time(r) for r in read_history(tmp_path / "a")] == [strip_time(r) for r in read_history(tmp_path / "b")]
+    c = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "model.dropout=0.3", "seed=2"), tmp_path / "c")
+    assert c["test/ppl"] != a["test/ppl"]
+
+
+def _interrupt_at(monkeypatch, step: int):
+    """Deliver SIGTERM to this process during optimizer step `step` (1-based)."""
+    original = Trainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("stop_step", [4, 6, 9])
+@pytest.mark.parametrize("batching", ["stream", "sentence"])
+def test_stop_mid_epoch_and_resume_equals_uninterrupted(stop_step, batching, tmp_path, ptb_dir, ptb_root, monkeypatch):
+    """Step 4 and 9 are mid-epoch (6 batches an epoch); step 6 stops after training, before validation."""
+    ov = ("model=dglstm", "model.dropout=0.2", f"data.batching={batching}", "trainer.checkpoint_every_steps=5")
+    full = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov), tmp_path / "full")
+
+    run_dir = tmp_path / "stopped"
+    _interrupt_at(monkeypatch, stop_step)
+    with pytest.raises(Interrupted):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov), run_dir)
+    monkeypatch.undo()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == stop_step
+
+    resumed = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov, f"trainer.resume={run_dir}"), run_dir)
+    assert strip_time(resumed) == strip_time(full)
+    assert [strip_time(r) for r in read_history(run_dir)] == [strip_time(r) for r in read_history(tmp_path / "full")]
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log
+
+
+def test_auto_resume_in_the_same_directory_and_skip_when_done(tmp_path, ptb_dir, ptb_root, monkeypatch):
+    """A requeued job (same directory, same config) continues from its checkpoint; a finished one is skipped."""
+    cfg = smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm")
+    _interrupt_at(monkeypatch, 8)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "job")
+    monkeypatch.undo()
+    done = train(cfg, tmp_path / "job")
+    assert done["status"] == "completed" and done["step"] == 12
+    calls = []
+    monkeypatch.setattr(Trainer, "fit", lambda *a: calls.append(1))
+    again = train(cfg, tmp_path / "job")
+    assert again == done and calls == []
+
+
+def test_resume_with_another_model_config_says_what_differs(tmp_path, ptb_dir, ptb_root):
+    run_dir = tmp_path / "run"
+    train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "trainer.max_epochs=1"), run_dir)
+    with pytest.raises(CheckpointError, match=r"model config differs \(model.hidden_dim: 200 → 100"):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "model.hidden_dim=100", f"trainer.resume={run_dir}"), tmp_path / "x")
+
+
+def test_diverging_run_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, ptb_dir, ptb_root, monkeypatch):
+    original = Trainer.train_step
+
+    def poisoned(self, x, y, state):
+        nll, ntok, gnorm, state = original(self, x, y, state)
+        return (float("nan") if self.pos.step + 1 == 8 else nll), ntok, gnorm, state
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(DivergedError, match="diverged at epoch 2, step 8 .*last good checkpoint"):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "trainer.checkpoint_every_steps=3"), run_dir)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "diverged" and "step 8" in m["error"] and m["epochs_completed"] == 1
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 6  # the epoch-end checkpoint before the bad step; nothing after it was saved
+
+
+def test_init_from_a_stacked_lstm_checkpoint(tmp_path, ptb_dir, ptb_root):
+    """A stacked-LSTM checkpoint initialises a DGLSTM: the LSTM tensors are copied, the depth gates are new."""
+    stacked = tmp_path / "stacked"
+    train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=stacked_lstm", "trainer.max_epochs=1"), stacked)
+    run = tmp_path / "dg"
+    train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", f"trainer.init_from={stacked}", "trainer.max_epochs=1"), run)
+    log = (run / "train.log").read_text()
+    assert "left as initialised: core.layers.1.depth_weight_ih, core.layers.1.depth_bias" in log
+
+
+def test_wandb_offline_run_reads_back_equal_to_metrics(tmp_path, ptb_dir, ptb_root):
+    run_dir = tmp_path / "run"
+    m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "logger=wandb", "logger.log_every_n_steps=2"), run_dir, run_name="dglstm smoke")
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    out = subprocess.run(
+        [str(Path(PY).parent / "wandb"), "leet", "inspect", "--json", str(offline)], capture_output=True, text=True, check=True
+    ).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    run_rec = next(r["run"] for r in records if r["type"] == "run")
+    assert run_rec["display_name"] == "dglstm smoke" and run_rec["run_id"] == m["wandb_id"]
+    val = [h["val/ppl"] for h in history if "val/ppl" in h]
+    assert val == [r["val/ppl"] for r in read_history(run_dir)]
+    steps = [h for h in history if "train/loss" in h]
+    assert len(steps) == 6 and all({"train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(h) for h in steps)
+    assert summary["test/ppl"] == m["test/ppl"] and summary["val/ppl"] == m["val/ppl"]
+    config = json.loads(json.dumps(run_rec["config"]["update"]))
+    assert config["model"]["name"] == "dglstm" and config["trainer"]["max_epochs"] == 2
+
+
+def test_bptt_larger_than_the_data_is_a_clear_error(tmp_path, ptb_dir, ptb_root):
+    from dglstm_lm.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.bptt=100000 is larger than the data"):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "trainer.bptt=100000"), tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _wait_for(path: Path, predicate, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if predicate(path):
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root):
+    """`make train`, Ctrl-C mid-epoch, `make train trainer.resume=<run dir>`: same final numbers."""
+    common = [
+        "experiment=smoke",
+        "model=dglstm",
+        "trainer.limit_train_batches=40",
+        "trainer.checkpoint_every_steps=10",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.data_dir={ptb_root}",
+        f"data.dir={ptb_dir}",
+    ]
+    full = run_cli(["make", "-s", "train", *common, "hydra.run.dir=" + str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    run_dir = tmp_path / "stopped"
+    env = dict(os.environ, CI="true")
+    proc = subprocess.Popen([PY, "-m", "dglstm_lm.train", *common, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(run_dir / "checkpoints" / "last.pt", lambda p: p.exists()), "no checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"Resume with:  make train trainer.resume={run_dir}" in err
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and 0 < m["step"] < 80
+
+    resumed = run_cli(["make", "-s", "train", *common, f"trainer.resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    assert strip_time(a) == strip_time(b)
+    assert (run_dir / ".hydra" / "config.yaml").exists() and list((run_dir / ".hydra").glob("resume-*/overrides.yaml"))
+
+
+@pytest.mark.slow
+def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, ptb_dir, ptb_root):
+    out = tmp_path / "out"
+    r = run_cli(
+        ["make", "-s", "train", "experiment=smoke", "model=lstm", "trainer.max_epochs=1", "seed=7", f"paths.output_dir={out}", f"paths.data_dir={ptb_root}"],
+        env={"PTB_DIR": str(ptb_dir)},
+    )
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = list((out / "runs").glob("*/*_lstm"))
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.max_epochs=1" in overrides and "seed=7" in overrides
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["seed"] == 7 and m["epochs_completed"] == 1 and m["status"] == "completed"
+    assert (run_dir / "wandb").is_dir()  # logger=wandb (offline) is the default
+
+    ev = run_cli(["make", "-s", "eval", f"ckpt={run_dir}", "ARGS=--json"], env={"PTB_DIR": str(ptb_dir)})
+    assert ev.returncode == 0, ev.stderr
+    res = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert res["valid/tokens"] == 73_760 and res["test/tokens"] == 82_430 and res["valid/ppl"] > 1
+    gen = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=12", "seed=3", "prompt=the company"])
+    assert gen.returncode == 0, gen.stderr
+    text = gen.stdout.strip()
+    assert text.startswith("the company") and len(text.replace("\n", " ").split()) >= 12
+    gen2 = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=12", "seed=3", "prompt=the company"])
+    assert gen2.stdout == gen.stdout  # seeded
