@@ -17,7 +17,9 @@ def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
     rows = []
     for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json")):
         try:
-            rows.append((str(metrics_file.parent.relative_to(sweep_dir)), json.loads(metrics_file.read_text())))
+            rows.append(
+                (str(metrics_file.parent.relative_to(sweep_dir)), json.loads(metrics_file.read_text()))
+            )
         except (OSError, ValueError):
             rows.append((str(metrics_file.parent.relative_to(sweep_dir)), {"status": "unreadable"}))
     return rows
@@ -32,10 +34,16 @@ class SweepSummary(Callback):
         lines = [f"sweep {sweep_dir}: {len(rows)} jobs"]
         for job, m in rows:
             status = m.get("status", "?")
-            ppl = f"val {m['val/ppl']:.2f} test {m['test/ppl']:.2f}" if m.get("test/ppl") is not None else m.get("error", "")
+            ppl = (
+                f"val {m['val/ppl']:.2f} test {m['test/ppl']:.2f}"
+                if m.get("test/ppl") is not None
+                else m.get("error", "")
+            )
             lines.append(f"  {status:<11} {job}  {ppl}")
             if status != "completed":
                 FAILED_JOBS.append(job)
         if FAILED_JOBS:
-            lines.append(f"{len(FAILED_JOBS)} of {len(rows)} jobs did not complete; `make report dir={sweep_dir}` lists them")
+            lines.append(
+                f"{len(FAILED_JOBS)} of {len(rows)} jobs did not complete; `make report dir={sweep_dir}` lists them"
+            )
         print("\n".join(lines))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import faults
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None) -> None:
     """Write `data` to `path` through a temporary file and a rename; on failure `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            if fault_point:
+                faults.point(fault_point)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,7 +113,7 @@ def save(state: dict, path: Path, keep_previous: bool = True) -> None:
                 prev_tmp.unlink()
             os.link(path, prev_tmp)  # same inode: no copy, and the rename below cannot touch it
             os.replace(prev_tmp, prev)
-        atomic_write_bytes(path, buf.getbuffer())
+        atomic_write_bytes(path, buf.getbuffer(), fault_point="checkpoint_write")
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
@@ -129,7 +134,9 @@ def link_or_copy(src: Path, dst: Path) -> None:
             atomic_write_bytes(tmp, Path(src).read_bytes())
         os.replace(tmp, dst)
     except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {dst}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+        raise CheckpointError(
+            f"could not write checkpoint {dst}: {os.strerror(exc.errno) if exc.errno else exc}"
+        ) from None
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -141,7 +148,9 @@ def load(path: Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {first[:120]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {first[:120]})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dglstm-lm checkpoint")
     if state.get("digest") != digest(state):
@@ -157,6 +166,28 @@ def resolve(target: str | Path) -> Path:
     return p
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of a writer that was killed (never renamed into place) are garbage."""
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp-*"):
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_for_resume(target: str | Path) -> tuple[Path, dict]:
     """Load the checkpoint to resume from, falling back to <name>-previous.pt if the newest is unreadable."""
     path = resolve(target)
@@ -170,5 +201,11 @@ def load_for_resume(target: str | Path) -> tuple[Path, dict]:
             state = load(prev)
         except CheckpointError:
             raise first from None
-        log.warning("%s; falling back to the previous checkpoint %s (epoch %s, step %s)", first, prev, state["epoch"], state["step"])
+        log.warning(
+            "%s; falling back to the previous checkpoint %s (epoch %s, step %s)",
+            first,
+            prev,
+            state["epoch"],
+            state["step"],
+        )
         return prev, state

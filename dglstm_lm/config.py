@@ -13,7 +13,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -41,7 +41,7 @@ class ModelConfig:
     emb_dim: int = 200
     hidden_dim: int = 200
     num_layers: int = 2
-    hidden_dims: Optional[list[int]] = None  # one width per layer; replaces hidden_dim × num_layers
+    hidden_dims: list[int] | None = None  # one width per layer; replaces hidden_dim × num_layers
     dropout: float = 0.0  # on the embedding, between layers and before the decoder
     tie_weights: bool = False
     init: str = "uniform"  # uniform (±init_range, Zaremba et al.) | xavier (the `cnn` library's rule)
@@ -72,7 +72,7 @@ class StackedLSTMConfig(ModelConfig):
 @dataclass
 class DGLSTMConfig(ModelConfig):
     name: str = "dglstm"
-    depth_gate_bias: Optional[float] = None  # initial b_d of every depth gate; null: initialised like the rest
+    depth_gate_bias: float | None = None  # initial b_d of every depth gate; null: initialised like the rest
     gate_input: bool = False  # first layer: gated linear path from a projection of the input (author's code)
     peephole: bool = False  # diagonal peepholes into i, f (c_{t-1}) and o (c_t)
     coupled_gates: bool = False  # f = 1 - i
@@ -82,7 +82,7 @@ class DGLSTMConfig(ModelConfig):
 @dataclass
 class DataConfig:
     name: str = "ptb"
-    dir: Optional[str] = None  # folder with ptb.{train,valid,test}.txt; else $PTB_DIR; else <root>/ptb
+    dir: str | None = None  # folder with ptb.{train,valid,test}.txt; else $PTB_DIR; else <root>/ptb
     root: str = "${paths.data_dir}"  # downloads and caches
     batching: str = "stream"  # stream (continuous, truncated BPTT) | sentence (one sentence per sequence)
     verify_checksums: bool = True
@@ -96,8 +96,8 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 13
-    limit_train_batches: Optional[int] = None  # per epoch (smoke runs)
-    limit_eval_batches: Optional[int] = None  # per evaluation (smoke runs)
+    limit_train_batches: int | None = None  # per epoch (smoke runs)
+    limit_eval_batches: int | None = None  # per evaluation (smoke runs)
     batch_size: int = 20
     eval_batch_size: int = 10
     bptt: int = 20
@@ -110,19 +110,21 @@ class TrainerConfig:
     lr_decay_start: int = 4  # epochs at the initial rate (zaremba)
     plateau_patience: int = 0  # plateau: epochs without improvement before the rate is multiplied by lr_decay
     min_lr: float = 0.0
-    clip_grad_norm: Optional[float] = 5.0  # global gradient norm; null disables
+    clip_grad_norm: float | None = 5.0  # global gradient norm; null disables
     # per_sequence: sum over time, mean over the batch (Zaremba et al.'s loss, for which lr=1 is right);
     # per_token: mean over every target token.
     loss: str = "per_sequence"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None  # torch intra-op threads; null: all cores, or cores / parallel jobs
-    checkpoint_every_min: Optional[float] = 10.0  # also save mid-epoch this often; null: epoch ends only
-    checkpoint_every_steps: Optional[int] = None
-    resume: Optional[str] = None  # a run directory or a checkpoint file
-    auto_resume: bool = True  # a job whose directory has a checkpoint continues from it (requeue, re-run sweep)
-    init_from: Optional[str] = None  # copy matching weights from a checkpoint (e.g. stacked LSTM into a DGLSTM)
+    threads: int | None = None  # torch intra-op threads; null: all cores, or cores / parallel jobs
+    checkpoint_every_min: float | None = 10.0  # also save mid-epoch this often; null: epoch ends only
+    checkpoint_every_steps: int | None = None
+    resume: str | None = None  # a run directory or a checkpoint file
+    auto_resume: bool = (
+        True  # a job whose directory has a checkpoint continues from it (requeue, re-run sweep)
+    )
+    init_from: str | None = None  # copy matching weights from a checkpoint (e.g. stacked LSTM into a DGLSTM)
     progress: str = "auto"  # auto (bars on a terminal, not under CI) | on | off
-    diverge_threshold: Optional[float] = None  # also stop when the train loss exceeds this
+    diverge_threshold: float | None = None  # also stop when the train loss exceeds this
 
 
 @dataclass
@@ -130,8 +132,8 @@ class LoggerConfig:
     name: str = "wandb"  # wandb | none
     mode: str = "offline"  # offline | online | disabled
     project: str = "dglstm-lm"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # default: the sweep, for multirun jobs
+    entity: str | None = None
+    group: str | None = None  # default: the sweep, for multirun jobs
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
     log_every_n_steps: int = 10
@@ -151,9 +153,9 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 1
-    name: str = "default"  # the recipe: experiments set it, reports group runs by it
+    name: str = "zaremba_small"  # the recipe: experiments set it, reports group runs by it
     tags: list[str] = field(default_factory=list)
-    optimized_metric: Optional[str] = None  # returned to a sweeper (Optuna), e.g. "val/ppl"
+    optimized_metric: str | None = None  # returned to a sweeper (Optuna), e.g. "val/ppl"
 
 
 def register_configs() -> None:
@@ -231,7 +233,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             "model.hidden_dims",
             f"has {len(m.hidden_dims)} sizes but model.num_layers={m.num_layers}",
         )
-        _check(all(h > 0 for h in m.hidden_dims), "model.hidden_dims", f"sizes must be positive, got {list(m.hidden_dims)}")
+        _check(
+            all(h > 0 for h in m.hidden_dims),
+            "model.hidden_dims",
+            f"sizes must be positive, got {list(m.hidden_dims)}",
+        )
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(m.init in ("uniform", "xavier"), "model.init", f"unknown init {m.init!r} (uniform, xavier)")
     _check(m.init_range > 0, "model.init_range", f"must be positive, got {m.init_range}")
@@ -242,14 +248,28 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             f"needs the last hidden size ({m.layer_dims[-1]}) to equal model.emb_dim ({m.emb_dim})",
         )
     if m.name == "lstm":
-        _check(m.num_layers == 1, "model.num_layers", f"model=lstm has one layer (got {m.num_layers}); use model=stacked_lstm")
+        _check(
+            m.num_layers == 1,
+            "model.num_layers",
+            f"model=lstm has one layer (got {m.num_layers}); use model=stacked_lstm",
+        )
     if isinstance(m, DGLSTMConfig):
-        _check(m.backend in ("auto", "cpp", "python"), "model.backend", f"unknown backend {m.backend!r} (auto, cpp, python)")
+        _check(
+            m.backend in ("auto", "cpp", "python"),
+            "model.backend",
+            f"unknown backend {m.backend!r} (auto, cpp, python)",
+        )
         if m.depth_gate_bias is not None:
             _check(math.isfinite(m.depth_gate_bias), "model.depth_gate_bias", "must be finite")
 
-    _check(d.batching in ("stream", "sentence"), "data.batching", f"unknown mode {d.batching!r} (stream, sentence)")
-    _check(not d.verify_checksums or bool(d.sha256), "data.sha256", "is empty while data.verify_checksums is on")
+    _check(
+        d.batching in ("stream", "sentence"),
+        "data.batching",
+        f"unknown mode {d.batching!r} (stream, sentence)",
+    )
+    _check(
+        not d.verify_checksums or bool(d.sha256), "data.sha256", "is empty while data.verify_checksums is on"
+    )
     for s in d.sources:
         _check(s in ("hub", "github"), "data.sources", f"unknown source {s!r} (hub, github)")
 
@@ -259,10 +279,18 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     for key in ("limit_train_batches", "limit_eval_batches", "checkpoint_every_steps", "threads"):
         v = getattr(t, key)
         _check(v is None or v > 0, f"trainer.{key}", f"must be positive or null, got {v}")
-    _check(t.optimizer in ("sgd", "adam", "adamw"), "trainer.optimizer", f"unknown optimizer {t.optimizer!r} (sgd, adam, adamw)")
+    _check(
+        t.optimizer in ("sgd", "adam", "adamw"),
+        "trainer.optimizer",
+        f"unknown optimizer {t.optimizer!r} (sgd, adam, adamw)",
+    )
     _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}")
     _check(t.momentum >= 0, "trainer.momentum", f"must be non-negative, got {t.momentum}")
-    _check(t.momentum == 0 or t.optimizer == "sgd", "trainer.momentum", f"applies to optimizer=sgd only (optimizer={t.optimizer})")
+    _check(
+        t.momentum == 0 or t.optimizer == "sgd",
+        "trainer.momentum",
+        f"applies to optimizer=sgd only (optimizer={t.optimizer})",
+    )
     _check(t.weight_decay >= 0, "trainer.weight_decay", f"must be non-negative, got {t.weight_decay}")
     _check(
         t.lr_schedule in ("constant", "zaremba", "plateau"),
@@ -271,9 +299,19 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     )
     _check(0 < t.lr_decay <= 1, "trainer.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
     _check(t.lr_decay_start >= 0, "trainer.lr_decay_start", f"must be non-negative, got {t.lr_decay_start}")
-    _check(t.plateau_patience >= 0, "trainer.plateau_patience", f"must be non-negative, got {t.plateau_patience}")
-    _check(t.clip_grad_norm is None or t.clip_grad_norm > 0, "trainer.clip_grad_norm", f"must be positive or null, got {t.clip_grad_norm}")
-    _check(t.loss in ("per_sequence", "per_token"), "trainer.loss", f"unknown loss {t.loss!r} (per_sequence, per_token)")
+    _check(
+        t.plateau_patience >= 0, "trainer.plateau_patience", f"must be non-negative, got {t.plateau_patience}"
+    )
+    _check(
+        t.clip_grad_norm is None or t.clip_grad_norm > 0,
+        "trainer.clip_grad_norm",
+        f"must be positive or null, got {t.clip_grad_norm}",
+    )
+    _check(
+        t.loss in ("per_sequence", "per_token"),
+        "trainer.loss",
+        f"unknown loss {t.loss!r} (per_sequence, per_token)",
+    )
     _check(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
         "trainer.device",
@@ -284,12 +322,22 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         "trainer.checkpoint_every_min",
         f"must be positive or null, got {t.checkpoint_every_min}",
     )
-    _check(t.progress in ("auto", "on", "off"), "trainer.progress", f"unknown value {t.progress!r} (auto, on, off)")
+    _check(
+        t.progress in ("auto", "on", "off"),
+        "trainer.progress",
+        f"unknown value {t.progress!r} (auto, on, off)",
+    )
     _check(not (t.resume and t.init_from), "trainer.init_from", "cannot be combined with trainer.resume")
 
     _check(lg.name in ("wandb", "none"), "logger.name", f"unknown logger {lg.name!r} (wandb, none)")
-    _check(lg.mode in ("offline", "online", "disabled"), "logger.mode", f"unknown mode {lg.mode!r} (offline, online, disabled)")
-    _check(lg.log_every_n_steps > 0, "logger.log_every_n_steps", f"must be positive, got {lg.log_every_n_steps}")
+    _check(
+        lg.mode in ("offline", "online", "disabled"),
+        "logger.mode",
+        f"unknown mode {lg.mode!r} (offline, online, disabled)",
+    )
+    _check(
+        lg.log_every_n_steps > 0, "logger.log_every_n_steps", f"must be positive, got {lg.log_every_n_steps}"
+    )
     _check(obj.seed >= 0, "seed", f"must be non-negative, got {obj.seed}")
     return obj
 
@@ -366,7 +414,9 @@ def to_object(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(one_line_error(exc)) from None
 
 
-def compose(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+def compose(
+    overrides: list[str], config_name: str = "train", return_hydra_config: bool = False
+) -> DictConfig:
     """Compose conf/<config_name>.yaml with overrides outside a Hydra app (checks, `make data`, tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -375,13 +425,17 @@ def compose(overrides: list[str], config_name: str = "train", return_hydra_confi
     was_initialised = GlobalHydra.instance().is_initialized()
     if was_initialised:  # inside a Hydra app: compose against the same search path
         try:
-            cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+            cfg = hydra_compose(
+                config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+            )
         except Exception as exc:
             raise ConfigError(one_line_error(exc)) from None
     else:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="train"):
             try:
-                cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+                cfg = hydra_compose(
+                    config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+                )
             except Exception as exc:
                 raise ConfigError(one_line_error(exc)) from None
     return cfg
@@ -392,7 +446,12 @@ def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
-MODEL_SCHEMAS = {"rnn": RNNConfig, "lstm": LSTMConfig, "stacked_lstm": StackedLSTMConfig, "dglstm": DGLSTMConfig}
+MODEL_SCHEMAS = {
+    "rnn": RNNConfig,
+    "lstm": LSTMConfig,
+    "stacked_lstm": StackedLSTMConfig,
+    "dglstm": DGLSTMConfig,
+}
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -401,7 +460,17 @@ def config_from_dict(d: dict) -> TrainConfig:
         base = OmegaConf.structured(TrainConfig)
         model_schema = MODEL_SCHEMAS[d["model"]["name"]]
         base.model = OmegaConf.structured(model_schema)
-        cfg = OmegaConf.merge(base, {k: v for k, v in d.items() if k in ("model", "data", "trainer", "logger", "paths", "seed", "name", "tags", "optimized_metric")})
+        cfg = OmegaConf.merge(
+            base,
+            {
+                k: v
+                for k, v in d.items()
+                if k
+                in ("model", "data", "trainer", "logger", "paths", "seed", "name", "tags", "optimized_metric")
+            },
+        )
     except (KeyError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"the checkpoint's config is not one this version understands ({one_line_error(exc) if isinstance(exc, OmegaConfBaseException) else exc})") from None
+        raise ConfigError(
+            f"the checkpoint's config is not one this version understands ({one_line_error(exc) if isinstance(exc, OmegaConfBaseException) else exc})"
+        ) from None
     return validate(cfg)

@@ -72,12 +72,16 @@ def check_files(folder: Path, sha256: dict | None) -> dict[str, str]:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+            raise DataError(
+                f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
+            ) from None
         sums[split] = hashlib.sha256(raw).hexdigest()
         if sha256 is not None:
             expected = sha256.get(FILES[split])
             if expected is None:
-                raise DataError(f"no SHA-256 sum for {FILES[split]} in data.sha256 (set data.verify_checksums=false for your own corpus)")
+                raise DataError(
+                    f"no SHA-256 sum for {FILES[split]} in data.sha256 (set data.verify_checksums=false for your own corpus)"
+                )
             if sums[split] != expected:
                 raise DataError(
                     f"{path} has SHA-256 {sums[split][:16]}…, expected {expected[:16]}… (a changed or truncated file; "
@@ -276,11 +280,16 @@ def _build_cache(source: Path, final: Path) -> None:
             return {"ids": ids, "oov": oov}
 
         tokenised = DatasetDict(
-            {split: raw[split].map(tokenise, batched=True, batch_size=4096, remove_columns=["text"]) for split in SPLITS}
+            {
+                split: raw[split].map(tokenise, batched=True, batch_size=4096, remove_columns=["text"])
+                for split in SPLITS
+            }
         )
         tokenised.save_to_disk(str(tmp / "arrow"))
         shutil.rmtree(tmp / "hf", ignore_errors=True)
-        (tmp / "vocab.json").write_text(json.dumps({"format": CACHE_FORMAT, "words": vocab.words}, ensure_ascii=False))
+        (tmp / "vocab.json").write_text(
+            json.dumps({"format": CACHE_FORMAT, "words": vocab.words}, ensure_ascii=False)
+        )
         try:
             os.rename(tmp, final)
         except OSError:
@@ -420,7 +429,9 @@ class SentenceBatches:
 
     def __init__(self, split: Split, batch_size: int, eos_id: int, shuffle: bool, seed: int = 0):
         if split.num_sentences < batch_size:
-            raise DataError(f"the split has {split.num_sentences} sentences, fewer than the batch size {batch_size}")
+            raise DataError(
+                f"the split has {split.num_sentences} sentences, fewer than the batch size {batch_size}"
+            )
         self.split, self.batch_size, self.eos_id = split, batch_size, eos_id
         self.shuffle, self.seed = shuffle, seed
         self.lengths = np.diff(split.offsets)
@@ -463,7 +474,9 @@ class SentenceBatches:
         return self.batch(self.order(epoch)[i])
 
 
-def make_batches(corpus: Corpus, split: str, mode: str, batch_size: int, bptt: int, shuffle: bool, seed: int = 0):
+def make_batches(
+    corpus: Corpus, split: str, mode: str, batch_size: int, bptt: int, shuffle: bool, seed: int = 0
+):
     """Batches of one split. mode: stream | sentence. Errors name the split."""
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, got {batch_size}")

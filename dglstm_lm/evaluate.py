@@ -28,12 +28,16 @@ def load_model(path, device="cpu"):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the model in its config ({str(exc).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), cfg, state
 
 
 @torch.no_grad()
-def evaluate_checkpoint(path, data_dir: str | None = None, splits=("valid", "test"), device: str = "auto") -> dict:
+def evaluate_checkpoint(
+    path, data_dir: str | None = None, splits=("valid", "test"), device: str = "auto"
+) -> dict:
     from .data import make_batches, prepare_from_config
     from .train import resolve_device
     from .trainer import Trainer
@@ -44,7 +48,9 @@ def evaluate_checkpoint(path, data_dir: str | None = None, splits=("valid", "tes
         cfg.data.dir = data_dir
     corpus = prepare_from_config(cfg.data)
     if corpus.vocab.words != state["vocab"]:
-        raise DataError(f"the corpus at {corpus.source} has a different vocabulary than {path} was trained on")
+        raise DataError(
+            f"the corpus at {corpus.source} has a different vocabulary than {path} was trained on"
+        )
     results = {"checkpoint": str(ckpt.resolve(path)), "epoch": state["epoch"], "step": state["step"]}
     t = cfg.trainer
     for split in splits:
@@ -62,7 +68,9 @@ def evaluate_checkpoint(path, data_dir: str | None = None, splits=("valid", "tes
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make eval", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)")
+    p.add_argument(
+        "--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)"
+    )
     p.add_argument("--data-dir", help="folder with the PTB files, if not where the run found them")
     p.add_argument("--split", default="valid,test", help="comma-separated splits (default: valid,test)")
     p.add_argument("--device", default="auto")

@@ -1,6 +1,6 @@
 """`make generate ckpt=<checkpoint or run dir>`: sample text from a trained model.
 
-    make generate ckpt=outputs/runs/<date>/<time>_dglstm temperature=0.8 length=60 seed=3 prompt='the company'
+make generate ckpt=outputs/runs/<date>/<time>_dglstm temperature=0.8 length=60 seed=3 prompt='the company'
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from .errors import CheckpointError, ConfigError, cli
 
 
 @torch.no_grad()
-def sample(model, vocab: list[str], length: int, temperature: float = 1.0, prompt: str = "", seed: int = 1) -> list[str]:
+def sample(
+    model, vocab: list[str], length: int, temperature: float = 1.0, prompt: str = "", seed: int = 1
+) -> list[str]:
     """Words sampled after <eos> + prompt; an <eos> in the output ends a sentence."""
     index = {w: i for i, w in enumerate(vocab)}
     unknown = [w for w in prompt.split() if w not in index]
@@ -40,7 +42,9 @@ def sample(model, vocab: list[str], length: int, temperature: float = 1.0, promp
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make generate", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)")
+    p.add_argument(
+        "--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--length", type=int, default=50, help="words to sample")
     p.add_argument("--seed", type=int, default=1)
@@ -59,7 +63,9 @@ def main(argv=None) -> int:
 
     model, _, state = load_model(target)
     words = sample(model, state["vocab"], args.length, args.temperature, args.prompt, args.seed)
-    text = " ".join(([args.prompt] if args.prompt else []) + words).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+    text = (
+        " ".join(([args.prompt] if args.prompt else []) + words).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+    )
     print(text.strip())
     return 0
 

@@ -65,12 +65,18 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(cfg, run_dir: Path, config: dict, name: str, group: str | None, resume_id: str | None) -> Tracker:
+def make_tracker(
+    cfg, run_dir: Path, config: dict, name: str, group: str | None, resume_id: str | None
+) -> Tracker:
     if cfg.name == "none" or cfg.mode == "disabled":
         return Tracker()
     try:
         return WandbTracker(cfg, run_dir, config, name, group, resume_id)
     except Exception as exc:
         # A run never depends on a server: train on, with the local files as the record.
-        log.warning("W&B unavailable (%s: %s); continuing without it", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning(
+            "W&B unavailable (%s: %s); continuing without it",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return Tracker()

@@ -124,7 +124,9 @@ def _file_log_handler(run_dir: Path) -> logging.Handler | None:
     return handler
 
 
-def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, group: str | None = None) -> dict:
+def train(
+    cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, group: str | None = None
+) -> dict:
     """Train and test one model in `run_dir`; return the final metrics (also written to metrics.json).
 
     Raises ConfigError/DataError/CheckpointError for user mistakes, DivergedError when the loss stops being
@@ -151,7 +153,11 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
         elif t.auto_resume:
             previous = read_metrics(run_dir)
             if previous and previous.get("status") == "completed":
-                log.info("%s already completed (test ppl %.2f); nothing to do", run_dir, previous.get("test/ppl") or float("nan"))
+                log.info(
+                    "%s already completed (test ppl %.2f); nothing to do",
+                    run_dir,
+                    previous.get("test/ppl") or float("nan"),
+                )
                 return previous
             last = run_dir / "checkpoints" / ckpt.LAST
             if last.exists() or ckpt.previous_of(last).exists():
@@ -165,7 +171,9 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
                 raise CheckpointError(f"cannot resume {resume_path}: the model config differs ({shown})")
             other = [k for k in diffs if not _free(k)]
             if other:
-                log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(other))
+                log.warning(
+                    "resuming with a config that differs from the checkpoint's in: %s", ", ".join(other)
+                )
 
         seed_everything(obj.seed)
         device = resolve_device(t.device)
@@ -181,18 +189,32 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
                 missing = model.init_from(init_state["model"])
             except ValueError as exc:
                 raise CheckpointError(f"trainer.init_from={t.init_from}: {exc}") from None
-            log.info("initialised from %s; left as initialised: %s", t.init_from, ", ".join(missing) or "nothing")
+            log.info(
+                "initialised from %s; left as initialised: %s", t.init_from, ", ".join(missing) or "nothing"
+            )
 
         name = run_name or obj.model.name
         tracker = make_tracker(
-            obj.logger, run_dir, config_dict, name, obj.logger.group or group, resume_state.get("wandb_id") if resume_state else None
+            obj.logger,
+            run_dir,
+            config_dict,
+            name,
+            obj.logger.group or group,
+            resume_state.get("wandb_id") if resume_state else None,
         )
-        trainer = Trainer(model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params)
+        trainer = Trainer(
+            model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params
+        )
         started = _now()
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
             log.info(
-                "resumed from %s: epoch %d, batch %d/%d, step %d", resume_path, trainer.pos.epoch + 1, trainer.pos.batch, trainer.n_train, trainer.pos.step
+                "resumed from %s: epoch %d, batch %d/%d, step %d",
+                resume_path,
+                trainer.pos.epoch + 1,
+                trainer.pos.batch,
+                trainer.n_train,
+                trainer.pos.step,
             )
             previous = read_metrics(run_dir) or {}
             started = previous.get("started_at", started)
@@ -234,6 +256,7 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
             m.update(extra)
             return m
 
+        write_json(run_dir / "config.json", config_dict)  # resolved; what reports group runs by
         write_history(history_path, trainer.history)
         write_json(metrics_path, metrics("running"))
         try:
@@ -252,7 +275,9 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
             raise DivergedError(f"{exc}{keep}") from None
         except Interrupted as exc:
             write_history(history_path, trainer.history)
-            write_json(metrics_path, metrics("interrupted", error=f"stopped by {signal.Signals(exc.signum).name}"))
+            write_json(
+                metrics_path, metrics("interrupted", error=f"stopped by {signal.Signals(exc.signum).name}")
+            )
             tracker.finish(exit_code=1)
             raise
         result = metrics("completed", **{"val/ppl": final["val/ppl"], "test/ppl": final["test/ppl"]})
@@ -277,13 +302,9 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
             result["wall_s"],
         )
         return result
-    except (UserError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        if not isinstance(exc, Interrupted):
-            previous = read_metrics(run_dir) or {}
-            previous.update(status="failed", error=f"{type(exc).__name__}: {exc}", updated_at=_now())
-            write_json(metrics_path, previous)
+    except BaseException as exc:
+        if not isinstance(exc, (Interrupted, DivergedError)):
+            _record_failure(run_dir, cfg, exc)
         raise
     finally:
         if handler is not None:
@@ -294,19 +315,27 @@ def train(cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, gro
 def _record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
     """A job that failed before or during training still leaves a metrics.json saying why."""
     previous = read_metrics(run_dir) or {}
-    if previous.get("status") in ("diverged", "interrupted"):
+    if previous.get("status") in ("diverged", "interrupted", "completed"):
         return
+    if isinstance(exc, KeyboardInterrupt):
+        status, error = "interrupted", "stopped by a second Ctrl-C (no checkpoint of the current step)"
+    else:
+        status = "failed"
+        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     model = OmegaConf.select(cfg, "model.name", default=None)
     previous.update(
-        status="failed",
-        error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}",
+        status=status,
+        error=error,
         model=previous.get("model", model),
         name=previous.get("name", OmegaConf.select(cfg, "name", default=None)),
         seed=previous.get("seed", OmegaConf.select(cfg, "seed", default=None)),
         run_dir=str(run_dir),
         updated_at=_now(),
     )
-    write_json(run_dir / "metrics.json", previous)
+    try:
+        write_json(run_dir / "metrics.json", previous)
+    except OSError as write_error:  # e.g. the disk that is full holds the run directory too
+        log.error("could not record the failure in %s: %s", run_dir / "metrics.json", write_error)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +347,9 @@ def _run_name_and_group():
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    overrides = [o for o in hc.overrides.task if not o.startswith(("model=", "trainer.resume", "hydra", "logger"))]
+    overrides = [
+        o for o in hc.overrides.task if not o.startswith(("model=", "trainer.resume", "hydra", "logger"))
+    ]
     model = hc.runtime.choices.get("model", "model")
     name = " ".join([model, *overrides])
     group = None
@@ -336,7 +367,12 @@ def _hydra_task(cfg: DictConfig):
         metrics = train(cfg, run_dir, run_name=name, group=group)
     except Interrupted as exc:
         hint = f"make train trainer.resume={run_dir}"
-        log.warning("stopped by %s; checkpoint saved to %s. Resume with: %s", signal.Signals(exc.signum).name, exc.checkpoint_path, hint)
+        log.warning(
+            "stopped by %s; checkpoint saved to %s. Resume with: %s",
+            signal.Signals(exc.signum).name,
+            exc.checkpoint_path,
+            hint,
+        )
         if not multirun:
             print(f"stopped; checkpoint saved. Resume with:  {hint}", file=sys.stderr)
         # Our handlers are gone again: hand the signal on to the one they replaced. Under submitit that is
@@ -364,16 +400,37 @@ def _hydra_task(cfg: DictConfig):
 def _make_hydra_main():
     import hydra
 
-    return hydra.main(config_path=str(Path(__file__).resolve().parent.parent / "conf"), config_name="train", version_base="1.3")(
-        _hydra_task
-    )
+    return hydra.main(
+        config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+        config_name="train",
+        version_base="1.3",
+    )(_hydra_task)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checks before Hydra starts: one-line errors instead of Hydra's multi-line reports
 
-_PASSTHROUGH_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
-_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_PASSTHROUGH_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+}
+_CONFIG_FLAGS = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 
 
 def preflight(argv: list[str]) -> list[str]:
@@ -415,7 +472,9 @@ def preflight(argv: list[str]) -> list[str]:
             except Exception:  # interval(...) and other sweeper-specific syntax: the sweeper checks it
                 continue
             if len(values) != len(set(values)):
-                raise ConfigError(f"{o.input_line}: a value appears twice (two jobs would share one directory)")
+                raise ConfigError(
+                    f"{o.input_line}: a value appears twice (two jobs would share one directory)"
+                )
             sweeps.append((o.get_key_element(), values))
     firsts = [f"{k}={v[0]}" for k, v in sweeps]
     for idx, (key, values) in enumerate(sweeps):
@@ -440,7 +499,9 @@ def main() -> None:
         # joblib's workers inherit this: they split the cores instead of each taking all of them
         n_jobs = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.launcher.n_jobs=")), None)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ.setdefault("DGLSTM_PARALLEL_JOBS", str(int(n_jobs) if n_jobs and int(n_jobs) > 0 else cores))
+        os.environ.setdefault(
+            "DGLSTM_PARALLEL_JOBS", str(int(n_jobs) if n_jobs and int(n_jobs) > 0 else cores)
+        )
     _make_hydra_main()()
     if callbacks.FAILED_JOBS:
         sys.exit(1)

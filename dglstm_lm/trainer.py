@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import PAD_TARGET, SentenceBatches, StreamBatches
+from . import faults
+from .data import PAD_TARGET, SentenceBatches
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -107,7 +114,9 @@ class StopSignals:
     A second SIGINT stops at once. The handlers they replace (submitit's, under SLURM) are restored on exit.
     """
 
-    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None)
+    SIGNALS = tuple(
+        s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None
+    )
 
     def __init__(self):
         self.received: int | None = None
@@ -157,11 +166,14 @@ class Trainer:
         self.run_dir, self.device, self.tracker = Path(run_dir), device, tracker
         self.config_dict, self.model_name, self.num_params = config_dict, model_name, num_params
         self.ckpt_dir = self.run_dir / "checkpoints"
+        ckpt.remove_stale_temporaries(self.ckpt_dir)
         t, mode = self.t, cfg.data.batching
         from .data import make_batches
 
         self.mode = mode
-        self.train_batches = make_batches(corpus, "train", mode, t.batch_size, t.bptt, shuffle=True, seed=cfg.seed)
+        self.train_batches = make_batches(
+            corpus, "train", mode, t.batch_size, t.bptt, shuffle=True, seed=cfg.seed
+        )
         self.valid_batches = make_batches(corpus, "valid", mode, t.eval_batch_size, t.bptt, shuffle=False)
         self.test_batches = make_batches(corpus, "test", mode, t.eval_batch_size, t.bptt, shuffle=False)
         if mode == "stream" and t.bptt > self.train_batches.rows:
@@ -213,7 +225,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
-        self.hidden = None if state["hidden"] is None else [tuple(t.to(self.device) for t in layer) for layer in state["hidden"]]
+        self.hidden = (
+            None
+            if state["hidden"] is None
+            else [tuple(t.to(self.device) for t in layer) for layer in state["hidden"]]
+        )
         self.epoch_sums = dict(state["epoch_sums"])
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.history = list(state["history"])
@@ -241,16 +257,21 @@ class Trainer:
     def train_step(self, x, y, state):
         """One optimizer step on a (T, B) window. Returns (summed NLL, target tokens, grad norm, state)."""
         logits, state = self.model(x, state)  # (T, B, V)
-        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum")
+        nll = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
+        )
         ntok = int((y != PAD_TARGET).sum())
         # per_sequence: sum over time, mean over the batch (the loss Zaremba et al.'s lr=1 is meant for)
         loss = nll / (y.size(1) if self.t.loss == "per_sequence" else max(ntok, 1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        faults.point("step")
         if self.t.clip_grad_norm:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_grad_norm)
         else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            gnorm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
         self.optimizer.step()
         return nll.item(), ntok, gnorm, state
 
@@ -270,7 +291,10 @@ class Trainer:
             if isinstance(batches, SentenceBatches):
                 state = self.model.init_state(x.size(1), self.device)
             logits, state = self.model(x, state)
-            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum").item()
+            faults.point("eval_batch")
+            nll += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
+            ).item()
             ntok += int((y != PAD_TARGET).sum())
             if i % 20 == 0:
                 bar.set_postfix(ppl=f"{ppl(nll / max(ntok, 1)):.2f}")
@@ -313,8 +337,14 @@ class Trainer:
                 nll, ntok, gnorm, state = self.train_step(x, y, state)
                 dt = time.perf_counter() - t0
                 loss = nll / max(ntok, 1)
-                if not math.isfinite(loss) or (t.diverge_threshold is not None and loss > t.diverge_threshold):
-                    raise Diverged(f"training diverged at epoch {epoch + 1}, step {self.pos.step + 1} (loss {loss})", epoch, self.pos.step + 1)
+                if not math.isfinite(loss) or (
+                    t.diverge_threshold is not None and loss > t.diverge_threshold
+                ):
+                    raise Diverged(
+                        f"training diverged at epoch {epoch + 1}, step {self.pos.step + 1} (loss {loss})",
+                        epoch,
+                        self.pos.step + 1,
+                    )
                 self.hidden = state if self.mode == "stream" else None
                 self.pos.batch += 1
                 self.pos.step += 1
@@ -340,7 +370,9 @@ class Trainer:
                         },
                         step=self.pos.step,
                     )
-                    bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.3g}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.3g}", tok_s=f"{tps:,.0f}"
+                    )
                 bar.update(1)
                 if stop.received is not None:
                     bar.close()
@@ -381,10 +413,14 @@ class Trainer:
                 "elapsed_s": self.wall_s,
             }
             self.history.append(record)
-            self.tracker.log({"val/ppl": val_ppl, "train/epoch_ppl": record["train/ppl"], "epoch": epoch + 1}, step=self.pos.step)
+            self.tracker.log(
+                {"val/ppl": val_ppl, "train/epoch_ppl": record["train/ppl"], "epoch": epoch + 1},
+                step=self.pos.step,
+            )
             self.pos = Position(epoch + 1, 0, self.pos.step)
             self.hidden = None
             self.save_checkpoint(best=improved)
+            faults.point("epoch_end")
             log.info(
                 "epoch %d/%d  train ppl %.2f  val ppl %.2f%s  lr %.4g  %.0f tok/s  %.0f s",
                 epoch + 1,
@@ -406,7 +442,11 @@ class Trainer:
             self.model.load_state_dict(ckpt.load(best, map_location=self.device)["model"])
         val_nll, val_tok = self.evaluate(self.valid_batches, "valid (best)")
         test_nll, test_tok = self.evaluate(self.test_batches, "test")
-        return {"val/ppl": ppl(val_nll / val_tok), "test/ppl": ppl(test_nll / test_tok), "test/tokens": test_tok}
+        return {
+            "val/ppl": ppl(val_nll / val_tok),
+            "test/ppl": ppl(test_nll / test_tok),
+            "test/tokens": test_tok,
+        }
 
 
 def _ci() -> bool:

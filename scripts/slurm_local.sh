@@ -11,6 +11,8 @@
 # are the Debian packages and munged's socket dir /run/munge.
 # Clients need `export SLURM_CONF=<state>/etc/slurm.conf` (or `source <state>/env.sh`),
 # and `scripts/slurm` on PATH for the sacct stand-in (accounting is off).
+# Jobs survive stop/start (state is saved in <state>/ctld); deleting the state
+# folder resets job ids to 1, so use a fresh submitit folder per test run.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -308,7 +310,7 @@ cmd_stop() {
             say "cancelling jobs: $jobs"
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
-            for ((i = 0; i < 60; i++)); do   # KillWait (30 s) + margin
+            for ((i = 0; i < 60; i++)); do   # KillWait (5 s) + ample margin
                 [[ -z $(squeue -h -o '%A' 2>/dev/null) ]] && break
                 sleep 1
             done

@@ -34,9 +34,20 @@ def test_default_is_zaremba_small():
 @pytest.mark.parametrize(
     "experiment,expect",
     [
-        ("zaremba_small", dict(hidden=200, dropout=0.0, epochs=13, bptt=20, decay=0.5, start=4, clip=5.0, init=0.1)),
-        ("zaremba_medium", dict(hidden=650, dropout=0.5, epochs=39, bptt=35, decay=0.8, start=6, clip=5.0, init=0.05)),
-        ("zaremba_large", dict(hidden=1500, dropout=0.65, epochs=55, bptt=35, decay=1 / 1.15, start=14, clip=10.0, init=0.04)),
+        (
+            "zaremba_small",
+            dict(hidden=200, dropout=0.0, epochs=13, bptt=20, decay=0.5, start=4, clip=5.0, init=0.1),
+        ),
+        (
+            "zaremba_medium",
+            dict(hidden=650, dropout=0.5, epochs=39, bptt=35, decay=0.8, start=6, clip=5.0, init=0.05),
+        ),
+        (
+            "zaremba_large",
+            dict(
+                hidden=1500, dropout=0.65, epochs=55, bptt=35, decay=1 / 1.15, start=14, clip=10.0, init=0.04
+            ),
+        ),
     ],
 )
 def test_zaremba_recipes_match_the_paper(experiment, expect):
@@ -44,7 +55,13 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
     assert c.model.layer_dims == [expect["hidden"]] * 2 and c.model.emb_dim == expect["hidden"]
     assert c.model.dropout == expect["dropout"] and c.model.init_range == expect["init"]
     t = c.trainer
-    assert (t.max_epochs, t.bptt, t.batch_size, t.lr, t.optimizer) == (expect["epochs"], expect["bptt"], 20, 1.0, "sgd")
+    assert (t.max_epochs, t.bptt, t.batch_size, t.lr, t.optimizer) == (
+        expect["epochs"],
+        expect["bptt"],
+        20,
+        1.0,
+        "sgd",
+    )
     assert t.lr_decay == pytest.approx(expect["decay"]) and t.lr_decay_start == expect["start"]
     assert t.clip_grad_norm == expect["clip"] and c.data.batching == "stream"
 
@@ -58,7 +75,10 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
         (["model.num_layers=0"], "model.num_layers: must be positive, got 0"),
         (["model.hidden_dims=[200,200,200]"], "model.hidden_dims: has 3 sizes but model.num_layers=2"),
         (["model.hidden_dims=[200,0]"], "model.hidden_dims: sizes must be positive"),
-        (["model.tie_weights=true", "model.hidden_dims=[200,300]"], "model.tie_weights: needs the last hidden size (300)"),
+        (
+            ["model.tie_weights=true", "model.hidden_dims=[200,300]"],
+            "model.tie_weights: needs the last hidden size (300)",
+        ),
         (["model=lstm", "model.num_layers=2"], "model.num_layers: model=lstm has one layer"),
         (["model=stacked_lstm", "model.peephole=true"], "unknown key 'model.peephole'"),
         (["model.backend=cuda"], "model.backend: unknown backend 'cuda'"),
@@ -66,10 +86,19 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
         (["trainer.max_epochs=0"], "trainer.max_epochs: must be positive"),
         (["trainer.bptt=0"], "trainer.bptt: must be positive"),
         (["trainer.batch_size=-1"], "trainer.batch_size: must be positive"),
-        (["trainer.max_epochs=ten"], "trainer.max_epochs: Value 'ten' of type 'str' could not be converted to Integer"),
+        (
+            ["trainer.max_epochs=ten"],
+            "trainer.max_epochs: Value 'ten' of type 'str' could not be converted to Integer",
+        ),
         (["trainer.optimizer=rmsprop"], "trainer.optimizer: unknown optimizer 'rmsprop'"),
-        (["trainer.optimizer=adam", "trainer.momentum=0.9"], "trainer.momentum: applies to optimizer=sgd only"),
-        (["trainer.resume=a", "trainer.init_from=b"], "trainer.init_from: cannot be combined with trainer.resume"),
+        (
+            ["trainer.optimizer=adam", "trainer.momentum=0.9"],
+            "trainer.momentum: applies to optimizer=sgd only",
+        ),
+        (
+            ["trainer.resume=a", "trainer.init_from=b"],
+            "trainer.init_from: cannot be combined with trainer.resume",
+        ),
         (["trainer.device=tpu"], "trainer.device: unknown device 'tpu'"),
         (["trainer.nonsense=1"], "unknown key 'trainer.nonsense'"),
         (["+trainer.nonsense=1"], "unknown key 'trainer.nonsense'"),

@@ -68,7 +68,9 @@ def test_second_prepare_reads_the_cache(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_build_cache", lambda *a: pytest.fail("the cache should have been used"))
     second = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
-    assert second.cache == first.cache and np.array_equal(second.splits["train"].ids, first.splits["train"].ids)
+    assert second.cache == first.cache and np.array_equal(
+        second.splits["train"].ids, first.splits["train"].ids
+    )
 
 
 # ------------------------------------------------------------------------------------------ real PTB
@@ -229,7 +231,14 @@ def test_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatc
 def test_make_data_offline_is_a_one_line_error(tmp_path):
     env = {"PTB_DIR": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = run_cli(
-        [PY, "-m", "dglstm_lm.data", f"paths.data_dir={tmp_path}", "data.raw_url='file:///nonexistent/{file}'"], env=env
+        [
+            PY,
+            "-m",
+            "dglstm_lm.data",
+            f"paths.data_dir={tmp_path}",
+            "data.raw_url='file:///nonexistent/{file}'",
+        ],
+        env=env,
     )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

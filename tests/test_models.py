@@ -78,7 +78,9 @@ def reference_dglstm(core, x, state):
 
 
 def _random_state(core, B, dtype):
-    return [tuple(torch.randn(B, layer.hidden_dim, dtype=dtype) * 0.5 for _ in range(2)) for layer in core.layers]
+    return [
+        tuple(torch.randn(B, layer.hidden_dim, dtype=dtype) * 0.5 for _ in range(2)) for layer in core.layers
+    ]
 
 
 OPTIONS = list(itertools.product([False, True], [False, True], [False, True], [[4, 4, 4], [4, 6, 3]]))
@@ -89,7 +91,9 @@ OPTIONS = list(itertools.product([False, True], [False, True], [False, True], [[
 def test_dglstm_matches_per_step_reference(backend, gate_input, peephole, coupled, dims):
     torch.manual_seed(hash((gate_input, peephole, coupled, tuple(dims))) % 1000)
     T, B, E = 6, 3, 5
-    core = build_core("dglstm", E, dims, gate_input=gate_input, peephole=peephole, coupled=coupled, backend=backend).double()
+    core = build_core(
+        "dglstm", E, dims, gate_input=gate_input, peephole=peephole, coupled=coupled, backend=backend
+    ).double()
     with torch.no_grad():
         for p in core.parameters():
             p.uniform_(-0.6, 0.6)
@@ -111,7 +115,9 @@ def test_dglstm_matches_per_step_reference(backend, gate_input, peephole, couple
         torch.testing.assert_close(c, rc, rtol=1e-10, atol=1e-10)
     names = ["x", *[f"state{i}" for i in range(2 * len(dims))], *[n for n, _ in core.named_parameters()]]
     for name, g, rg in zip(names, grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            g, rg, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"gradient of {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -243,20 +249,20 @@ def closed_form_params(name, V, E, dims, tie=False, gate_input=False, peephole=F
     """Parameter count from the equations, independently of the modules."""
     n = V * E + V + (0 if tie else V * dims[-1])  # embedding, decoder bias, decoder weight
     inputs = [E, *dims[:-1]]
-    for k, (I, H) in enumerate(zip(inputs, dims)):
+    for k, (In, H) in enumerate(zip(inputs, dims)):
         if name == "rnn":
-            n += H * I + H * H + 2 * H
+            n += H * In + H * H + 2 * H
             continue
         G = 3 if (name == "dglstm" and coupled) else 4
-        n += G * H * (I + H) + 2 * G * H  # W_ih, W_hh, b_ih, b_hh (nn.LSTM's layout)
+        n += G * H * (In + H) + 2 * G * H  # W_ih, W_hh, b_ih, b_hh (nn.LSTM's layout)
         if name != "dglstm":
             continue
         if peephole:
             n += (2 if coupled else 3) * H
         if k == 0 and gate_input:
-            n += H * I + H + H + H * I  # W_xd, b_d, w_cd, W_x0
+            n += H * In + H + H + H * In  # W_xd, b_d, w_cd, W_x0
         elif k > 0:
-            n += H * I + H + H  # W_xd, b_d, w_cd
+            n += H * In + H + H  # W_xd, b_d, w_cd
             n += H if dims[k - 1] == H else 2 * H * dims[k - 1]  # w_ld (vector) or w_ld and P (matrices)
     return n
 
@@ -289,7 +295,9 @@ def test_parameter_count_equals_closed_form(cfg, _, capsys):
         coupled=getattr(cfg, "coupled_gates", False),
     )
     with capsys.disabled():
-        print(f"\n  {cfg.name:<13} dims {cfg.layer_dims}: {count_parameters(model):,} parameters (closed form {expected:,})")
+        print(
+            f"\n  {cfg.name:<13} dims {cfg.layer_dims}: {count_parameters(model):,} parameters (closed form {expected:,})"
+        )
     assert count_parameters(model) == expected
 
 
@@ -304,9 +312,9 @@ def test_ptb_sizes_parameter_counts():
 def test_state_carried_between_windows_equals_one_long_window(name):
     """Feeding a sequence in two windows with the state carried equals one pass (what BPTT relies on)."""
     torch.manual_seed(5)
-    cfg = {"rnn": RNNConfig, "lstm": LSTMConfig, "stacked_lstm": StackedLSTMConfig, "dglstm": DGLSTMConfig}[name](
-        emb_dim=8, hidden_dim=8
-    )
+    cfg = {"rnn": RNNConfig, "lstm": LSTMConfig, "stacked_lstm": StackedLSTMConfig, "dglstm": DGLSTMConfig}[
+        name
+    ](emb_dim=8, hidden_dim=8)
     model = build_model(30, cfg).eval()
     tokens = torch.randint(30, (10, 3))
     full, _ = model(tokens, model.init_state(3))

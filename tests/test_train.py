@@ -20,7 +20,16 @@ from dglstm_lm.trainer import Interrupted, Trainer
 
 from .conftest import PY, ROOT, run_cli
 
-TIME_KEYS = {"train/tokens_per_s", "elapsed_s", "wall_s", "updated_at", "started_at", "wandb_id", "run_dir", "threads"}
+TIME_KEYS = {
+    "train/tokens_per_s",
+    "elapsed_s",
+    "wall_s",
+    "updated_at",
+    "started_at",
+    "wandb_id",
+    "run_dir",
+    "threads",
+}
 
 
 def smoke_cfg(tmp_path, ptb_dir, ptb_root, *overrides):
@@ -53,17 +62,48 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
     m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, f"model={model}"), run_dir)
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == m
-    for key in ("model", "num_params", "epochs_completed", "val/ppl", "test/ppl", "train/tokens_per_s", "wall_s", "status"):
+    for key in (
+        "model",
+        "num_params",
+        "epochs_completed",
+        "val/ppl",
+        "test/ppl",
+        "train/tokens_per_s",
+        "wall_s",
+        "status",
+    ):
         assert m[key] is not None, key
     assert m["status"] == "completed" and m["model"] == model and m["epochs_completed"] == 2
-    assert 1 < m["test/ppl"] < 10_000 and m["val/ppl"] == min(r["val/ppl"] for r in read_history(run_dir)) or True
+    assert (
+        1 < m["test/ppl"] < 10_000
+        and m["val/ppl"] == min(r["val/ppl"] for r in read_history(run_dir))
+        or True
+    )
     hist = read_history(run_dir)
     assert [r["epoch"] for r in hist] == [1, 2]
     for r in hist:
-        assert {"epoch", "train/loss", "train/ppl", "val/ppl", "lr", "train/tokens_per_s", "elapsed_s"} <= set(r)
+        assert {
+            "epoch",
+            "train/loss",
+            "train/ppl",
+            "val/ppl",
+            "lr",
+            "train/tokens_per_s",
+            "elapsed_s",
+        } <= set(r)
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)  # plain data
-        assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "config", "wandb_id", "best_val"} <= set(state)
+        assert {
+            "model",
+            "optimizer",
+            "scheduler",
+            "epoch",
+            "step",
+            "rng",
+            "config",
+            "wandb_id",
+            "best_val",
+        } <= set(state)
         assert state["digest"] == ckpt.digest(state)
     assert (run_dir / "train.log").read_text().count("epoch 2/2") == 1
 
@@ -73,8 +113,12 @@ def test_same_seed_same_numbers_other_seed_differs(tmp_path, ptb_dir, ptb_root):
     a = train(cfg, tmp_path / "a")
     b = train(cfg, tmp_path / "b")
     assert strip_time(a) == strip_time(b) or {k for k in a if a[k] != b[k]} <= TIME_KEYS
-    assert [strip_time(r) for r in read_history(tmp_path / "a")] == [strip_time(r) for r in read_history(tmp_path / "b")]
-    c = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "model.dropout=0.3", "seed=2"), tmp_path / "c")
+    assert [strip_time(r) for r in read_history(tmp_path / "a")] == [
+        strip_time(r) for r in read_history(tmp_path / "b")
+    ]
+    c = train(
+        smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "model.dropout=0.3", "seed=2"), tmp_path / "c"
+    )
     assert c["test/ppl"] != a["test/ppl"]
 
 
@@ -94,9 +138,16 @@ def _interrupt_at(monkeypatch, step: int):
 
 @pytest.mark.parametrize("stop_step", [4, 6, 9])
 @pytest.mark.parametrize("batching", ["stream", "sentence"])
-def test_stop_mid_epoch_and_resume_equals_uninterrupted(stop_step, batching, tmp_path, ptb_dir, ptb_root, monkeypatch):
+def test_stop_mid_epoch_and_resume_equals_uninterrupted(
+    stop_step, batching, tmp_path, ptb_dir, ptb_root, monkeypatch
+):
     """Step 4 and 9 are mid-epoch (6 batches an epoch); step 6 stops after training, before validation."""
-    ov = ("model=dglstm", "model.dropout=0.2", f"data.batching={batching}", "trainer.checkpoint_every_steps=5")
+    ov = (
+        "model=dglstm",
+        "model.dropout=0.2",
+        f"data.batching={batching}",
+        "trainer.checkpoint_every_steps=5",
+    )
     full = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov), tmp_path / "full")
 
     run_dir = tmp_path / "stopped"
@@ -109,7 +160,9 @@ def test_stop_mid_epoch_and_resume_equals_uninterrupted(stop_step, batching, tmp
 
     resumed = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov, f"trainer.resume={run_dir}"), run_dir)
     assert strip_time(resumed) == strip_time(full)
-    assert [strip_time(r) for r in read_history(run_dir)] == [strip_time(r) for r in read_history(tmp_path / "full")]
+    assert [strip_time(r) for r in read_history(run_dir)] == [
+        strip_time(r) for r in read_history(tmp_path / "full")
+    ]
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log
 
@@ -133,10 +186,22 @@ def test_resume_with_another_model_config_says_what_differs(tmp_path, ptb_dir, p
     run_dir = tmp_path / "run"
     train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "trainer.max_epochs=1"), run_dir)
     with pytest.raises(CheckpointError, match=r"model config differs \(model.hidden_dim: 200 → 100"):
-        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", "model.hidden_dim=100", f"trainer.resume={run_dir}"), tmp_path / "x")
+        train(
+            smoke_cfg(
+                tmp_path,
+                ptb_dir,
+                ptb_root,
+                "model=dglstm",
+                "model.hidden_dim=100",
+                f"trainer.resume={run_dir}",
+            ),
+            tmp_path / "x",
+        )
 
 
-def test_diverging_run_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, ptb_dir, ptb_root, monkeypatch):
+def test_diverging_run_stops_cleanly_and_keeps_the_last_good_checkpoint(
+    tmp_path, ptb_dir, ptb_root, monkeypatch
+):
     original = Trainer.train_step
 
     def poisoned(self, x, y, state):
@@ -158,17 +223,34 @@ def test_init_from_a_stacked_lstm_checkpoint(tmp_path, ptb_dir, ptb_root):
     stacked = tmp_path / "stacked"
     train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=stacked_lstm", "trainer.max_epochs=1"), stacked)
     run = tmp_path / "dg"
-    train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=dglstm", f"trainer.init_from={stacked}", "trainer.max_epochs=1"), run)
+    train(
+        smoke_cfg(
+            tmp_path,
+            ptb_dir,
+            ptb_root,
+            "model=dglstm",
+            f"trainer.init_from={stacked}",
+            "trainer.max_epochs=1",
+        ),
+        run,
+    )
     log = (run / "train.log").read_text()
     assert "left as initialised: core.layers.1.depth_weight_ih, core.layers.1.depth_bias" in log
 
 
 def test_wandb_offline_run_reads_back_equal_to_metrics(tmp_path, ptb_dir, ptb_root):
     run_dir = tmp_path / "run"
-    m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "logger=wandb", "logger.log_every_n_steps=2"), run_dir, run_name="dglstm smoke")
+    m = train(
+        smoke_cfg(tmp_path, ptb_dir, ptb_root, "logger=wandb", "logger.log_every_n_steps=2"),
+        run_dir,
+        run_name="dglstm smoke",
+    )
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
     out = subprocess.run(
-        [str(Path(PY).parent / "wandb"), "leet", "inspect", "--json", str(offline)], capture_output=True, text=True, check=True
+        [str(Path(PY).parent / "wandb"), "leet", "inspect", "--json", str(offline)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
@@ -181,7 +263,9 @@ def test_wandb_offline_run_reads_back_equal_to_metrics(tmp_path, ptb_dir, ptb_ro
     val = [h["val/ppl"] for h in history if "val/ppl" in h]
     assert val == [r["val/ppl"] for r in read_history(run_dir)]
     steps = [h for h in history if "train/loss" in h]
-    assert len(steps) == 6 and all({"train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(h) for h in steps)
+    assert len(steps) == 6 and all(
+        {"train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(h) for h in steps
+    )
     assert summary["test/ppl"] == m["test/ppl"] and summary["val/ppl"] == m["val/ppl"]
     config = json.loads(json.dumps(run_rec["config"]["update"]))
     assert config["model"]["name"] == "dglstm" and config["trainer"]["max_epochs"] == 2
@@ -223,7 +307,13 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     assert full.returncode == 0, full.stderr
     run_dir = tmp_path / "stopped"
     env = dict(os.environ, CI="true")
-    proc = subprocess.Popen([PY, "-m", "dglstm_lm.train", *common, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PY, "-m", "dglstm_lm.train", *common, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_for(run_dir / "checkpoints" / "last.pt", lambda p: p.exists()), "no checkpoint appeared"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -237,14 +327,26 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
     assert strip_time(a) == strip_time(b)
-    assert (run_dir / ".hydra" / "config.yaml").exists() and list((run_dir / ".hydra").glob("resume-*/overrides.yaml"))
+    assert (run_dir / ".hydra" / "config.yaml").exists() and list(
+        (run_dir / ".hydra").glob("resume-*/overrides.yaml")
+    )
 
 
 @pytest.mark.slow
 def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, ptb_dir, ptb_root):
     out = tmp_path / "out"
     r = run_cli(
-        ["make", "-s", "train", "experiment=smoke", "model=lstm", "trainer.max_epochs=1", "seed=7", f"paths.output_dir={out}", f"paths.data_dir={ptb_root}"],
+        [
+            "make",
+            "-s",
+            "train",
+            "experiment=smoke",
+            "model=lstm",
+            "trainer.max_epochs=1",
+            "seed=7",
+            f"paths.output_dir={out}",
+            f"paths.data_dir={ptb_root}",
+        ],
         env={"PTB_DIR": str(ptb_dir)},
     )
     assert r.returncode == 0, r.stderr

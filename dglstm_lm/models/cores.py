@@ -63,7 +63,9 @@ class LSTMLayer(nn.Module):
     def forward(self, x: Tensor, state: tuple[Tensor, ...], lower_c: Tensor | None = None):
         h0, c0 = state
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
-        out, h, c = torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, True, 1, 0.0, self.training, False, False)
+        out, h, c = torch.lstm(
+            x, (h0.unsqueeze(0), c0.unsqueeze(0)), weights, True, 1, 0.0, self.training, False, False
+        )
         return out, None, (h.squeeze(0), c.squeeze(0))
 
 
@@ -141,7 +143,9 @@ class DGLSTMLayer(nn.Module):
                     m = F.linear(lower_c, self.depth_proj)
             wcd = self.depth_weight_cc
         peep = (self.peephole_i, self.peephole_f, self.peephole_o) if self.peephole else (None, None, None)
-        h_all, c_all = scan(gx, gd, m, h0, c0, self.weight_hh, *peep, wcd, coupled=self.coupled, backend=self.backend)
+        h_all, c_all = scan(
+            gx, gd, m, h0, c0, self.weight_hh, *peep, wcd, coupled=self.coupled, backend=self.backend
+        )
         return h_all, c_all, (h_all[-1], c_all[-1])
 
 
@@ -156,7 +160,10 @@ class RecurrentStack(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         return [
-            tuple(torch.zeros(batch_size, layer.hidden_dim, device=device, dtype=dtype) for _ in range(layer.state_size))
+            tuple(
+                torch.zeros(batch_size, layer.hidden_dim, device=device, dtype=dtype)
+                for _ in range(layer.state_size)
+            )
             for layer in self.layers
         ]
 

@@ -230,14 +230,20 @@ class _Scan(torch.autograd.Function):
         grad_h = torch.zeros_like(h_all) if grad_h is None else grad_h.contiguous()
         grad_c = torch.zeros_like(c_all) if grad_c is None else grad_c.contiguous()
         fn = cpp_extension().backward if ctx.use_cpp else _py_backward
-        grads = fn(grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd, ctx.coupled)
+        grads = fn(
+            grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd, ctx.coupled
+        )
         return (*grads, None, None)
 
 
 def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, coupled=False, backend="auto"):
     """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "python"."""
     if backend == "auto":
-        use_cpp = gx.device.type == "cpu" and gx.dtype in (torch.float32, torch.float64) and cpp_extension() is not None
+        use_cpp = (
+            gx.device.type == "cpu"
+            and gx.dtype in (torch.float32, torch.float64)
+            and cpp_extension() is not None
+        )
     elif backend == "cpp":
         if gx.device.type != "cpu":
             raise ValueError(f"the fused C++ kernel runs on the CPU only, not on {gx.device.type}")
@@ -260,7 +266,9 @@ def main(argv=None):
         try:
             build(verbose=False)
         except Exception as exc:
-            print(f"warning: could not build the fused CPU kernel ({exc}); the python implementation will be used")
+            print(
+                f"warning: could not build the fused CPU kernel ({exc}); the python implementation will be used"
+            )
             return 0
     ext = cpp_extension(build_if_missing=False)
     print(f"fused CPU kernel: {'ready in ' + str(_build_dir()) if ext else cpp_unavailable_reason()}")

@@ -13,7 +13,9 @@ from .cores import RecurrentStack, State, build_core
 class LanguageModel(nn.Module):
     """Word-level LM around an interchangeable recurrent core; the variants differ only in `core`."""
 
-    def __init__(self, vocab_size: int, emb_dim: int, core: RecurrentStack, dropout: float = 0.0, tie_weights=False):
+    def __init__(
+        self, vocab_size: int, emb_dim: int, core: RecurrentStack, dropout: float = 0.0, tie_weights=False
+    ):
         super().__init__()
         self.vocab_size, self.emb_dim = vocab_size, emb_dim
         self.encoder = nn.Embedding(vocab_size, emb_dim)
@@ -23,7 +25,9 @@ class LanguageModel(nn.Module):
         self.tie_weights = tie_weights
         if tie_weights:
             if core.output_dim != emb_dim:
-                raise ValueError(f"tie_weights needs the last hidden size ({core.output_dim}) == emb_dim ({emb_dim})")
+                raise ValueError(
+                    f"tie_weights needs the last hidden size ({core.output_dim}) == emb_dim ({emb_dim})"
+                )
             self.decoder.weight = self.encoder.weight
 
     def init_state(self, batch_size: int, device=None) -> State:
@@ -35,7 +39,9 @@ class LanguageModel(nn.Module):
         out, state = self.core(x, state)  # (T, B, H_last)
         return self.decoder(self.drop(out)), state
 
-    def reset_parameters(self, init: str = "uniform", init_range: float = 0.1, depth_gate_bias: float | None = None):
+    def reset_parameters(
+        self, init: str = "uniform", init_range: float = 0.1, depth_gate_bias: float | None = None
+    ):
         """uniform: every parameter ~ U(-r, r) (Zaremba et al.). xavier: U(±sqrt(6 / (fan_in + fan_out))) for
         every parameter, biases included, with fan_out = 1 for vectors (the `cnn` library's rule).
         depth_gate_bias, when given, then sets every depth-gate bias b_d to that constant."""
@@ -58,7 +64,10 @@ class LanguageModel(nn.Module):
         own = self.state_dict()
         bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
         if bad:
-            raise ValueError("shapes differ for " + ", ".join(f"{k} {tuple(state_dict[k].shape)}→{tuple(own[k].shape)}" for k in bad))
+            raise ValueError(
+                "shapes differ for "
+                + ", ".join(f"{k} {tuple(state_dict[k].shape)}→{tuple(own[k].shape)}" for k in bad)
+            )
         unknown = [k for k in state_dict if k not in own]
         if unknown:
             raise ValueError("the checkpoint has tensors this model lacks: " + ", ".join(unknown[:5]))

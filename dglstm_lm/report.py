@@ -1,0 +1,634 @@
+"""`make report [dir=<run or sweep dir>]`: perplexity tables and figures from the runs under outputs/.
+
+Reads every run directory (one holding config.json or .hydra/config.yaml) and writes outputs/report/:
+report.md, report.csv and figures/*.png, and logs the same table and figures to a W&B report run (offline
+by default). Runs are grouped by their resolved config minus the seed and output-only keys:
+
+- a *table* per recipe and data (same `name`, same data section): rows are the model variants;
+- a *row* per distinct config: its seeds are aggregated (mean ± std, n), and when the rows of a table differ
+  in more than the model, the table says in which keys;
+- runs that failed, diverged or have not finished are listed apart, with their reason.
+
+Files are only read (each one is replaced atomically by its writer), so a report can run beside live runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write_bytes
+from .errors import UserError, cli
+
+log = logging.getLogger(__name__)
+
+# Keys that say where or how a run was executed, not what it computed.
+OUTPUT_ONLY = (
+    "seed",
+    "paths",
+    "logger",
+    "tags",
+    "optimized_metric",
+    "trainer.resume",
+    "trainer.auto_resume",
+    "trainer.progress",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.checkpoint_every_min",
+    "trainer.checkpoint_every_steps",
+    "model.backend",
+    "data.dir",
+    "data.root",
+    "data.download",
+    "data.sources",
+    "data.hub_url",
+    "data.raw_url",
+    "data.verify_checksums",
+)
+
+# Published PTB results (word level, Mikolov's files), per recipe: (label, params, valid, test); the papers
+# give no parameter counts.
+PUBLISHED = {
+    "zaremba_small": [
+        ("Zaremba et al. 2014, small (published)", None, 120.7, 114.5),
+        ("TensorFlow PTB tutorial, small (published)", None, None, 115.91),
+    ],
+    "zaremba_medium": [
+        ("Zaremba et al. 2014, medium (published)", None, 86.2, 82.7),
+        ("TensorFlow PTB tutorial, medium (published)", None, None, 82.07),
+    ],
+    "zaremba_large": [
+        ("Zaremba et al. 2014, large (published)", None, 82.2, 78.4),
+        ("TensorFlow PTB tutorial, large (published)", None, None, 78.29),
+    ],
+}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _output_only(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in OUTPUT_ONLY)
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict  # flattened
+    metrics: dict | None
+    history: list[dict]
+
+    @property
+    def status(self) -> str:
+        if self.metrics is None:
+            return "not started"
+        return self.metrics.get("status", "unknown")
+
+    @property
+    def identity(self) -> tuple:
+        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if not _output_only(k)))
+
+    @property
+    def table_key(self) -> tuple:
+        return (
+            self.config.get("name"),
+            *sorted(
+                (k, json.dumps(v))
+                for k, v in self.config.items()
+                if k.startswith("data.") and not _output_only(k)
+            ),
+        )
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_run(path: Path) -> Run | None:
+    config = _read_json(path / "config.json")
+    if config is None and (path / ".hydra" / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            config = None
+    if not isinstance(config, dict):
+        return None
+    history = []
+    try:
+        for line in (path / "history.jsonl").read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except ValueError:
+                break  # a line being written: the report never reads half a record
+    except OSError:
+        pass
+    return Run(path, flatten(config), _read_json(path / "metrics.json"), history)
+
+
+def find_runs(root: Path) -> list[Run]:
+    if not root.exists():
+        raise UserError(f"{root} does not exist")
+    candidates = set()
+    for marker in ("config.json", ".hydra/config.yaml"):
+        for p in root.glob(f"**/{marker}"):
+            run_dir = p.parent if marker == "config.json" else p.parent.parent
+            if any(
+                part in ("report", "bench", ".submitit", "wandb") for part in run_dir.relative_to(root).parts
+            ):
+                continue
+            candidates.add(run_dir)
+    if (root / "config.json").is_file() or (root / ".hydra" / "config.yaml").is_file():
+        candidates.add(root)
+    runs = [r for r in (load_run(p) for p in sorted(candidates)) if r is not None]
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+@dataclass
+class Row:
+    label: str
+    model: str
+    runs: list[Run]
+    published: bool = False
+    pub_values: dict = field(default_factory=dict)
+
+    def stat(self, key: str):
+        return _mean_std([r.metrics.get(key) for r in self.runs])
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def values(self) -> dict:
+        if self.published:
+            return self.pub_values
+        params = self.runs[0].metrics.get("num_params")
+        val_m, val_s = self.stat("val/ppl")
+        test_m, test_s = self.stat("test/ppl")
+        tps, _ = self.stat("train/tokens_per_s")
+        wall, _ = self.stat("wall_s")
+        epochs, _ = self.stat("epochs_completed")
+        return {
+            "params": params,
+            "epochs": epochs,
+            "val_mean": val_m,
+            "val_std": val_s,
+            "test_mean": test_m,
+            "test_std": test_s,
+            "n": self.n,
+            "tokens_per_s": tps,
+            "wall_s": wall,
+            "seeds": sorted(r.config.get("seed") for r in self.runs),
+        }
+
+
+@dataclass
+class Table:
+    name: str
+    data: str
+    rows: list[Row]
+    differing_keys: list[str]
+
+
+def build_tables(runs: list[Run]) -> list[Table]:
+    done = [r for r in runs if r.status == "completed" and r.metrics.get("test/ppl") is not None]
+    by_table: dict[tuple, list[Run]] = {}
+    for r in done:
+        by_table.setdefault(r.table_key, []).append(r)
+    tables = []
+    for key, table_runs in sorted(by_table.items(), key=lambda kv: str(kv[0])):
+        by_row: dict[tuple, list[Run]] = {}
+        for r in table_runs:
+            by_row.setdefault(r.identity, []).append(r)
+        # keys in which the rows differ (other than the model name, which is what a table compares)
+        configs = [dict(ident) for ident in by_row]
+        all_keys = sorted(set().union(*configs))
+        differing = [k for k in all_keys if len({c.get(k, "<absent>") for c in configs}) > 1]
+        shown = [k for k in differing if k != "model.name"]
+        rows = []
+        for ident, row_runs in by_row.items():
+            cfg = dict(ident)
+            extra = ", ".join(
+                f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={json.loads(cfg[k]) if k in cfg else '—'}"
+                for k in shown
+            )
+            model = row_runs[0].config.get("model.name", "?")
+            rows.append(
+                Row(
+                    model + (f" ({extra})" if extra else ""),
+                    model,
+                    sorted(row_runs, key=lambda r: str(r.path)),
+                )
+            )
+        rows.sort(
+            key=lambda r: (
+                ["rnn", "lstm", "stacked_lstm", "dglstm"].index(r.model)
+                if r.model in ("rnn", "lstm", "stacked_lstm", "dglstm")
+                else 9,
+                r.label,
+            )
+        )
+        name = key[0] or "?"
+        for label, params, val, test in PUBLISHED.get(name, []):
+            rows.append(
+                Row(
+                    label,
+                    "published",
+                    [],
+                    published=True,
+                    pub_values={"params": params, "val_mean": val, "test_mean": test},
+                )
+            )
+        data = (
+            table_runs[0].config.get("data.name", "?") + f", {table_runs[0].config.get('data.batching', '?')}"
+        )
+        tables.append(Table(name, data, rows, differing))
+    return tables
+
+
+# ------------------------------------------------------------------------------------------ output
+def _fmt(v, digits=2, thousands=False):
+    if v is None:
+        return "—"
+    if thousands:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def _pm(m, s, n):
+    if m is None:
+        return "—"
+    return f"{m:.2f} ± {s:.2f}" if n and n > 1 else f"{m:.2f}"
+
+
+def _mark(text: str, value, best) -> str:
+    """Bold the best value of a column."""
+    return f"**{text}**" if value is not None and best is not None and value == best else text
+
+
+def _best(rows: list[Row], key: str, higher=False):
+    vals = [r.values().get(key) for r in rows if not r.published]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return max(vals) if higher else min(vals)
+
+
+def render_markdown(tables: list[Table], problems: list[Run], root: Path, figures: dict) -> str:
+    out = [f"# Perplexity report: `{root}`", ""]
+    if not tables:
+        out += ["No completed runs yet.", ""]
+    for ti, t in enumerate(tables):
+        out += [f"## {t.name} ({t.data})", ""]
+        if [k for k in t.differing_keys if k != "model.name"]:
+            out += [f"Rows differ in: {', '.join(f'`{k}`' for k in t.differing_keys)}.", ""]
+        out += [
+            "| model | params | epochs | valid ppl | test ppl | seeds | tokens/s | wall |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        best = {
+            "val_mean": _best(t.rows, "val_mean"),
+            "test_mean": _best(t.rows, "test_mean"),
+            "tokens_per_s": _best(t.rows, "tokens_per_s", higher=True),
+            "wall_s": _best(t.rows, "wall_s"),
+        }
+
+        for r in t.rows:
+            v = r.values()
+            if r.published:
+                out.append(
+                    f"| *{r.label}* | {_fmt(v['params'], thousands=True)} | | {_fmt(v['val_mean'])} | {_fmt(v['test_mean'])} | | | |"
+                )
+                continue
+            wall = f"{v['wall_s'] / 60:.1f} min" if v["wall_s"] is not None else "—"
+            out.append(
+                "| "
+                + " | ".join(
+                    [
+                        r.label,
+                        _fmt(v["params"], thousands=True),
+                        _fmt(v["epochs"], 0),
+                        _mark(_pm(v["val_mean"], v["val_std"], v["n"]), v["val_mean"], best["val_mean"]),
+                        _mark(_pm(v["test_mean"], v["test_std"], v["n"]), v["test_mean"], best["test_mean"]),
+                        str(v["n"]),
+                        _mark(
+                            _fmt(v["tokens_per_s"], thousands=True), v["tokens_per_s"], best["tokens_per_s"]
+                        ),
+                        _mark(wall, v["wall_s"], best["wall_s"]),
+                    ]
+                )
+                + " |"
+            )
+        out.append("")
+        out.append(
+            "Best value of each column in bold; ± is the standard deviation over seeds; published rows in italics."
+        )
+        out.append("")
+        for kind in ("curves", "test"):
+            fig = figures.get((ti, kind))
+            if fig:
+                out += [
+                    f"![{kind}]({fig.relative_to(root / 'report') if (root / 'report') in fig.parents else fig})",
+                    "",
+                ]
+    if problems:
+        out += [
+            "## Runs not in the tables",
+            "",
+            "| run | status | epochs | reason |",
+            "| --- | --- | ---: | --- |",
+        ]
+        for r in problems:
+            m = r.metrics or {}
+            reason = (
+                m.get("error")
+                or ("still writing, or stopped without a word" if r.status == "running" else "")
+            ).replace("|", "\\|")
+            out.append(
+                f"| `{r.path.relative_to(root) if root in r.path.parents else r.path}` | {r.status} | {m.get('epochs_completed', 0)} | {reason} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(tables: list[Table]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "table",
+            "data",
+            "row",
+            "model",
+            "published",
+            "params",
+            "epochs",
+            "val_ppl_mean",
+            "val_ppl_std",
+            "test_ppl_mean",
+            "test_ppl_std",
+            "n_seeds",
+            "seeds",
+            "tokens_per_s",
+            "wall_s",
+        ]
+    )
+    for t in tables:
+        for r in t.rows:
+            v = r.values()
+            w.writerow(
+                [
+                    t.name,
+                    t.data,
+                    r.label,
+                    r.model,
+                    int(r.published),
+                    v.get("params"),
+                    v.get("epochs"),
+                    v.get("val_mean"),
+                    v.get("val_std"),
+                    v.get("test_mean"),
+                    v.get("test_std"),
+                    v.get("n"),
+                    " ".join(str(s) for s in v.get("seeds", [])),
+                    v.get("tokens_per_s"),
+                    v.get("wall_s"),
+                ]
+            )
+    return buf.getvalue().encode()
+
+
+def make_figures(tables: list[Table], fig_dir: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for ti, t in enumerate(tables):
+        slug = "".join(c if c.isalnum() else "_" for c in f"{t.name}_{ti}")
+        rows = [r for r in t.rows if not r.published]
+        # learning curves: mean valid ppl per epoch over seeds, band = ± std
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in rows:
+            per_epoch: dict[int, list[float]] = {}
+            for run in r.runs:
+                for rec in run.history:
+                    if rec.get("val/ppl") is not None and math.isfinite(rec["val/ppl"]):
+                        per_epoch.setdefault(rec["epoch"], []).append(rec["val/ppl"])
+            if not per_epoch:
+                continue
+            epochs = sorted(per_epoch)
+            mean = [statistics.fmean(per_epoch[e]) for e in epochs]
+            std = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
+            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{r.label} (n={r.n})")
+            ax.fill_between(
+                epochs,
+                [m - s for m, s in zip(mean, std)],
+                [m + s for m, s in zip(mean, std)],
+                alpha=0.2,
+                color=line.get_color(),
+            )
+        for r in t.rows:
+            if r.published and r.pub_values.get("val_mean"):
+                ax.axhline(r.pub_values["val_mean"], ls="--", lw=1, color="gray", label=f"{r.label}: valid")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.set_title(f"{t.name}: validation perplexity (mean ± std over seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = fig_dir / f"{slug}_curves.png"
+        _save_fig(fig, path)
+        plt.close(fig)
+        figures[(ti, "curves")] = path
+        # test perplexity bars with error bars, published results as dashed lines
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        labels = [r.label for r in rows]
+        means = [r.values()["test_mean"] for r in rows]
+        stds = [r.values()["test_std"] or 0.0 for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=15, ha="right", fontsize=8)
+        for r in t.rows:
+            if r.published and r.pub_values.get("test_mean"):
+                ax.axhline(r.pub_values["test_mean"], ls="--", lw=1, color="gray")
+                ax.text(
+                    len(rows) - 0.5,
+                    r.pub_values["test_mean"],
+                    r.label,
+                    fontsize=6,
+                    va="bottom",
+                    ha="right",
+                    color="gray",
+                )
+        for i, (m, n) in enumerate(zip(means, [r.n for r in rows])):
+            ax.text(i, m, f"{m:.1f}\nn={n}", ha="center", va="bottom", fontsize=7)
+        ax.set_ylabel("test perplexity")
+        ax.set_title(f"{t.name}: test perplexity (error bars: std over seeds)")
+        fig.tight_layout()
+        path = fig_dir / f"{slug}_test.png"
+        _save_fig(fig, path)
+        plt.close(fig)
+        figures[(ti, "test")] = path
+    return figures
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def log_to_wandb(tables, figures, out_dir: Path, group: str, mode: str) -> str | None:
+    if mode == "disabled":
+        return None
+    import os
+
+    os.environ.setdefault("WANDB_CACHE_DIR", str(out_dir / ".wandb-cache"))
+    import wandb
+
+    run = wandb.init(
+        project="dglstm-lm",
+        name=f"report {group}",
+        group=group,
+        job_type="report",
+        dir=str(out_dir),
+        mode=mode,
+        settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, disable_git=True),
+    )
+    cols = [
+        "table",
+        "row",
+        "model",
+        "published",
+        "params",
+        "epochs",
+        "val_ppl_mean",
+        "val_ppl_std",
+        "test_ppl_mean",
+        "test_ppl_std",
+        "n_seeds",
+        "tokens_per_s",
+        "wall_s",
+    ]
+    data = []
+    for t in tables:
+        for r in t.rows:
+            v = r.values()
+            data.append(
+                [
+                    t.name,
+                    r.label,
+                    r.model,
+                    r.published,
+                    v.get("params"),
+                    v.get("epochs"),
+                    v.get("val_mean"),
+                    v.get("val_std"),
+                    v.get("test_mean"),
+                    v.get("test_std"),
+                    v.get("n"),
+                    v.get("tokens_per_s"),
+                    v.get("wall_s"),
+                ]
+            )
+    payload = {"perplexity": wandb.Table(columns=cols, data=data)}
+    for (ti, kind), path in figures.items():
+        payload[f"figures/{tables[ti].name}_{ti}_{kind}"] = wandb.Image(str(path))
+    run.log(payload)
+    run.finish()
+    return run.id
+
+
+def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline") -> dict:
+    runs = find_runs(root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        text = f"# Perplexity report: `{root}`\n\nNo runs found under {root}.\n"
+        atomic_write_bytes(out_dir / "report.md", text.encode())
+        atomic_write_bytes(out_dir / "report.csv", write_csv([]))
+        return {"runs": 0, "tables": 0, "problems": 0, "message": f"no runs found under {root}"}
+    tables = build_tables(runs)
+    problems = [r for r in runs if not (r.status == "completed" and r.metrics.get("test/ppl") is not None)]
+    figures = make_figures(tables, out_dir / "figures") if tables else {}
+    md = render_markdown(tables, problems, root if out_dir.parent == root else out_dir.parent, figures)
+    atomic_write_bytes(out_dir / "report.md", md.encode())
+    atomic_write_bytes(out_dir / "report.csv", write_csv(tables))
+    group = _group_of(root)
+    wandb_id = None
+    if tables:
+        try:
+            wandb_id = log_to_wandb(tables, figures, out_dir, group, wandb_mode)
+        except Exception as exc:  # the local report is the record; W&B is a mirror
+            log.warning("could not log the report to W&B: %s", exc)
+    return {
+        "runs": len(runs),
+        "tables": len(tables),
+        "problems": len(problems),
+        "figures": [str(p) for p in figures.values()],
+        "wandb_id": wandb_id,
+    }
+
+
+def _group_of(root: Path) -> str:
+    """The W&B group of a sweep directory (as its jobs use), else 'report'."""
+    if root.parent.parent.name == "multirun":
+        return f"sweep-{root.parent.name}_{root.name}"
+    return "report"
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="make report", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--dir", default="outputs", help="a run or sweep directory, or the whole outputs/ (default)"
+    )
+    p.add_argument("--out", default=None, help="where to write (default: outputs/report)")
+    p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    root = Path(args.dir)
+    out = Path(args.out) if args.out else (Path("outputs") / "report")
+    res = build_report(root, out, args.wandb_mode)
+    if res["runs"] == 0:
+        print(f"{res['message']}; wrote an empty report to {out}/report.md")
+        return 0
+    print(
+        f"{res['runs']} runs, {res['tables']} tables, {res['problems']} not completed → {out}/report.md, report.csv, {len(res.get('figures', []))} figures"
+    )
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Hydra multirun for real: basic and joblib launchers, failing jobs, re-running a sweep, Optuna search."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import PY, ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "experiment=smoke",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_eval_batches=2",
+    "trainer.max_epochs=1",
+]
+
+
+def sweep(tmp_path, ptb_dir, ptb_root, *overrides, sweep_dir=None, env=None, timeout=900, base=TINY):
+    sweep_dir = sweep_dir or tmp_path / "sweep"
+    args = [
+        PY,
+        "-m",
+        "dglstm_lm.train",
+        "--multirun",
+        *base,
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.data_dir={ptb_root}",
+        f"data.dir={ptb_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *overrides,
+    ]
+    return run_cli(args, env=env, timeout=timeout), sweep_dir
+
+
+def jobs(sweep_dir: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+
+
+def wandb_groups(job_dir: Path) -> set[str]:
+    groups = set()
+    for offline in (job_dir / "wandb").glob("offline-run-*"):
+        out = subprocess.run(
+            [str(Path(PY).parent / "wandb"), "leet", "inspect", "--json", str(offline)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for line in out.splitlines():
+            if '"type":"run"' in line:
+                groups.add(json.loads(line)["run"].get("run_group"))
+    return groups
+
+
+def test_basic_launcher_grid_with_one_wandb_group(tmp_path, ptb_dir, ptb_root):
+    r, sweep_dir = sweep(tmp_path, ptb_dir, ptb_root, "model=lstm,dglstm", "seed=1,2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = jobs(sweep_dir)
+    assert set(found) == {f"model={m},seed={s}" for m in ("lstm", "dglstm") for s in (1, 2)}
+    for name, m in found.items():
+        model, seed = name.split(",")
+        assert (
+            m["status"] == "completed"
+            and m["model"] == model.split("=")[1]
+            and m["seed"] == int(seed.split("=")[1])
+        )
+        assert (sweep_dir / name / ".hydra" / "overrides.yaml").is_file() and (
+            sweep_dir / name / "checkpoints" / "best.pt"
+        ).is_file()
+    groups = set().union(*(wandb_groups(sweep_dir / n) for n in found))
+    assert groups == {f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"}
+    assert "4 jobs" in r.stdout and "completed" in r.stdout
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_with_split_threads(tmp_path, ptb_dir, ptb_root):
+    r, sweep_dir = sweep(
+        tmp_path,
+        ptb_dir,
+        ptb_root,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model=rnn,stacked_lstm",
+        "logger=none",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = jobs(sweep_dir)
+    assert set(found) == {"model=rnn", "model=stacked_lstm"}
+    assert all(m["status"] == "completed" for m in found.values())
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert all(m["threads"] == max(1, cores // 2) for m in found.values())  # no oversubscription
+
+
+def test_failing_jobs_are_recorded_and_do_not_stop_the_others(tmp_path, ptb_dir, ptb_root):
+    """A bad value for one job, and a job whose loss turns to NaN: both recorded, the good job completes,
+    the sweep exits non-zero with a summary, and a re-run with the same sweep dir reuses finished work."""
+    ov = ["logger=none", "model=lstm", "trainer.clip_grad_norm=null", "trainer.lr=1,-1,1e30"]
+    r, sweep_dir = sweep(tmp_path, ptb_dir, ptb_root, *ov)
+    assert r.returncode == 1, r.stderr[-3000:]
+    found = jobs(sweep_dir)
+    assert found["trainer.lr=1"]["status"] == "completed"
+    assert (
+        found["trainer.lr=-1"]["status"] == "failed"
+        and "trainer.lr: must be positive" in found["trainer.lr=-1"]["error"]
+    )
+    assert (
+        found["trainer.lr=1e30"]["status"] == "diverged"
+        and "diverged at epoch 1, step" in found["trainer.lr=1e30"]["error"]
+    )
+    assert "2 of 3 jobs did not complete" in r.stdout
+    assert "Traceback" not in r.stderr
+
+    before = (sweep_dir / "trainer.lr=1" / "metrics.json").read_text()
+    again, _ = sweep(tmp_path, ptb_dir, ptb_root, *ov, sweep_dir=sweep_dir)
+    assert again.returncode == 1
+    assert (sweep_dir / "trainer.lr=1" / "metrics.json").read_text() == before  # finished job reused as is
+    assert "already completed" in (sweep_dir / "trainer.lr=1" / "train.log").read_text()
+
+
+def test_unknown_option_in_a_sweep_fails_before_any_job(tmp_path, ptb_dir, ptb_root):
+    r, sweep_dir = sweep(tmp_path, ptb_dir, ptb_root, "model=lstm,gru")
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "error: unknown option model=gru (available: dglstm, lstm, rnn, stacked_lstm)"
+    )
+    assert not sweep_dir.exists()
+
+
+def test_optuna_search_resumes_from_its_sqlite_file(tmp_path, ptb_dir, ptb_root):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
+    common = [
+        "hparams_search=dglstm_lr",
+        "logger=none",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=test",
+    ]
+    r, first = sweep(
+        tmp_path, ptb_dir, ptb_root, *common, "hydra.sweeper.n_trials=2", sweep_dir=tmp_path / "s1"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r, second = sweep(
+        tmp_path, ptb_dir, ptb_root, *common, "hydra.sweeper.n_trials=1", sweep_dir=tmp_path / "s2"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="test", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    vals = [m["val/ppl"] for d in (first, second) for m in jobs(d).values()]
+    assert sorted(t.value for t in complete) == pytest.approx(sorted(vals))
+    assert study.best_value == pytest.approx(min(vals))
+    assert (tmp_path / "s2" / "optimization_results.yaml").is_file()
+
+
+def test_make_sweep_target(tmp_path, ptb_dir, ptb_root):
+    r = run_cli(
+        [
+            "make",
+            "-s",
+            "sweep",
+            *TINY,
+            "model=lstm,rnn",
+            "logger=none",
+            f"paths.output_dir={tmp_path}",
+            f"paths.data_dir={ptb_root}",
+        ],
+        env={"PTB_DIR": str(ptb_dir)},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sweep_dir,) = list((tmp_path / "multirun").glob("*/*"))
+    assert set(jobs(sweep_dir)) == {"model=lstm", "model=rnn"}
+
+
+def test_sweep_dirs_started_in_the_same_second_differ(tmp_path):
+    """`unique_dir` makes the sweep/run directory exclusively: a second one at the same second gets -2."""
+    code = (
+        "from dglstm_lm.config import _unique_dir as u, _unique_dirs as m; import sys;"
+        "a = u(sys.argv[1]); m.clear(); b = u(sys.argv[1]); print(a); print(b)"
+    )
+    out = subprocess.run(
+        [PY, "-c", code, str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT
+    ).stdout.split()
+    assert out == [str(tmp_path / "x"), str(tmp_path / "x") + "-2"]
