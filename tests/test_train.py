@@ -367,3 +367,38 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
     assert text.startswith("the company") and len(text.replace("\n", " ").split()) >= 12
     gen2 = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=12", "seed=3", "prompt=the company"])
     assert gen2.stdout == gen.stdout  # seeded
+
+
+@pytest.mark.slow
+def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
+    """`make bench` end to end at a toy size (no timing is asserted; the numbers live in the README)."""
+    r = run_cli(
+        [
+            PY,
+            "-m",
+            "dglstm_lm.bench",
+            "--quick",
+            "--sizes",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--ptb-dir",
+            str(ptb_dir),
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    cores = {rec["core"] for rec in payload["records"]}
+    assert cores == {"nn.LSTM", "rnn", "stacked_lstm", "dglstm", "dglstm[python]"}
+    for rec in payload["records"]:
+        assert {
+            "core",
+            "layers",
+            "hidden",
+            "train_tokens_per_s",
+            "eval_tokens_per_s",
+            "train_ratio_to_nn_lstm",
+            "peak_memory_mb",
+        } <= set(rec)
+        assert rec["train_tokens_per_s"] > 0 and rec["peak_memory_mb"] > 0
+    assert payload["trainer"]["ratio"] > 0

@@ -1,0 +1,326 @@
+"""`make bench`: speed and memory of every recurrent core against PyTorch's fused nn.LSTM, measured in the
+same process, plus data preparation and the trainer's own overhead. Writes outputs/bench/bench.json.
+
+Training throughput is tokens/s of a full step (embedding, core, softmax over 10,000 words, backward, SGD
+update) at batch 20 × bptt 35; evaluation throughput is the forward pass and loss without gradients. The
+cores and the reference are measured in alternating rounds and the median is kept, so that the ratios hold
+even on a busy machine; absolute numbers vary run to run. Peak memory is the growth of the peak resident
+set of a fresh process doing three training steps (CPU), or torch's peak allocation (CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+V, B, T = 10_000, 20, 35
+CORES = ("nn.LSTM", "rnn", "stacked_lstm", "dglstm", "dglstm[python]")
+
+
+class _NNLSTMCore(nn.Module):
+    """PyTorch's fused multi-layer nn.LSTM behind the core interface: the reference."""
+
+    def __init__(self, dim: int, layers: int):
+        super().__init__()
+        self.rnn = nn.LSTM(dim, dim, layers)
+        self.output_dim = dim
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        z = torch.zeros(self.rnn.num_layers, batch_size, self.output_dim, device=device, dtype=dtype)
+        return (z, z.clone())
+
+    def forward(self, x, state):
+        return self.rnn(x, state)
+
+
+def make_model(core: str, dim: int, layers: int, device):
+    from .models import LanguageModel, build_core
+
+    if core == "nn.LSTM":
+        c = _NNLSTMCore(dim, layers)
+    elif core == "dglstm[python]":
+        c = build_core("dglstm", dim, [dim] * layers, backend="python")
+    else:
+        c = build_core(core, dim, [dim] * layers)
+    model = LanguageModel(V, dim, c).to(device)
+    model.reset_parameters("uniform", 0.05)
+    return model
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(models: dict, device, rounds: int, steps: int, train: bool) -> dict[str, float]:
+    """tokens/s per model: `rounds` alternating rounds of `steps` steps; the median round counts."""
+    x = torch.randint(V, (T, B), device=device)
+    y = torch.randint(V, (T, B), device=device)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
+
+    def step(k):
+        m = models[k]
+        if train:
+            m.train()
+            logits, _ = m(x, m.init_state(B, device))
+            loss = F.cross_entropy(logits.view(-1, V), y.view(-1))
+            opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[k].step()
+        else:
+            m.eval()
+            with torch.no_grad():
+                logits, _ = m(x, m.init_state(B, device))
+                F.cross_entropy(logits.view(-1, V), y.view(-1)).item()
+
+    for k in models:  # warm-up (allocator, oneDNN primitives, extension load)
+        step(k)
+        step(k)
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for k in models:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(k)
+            _sync(device)
+            times[k].append((time.perf_counter() - t0) / steps)
+    return {k: B * T / statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory_mb(core: str, dim: int, layers: int, device: str) -> float:
+    """Peak memory of three training steps, in a fresh process (CPU: growth of the peak RSS)."""
+    code = (
+        "import sys, resource, torch; from dglstm_lm.bench import make_model, measure, _peak_rss_mb;"
+        f"d = torch.device('{device}'); torch.set_num_threads({torch.get_num_threads()});"
+        "base = _peak_rss_mb();"
+        f"m = {{'x': make_model('{core}', {dim}, {layers}, d)}};"
+        "measure(m, d, 1, 1, True);"
+        "print(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else _peak_rss_mb() - base)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_data(ptb_dir: str | None) -> dict | None:
+    """Preparing PTB: cold (empty cache) and from the cache, in a fresh process, imports timed apart."""
+    from .config import PTB_SHA256
+
+    ptb_dir = ptb_dir or os.environ.get("PTB_DIR")
+    if not ptb_dir:
+        return None
+    with tempfile.TemporaryDirectory() as root:
+        code = (
+            "import time, json, sys; t0 = time.perf_counter(); import datasets; from dglstm_lm.data import prepare;"
+            "t1 = time.perf_counter();"
+            f"prepare(data_dir={ptb_dir!r}, root={root!r}, sha256={PTB_SHA256!r}); t2 = time.perf_counter();"
+            "print(json.dumps({'import_s': t1 - t0, 'prepare_s': t2 - t1}))"
+        )
+        runs = [
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+                ).stdout.splitlines()[-1]
+            )
+            for _ in range(3)
+        ]
+    return {
+        "cold_s": runs[0]["prepare_s"],
+        "cached_s": min(r["prepare_s"] for r in runs[1:]),
+        "import_s": runs[1]["import_s"],
+    }
+
+
+def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict | None:
+    """The trainer's loop on real PTB against the bare step on the same batches, in the same process."""
+    from .config import compose, validate
+    from .data import make_batches, prepare_from_config
+    from .models import build_model
+    from .tracking import Tracker
+    from .trainer import StopSignals, Trainer
+
+    ptb_dir = ptb_dir or os.environ.get("PTB_DIR")
+    if not ptb_dir:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = validate(
+            compose(
+                [
+                    f"model={model}",
+                    f"data.dir={ptb_dir}",
+                    f"paths.data_dir={tmp}",
+                    "trainer.max_epochs=1",
+                    f"trainer.limit_train_batches={steps}",
+                    "trainer.limit_eval_batches=1",
+                    "trainer.progress=off",
+                    "logger=none",
+                ]
+            )
+        )
+        corpus = prepare_from_config(cfg.data)
+        results = {}
+        for rnd in range(3):
+            torch.manual_seed(0)
+            m = build_model(len(corpus.vocab), cfg.model).to(device)
+            trainer = Trainer(m, corpus, cfg, Path(tmp) / f"run{rnd}", device, Tracker(), {}, model, 0)
+            with StopSignals() as stop:
+                for record in trainer.fit(stop):
+                    results.setdefault("trainer", []).append(record["train/tokens_per_s"])
+            # the bare step on the same windows
+            torch.manual_seed(0)
+            m = build_model(len(corpus.vocab), cfg.model).to(device)
+            opt = torch.optim.SGD(m.parameters(), lr=cfg.trainer.lr)
+            batches = make_batches(
+                corpus, "train", "stream", cfg.trainer.batch_size, cfg.trainer.bptt, shuffle=False
+            )
+            state = m.init_state(cfg.trainer.batch_size, device)
+            ntok = 0
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                x, y = (t.to(device) for t in batches[i])
+                logits, state = m(x, [tuple(s.detach() for s in layer) for layer in state])
+                loss = F.cross_entropy(logits.view(-1, V), y.view(-1), reduction="sum") / y.size(1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
+                opt.step()
+                ntok += y.numel()
+            _sync(device)
+            results.setdefault("bare", []).append(ntok / (time.perf_counter() - t0))
+    trainer_tps, bare_tps = statistics.median(results["trainer"]), statistics.median(results["bare"])
+    return {
+        "model": model,
+        "bptt": cfg.trainer.bptt,
+        "batch": cfg.trainer.batch_size,
+        "trainer_tokens_per_s": trainer_tps,
+        "bare_tokens_per_s": bare_tps,
+        "ratio": trainer_tps / bare_tps,
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cores", default=",".join(CORES))
+    p.add_argument("--quick", action="store_true", help="one short round of everything (to check the script)")
+    p.add_argument("--ptb-dir", default=None)
+    p.add_argument("--out", default="outputs/bench")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rounds = 1 if args.quick else args.rounds
+    cores = [c for c in args.cores.split(",") if c]
+    if device.type == "cuda":
+        cores = [c for c in cores if c != "dglstm[python]"] + [
+            "dglstm[python]"
+        ]  # on CUDA the python scan is the DGLSTM
+    info = machine()
+    print(
+        f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}"
+        + (f", {info['gpu']}" if "gpu" in info else "")
+    )
+    records = []
+    for dim in (int(s) for s in args.sizes.split(",")):
+        models = {c: make_model(c, dim, args.layers, device) for c in cores}
+        steps = 1 if args.quick else max(1, round(4 * 200 / dim))
+        train_tps = measure(models, device, rounds, steps, train=True)
+        eval_tps = measure(models, device, rounds, steps * 3, train=False)
+        ref_train, ref_eval = train_tps.get("nn.LSTM"), eval_tps.get("nn.LSTM")
+        for c in cores:
+            from .models import count_parameters
+
+            rec = {
+                "core": c,
+                "layers": args.layers,
+                "hidden": dim,
+                "params": count_parameters(models[c]),
+                "train_tokens_per_s": train_tps[c],
+                "eval_tokens_per_s": eval_tps[c],
+                "train_ratio_to_nn_lstm": train_tps[c] / ref_train if ref_train else None,
+                "eval_ratio_to_nn_lstm": eval_tps[c] / ref_eval if ref_eval else None,
+                "peak_memory_mb": peak_memory_mb(c, dim, args.layers, args.device),
+                "device": str(device),
+                "threads": args.threads,
+            }
+            records.append(rec)
+            print(
+                f"{args.layers}x{dim:<5} {c:<15} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
+                f" ({rec['train_ratio_to_nn_lstm']:.2f}x)  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
+                f" ({rec['eval_ratio_to_nn_lstm']:.2f}x)  peak {rec['peak_memory_mb']:,.0f} MB",
+                flush=True,
+            )
+        del models
+    data = None if args.quick else bench_data(args.ptb_dir)
+    if data:
+        print(
+            f"data: PTB prepared in {data['cold_s']:.2f} s cold, {data['cached_s']:.2f} s from the cache (imports {data['import_s']:.2f} s)"
+        )
+    trainer = bench_trainer(args.ptb_dir, "dglstm", 20 if args.quick else 150, device)
+    if trainer:
+        print(
+            f"trainer: {trainer['model']} bptt {trainer['bptt']}: {trainer['trainer_tokens_per_s']:,.0f} tok/s in the trainer's loop,"
+            f" {trainer['bare_tokens_per_s']:,.0f} bare ({trainer['ratio']:.3f}x)"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import atomic_write_bytes
+
+    payload = {
+        "machine": info,
+        "batch": B,
+        "bptt": T,
+        "vocab": V,
+        "records": records,
+        "data": data,
+        "trainer": trainer,
+    }
+    atomic_write_bytes(out / "bench.json", (json.dumps(payload, indent=2) + "\n").encode())
+    print(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
