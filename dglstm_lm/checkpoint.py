@@ -17,6 +17,8 @@ import hashlib
 import io
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None) -> None:
-    """Write `data` to `path` through a temporary file and a rename; on failure `path` is untouched."""
+def _link_or_copy_file(src: Path, dst: Path) -> None:
+    """dst becomes src's content: a hard link (no copy; files here are never modified in place) or, where the
+    file system has no hard links, a copy."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        shutil.copyfile(src, dst)
+
+
+def _replace_with(src: Path, dst: Path) -> None:
+    """Atomically make dst a link to (or copy of) src, through a temporary name."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    _link_or_copy_file(src, tmp)
+    os.replace(tmp, dst)
+
+
+def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None, also=()) -> None:
+    """Write `data` to `path` through a temporary file and a rename; on failure `path` is untouched.
+    Each path in `also` is made to point at the new content before `path` is replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -89,6 +112,10 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None) 
             f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
+        for other in also:
+            _replace_with(tmp, Path(other))
+        if also and fault_point:
+            faults.point(f"{fault_point}_linked")
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -99,8 +126,8 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None) 
     _fsync_dir(path.parent)
 
 
-def save(state: dict, path: Path, keep_previous: bool = True) -> None:
-    """Save `state` atomically at `path` (see the module docstring)."""
+def save(state: dict, path: Path, keep_previous: bool = True, also=()) -> None:
+    """Save `state` atomically at `path` (see the module docstring); `also` (e.g. best.pt) get the same file."""
     path = Path(path)
     state = dict(state, format=FORMAT)
     state["digest"] = digest(state)
@@ -108,34 +135,13 @@ def save(state: dict, path: Path, keep_previous: bool = True) -> None:
     torch.save(state, buf)
     try:
         if keep_previous and path.exists():
-            prev, prev_tmp = previous_of(path), path.with_name(f".{path.stem}-previous.tmp-{os.getpid()}")
-            if prev_tmp.exists():
-                prev_tmp.unlink()
-            os.link(path, prev_tmp)  # same inode: no copy, and the rename below cannot touch it
-            os.replace(prev_tmp, prev)
-        atomic_write_bytes(path, buf.getbuffer(), fault_point="checkpoint_write")
+            _replace_with(path, previous_of(path))
+        atomic_write_bytes(path, buf.getbuffer(), fault_point="checkpoint_write", also=also)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
         raise CheckpointError(
             f"could not write checkpoint {path}: {reason}{hint}; the previous checkpoint is intact"
-        ) from None
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Make `dst` a hard link to the (immutable) checkpoint `src`, atomically; copy if links are unsupported."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            atomic_write_bytes(tmp, Path(src).read_bytes())
-        os.replace(tmp, dst)
-    except OSError as exc:
-        raise CheckpointError(
-            f"could not write checkpoint {dst}: {os.strerror(exc.errno) if exc.errno else exc}"
         ) from None
 
 
@@ -158,10 +164,12 @@ def load(path: Path, map_location="cpu") -> dict:
     return state
 
 
-def resolve(target: str | Path) -> Path:
-    """A checkpoint file, or a run directory (→ its checkpoints/last.pt)."""
+def resolve(target: str | Path, prefer: str = LAST) -> Path:
+    """A checkpoint file, or a run directory (→ its checkpoints/<prefer>, else checkpoints/last.pt)."""
     p = Path(target).expanduser()
     if p.is_dir():
+        if (p / "checkpoints" / prefer).is_file():
+            return p / "checkpoints" / prefer
         return p / "checkpoints" / LAST
     return p
 
@@ -201,11 +209,18 @@ def load_for_resume(target: str | Path) -> tuple[Path, dict]:
             state = load(prev)
         except CheckpointError:
             raise first from None
+        # Set the damaged file aside, so that the next save does not keep it as "previous" over the good one.
+        quarantine = path.with_name(f"{path.stem}.corrupt-{int(time.time())}{path.suffix}")
+        try:
+            os.replace(path, quarantine)
+        except OSError:
+            quarantine = path
         log.warning(
-            "%s; falling back to the previous checkpoint %s (epoch %s, step %s)",
+            "%s; falling back to the previous checkpoint %s (epoch %s, step %s)%s",
             first,
             prev,
             state["epoch"],
             state["step"],
+            f"; the damaged file is kept as {quarantine.name}" if quarantine != path else "",
         )
         return prev, state

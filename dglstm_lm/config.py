@@ -298,6 +298,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         f"unknown schedule {t.lr_schedule!r} (constant, zaremba, plateau)",
     )
     _check(0 < t.lr_decay <= 1, "trainer.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
+    _check(
+        t.lr_schedule != "plateau" or t.lr_decay < 1,
+        "trainer.lr_decay",
+        f"must be below 1 with lr_schedule=plateau (the factor applied on a plateau), got {t.lr_decay}",
+    )
     _check(t.lr_decay_start >= 0, "trainer.lr_decay_start", f"must be non-negative, got {t.lr_decay_start}")
     _check(
         t.plateau_patience >= 0, "trainer.plateau_patience", f"must be non-negative, got {t.plateau_patience}"

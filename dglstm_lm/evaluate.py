@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-
-import torch
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
@@ -34,13 +31,12 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), cfg, state
 
 
-@torch.no_grad()
 def evaluate_checkpoint(
     path, data_dir: str | None = None, splits=("valid", "test"), device: str = "auto"
 ) -> dict:
     from .data import make_batches, prepare_from_config
     from .train import resolve_device
-    from .trainer import Trainer
+    from .trainer import evaluate_batches, ppl
 
     dev = resolve_device(device)
     model, cfg, state = load_model(path, dev)
@@ -55,12 +51,9 @@ def evaluate_checkpoint(
     t = cfg.trainer
     for split in splits:
         batches = make_batches(corpus, split, cfg.data.batching, t.eval_batch_size, t.bptt, shuffle=False)
-        # the trainer's evaluate(), so that eval and training report the same number for the same weights
-        shim = Trainer.__new__(Trainer)
-        shim.model, shim.device, shim.t, shim.progress = model, dev, t, sys.stderr.isatty()
-        t.limit_eval_batches = None
-        nll, ntok = Trainer.evaluate(shim, batches, split)
-        results[f"{split}/ppl"] = math.exp(nll / ntok)
+        # the trainer's own evaluation: eval and training report the same number for the same weights
+        nll, ntok = evaluate_batches(model, batches, dev, progress=sys.stderr.isatty(), desc=split)
+        results[f"{split}/ppl"] = ppl(nll / ntok)
         results[f"{split}/tokens"] = ntok
     return results
 
@@ -78,11 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.ckpt:
         raise CheckpointError("no checkpoint given: make eval ckpt=<checkpoint file or run dir>")
-    target = args.ckpt
-    from pathlib import Path
-
-    if Path(target).is_dir() and (Path(target) / "checkpoints" / ckpt.BEST).is_file():
-        target = str(Path(target) / "checkpoints" / ckpt.BEST)
+    target = ckpt.resolve(args.ckpt, prefer=ckpt.BEST)
     splits = [s for s in args.split.split(",") if s]
     for s in splits:
         if s not in ("train", "valid", "test"):

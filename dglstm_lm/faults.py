@@ -3,6 +3,7 @@
 DGLSTM_FAULT=<point>:<n> kills this process with SIGKILL the n-th time execution passes <point>:
   step              mid optimizer step (after backward, before the update)
   checkpoint_write  half-way through writing a checkpoint's temporary file
+  checkpoint_write_linked  after best.pt points at a new checkpoint, before last.pt is replaced by it
   eval_batch        during an evaluation
   epoch_end         between epochs (after the epoch's checkpoint, before the next epoch)
 Unset (always, outside the tests) it costs one dictionary lookup.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -56,9 +55,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"temperature must be positive, got {args.temperature}")
     if args.length <= 0:
         raise ConfigError(f"length must be positive, got {args.length}")
-    target = Path(args.ckpt)
-    if target.is_dir() and (target / "checkpoints" / ckpt.BEST).is_file():
-        target = target / "checkpoints" / ckpt.BEST
+    target = ckpt.resolve(args.ckpt, prefer=ckpt.BEST)
     from .evaluate import load_model
 
     model, _, state = load_model(target)

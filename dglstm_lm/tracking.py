@@ -30,10 +30,20 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg, run_dir: Path, config: dict, name: str, group: str | None, resume_id: str | None):
+    def __init__(
+        self,
+        cfg,
+        run_dir: Path,
+        config: dict,
+        name: str,
+        group: str | None,
+        resume_id: str | None,
+        cache_dir=None,
+    ):
         # wandb-core's debug logs and caches go under the output folder, not the user's home.
-        os.environ.setdefault("WANDB_CACHE_DIR", str(Path(run_dir).parent / ".wandb-cache"))
-        os.environ.setdefault("WANDB_DATA_DIR", str(Path(run_dir).parent / ".wandb-cache"))
+        if cache_dir is not None:
+            os.environ.setdefault("WANDB_CACHE_DIR", str(cache_dir))
+            os.environ.setdefault("WANDB_DATA_DIR", str(cache_dir))
         import wandb
 
         self._wandb = wandb
@@ -50,28 +60,33 @@ class WandbTracker(Tracker):
             mode=cfg.mode,
             id=resume_id,
             resume="allow" if resume_id else None,
+            reinit="finish_previous",  # jobs of a sweep share a process: never log into the previous job's run
             settings=settings,
         )
         self.run_id = self.run.id
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
-        for k, v in values.items():
-            self.run.summary[k] = v
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
 
     def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+        if self.run is not None:  # idempotent: the failure paths finish it too
+            run, self.run = self.run, None
+            run.finish(exit_code=exit_code)
 
 
 def make_tracker(
-    cfg, run_dir: Path, config: dict, name: str, group: str | None, resume_id: str | None
+    cfg, run_dir: Path, config: dict, name: str, group: str | None, resume_id: str | None, cache_dir=None
 ) -> Tracker:
     if cfg.name == "none" or cfg.mode == "disabled":
         return Tracker()
     try:
-        return WandbTracker(cfg, run_dir, config, name, group, resume_id)
+        return WandbTracker(cfg, run_dir, config, name, group, resume_id, cache_dir)
     except Exception as exc:
         # A run never depends on a server: train on, with the local files as the record.
         log.warning(

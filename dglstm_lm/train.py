@@ -37,6 +37,7 @@ RESUME_FREE_KEYS = {
     "trainer.checkpoint_every_min",
     "trainer.checkpoint_every_steps",
     "trainer.max_epochs",
+    "model.backend",
     "logger",
     "paths",
     "data.dir",
@@ -63,11 +64,15 @@ def write_history(path: Path, history: list[dict]) -> None:
     ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
-def read_metrics(run_dir: Path) -> dict | None:
+def _read_json(path: Path):
     try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    return _read_json(Path(run_dir) / "metrics.json")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -99,14 +104,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_threads() -> int | None:
-    """Threads for one job when trainer.threads is null: the CPUs SLURM gave the job, or the cores shared
-    among the parallel jobs of a joblib sweep; otherwise torch's default."""
+    """Threads for one job when trainer.threads is null: the CPUs SLURM gave the job (or this machine's
+    cores), divided among the parallel jobs of a joblib sweep; otherwise torch's default."""
+    parallel = max(1, int(os.environ.get("DGLSTM_PARALLEL_JOBS", "1") or 1))
     if os.environ.get("SLURM_CPUS_PER_TASK"):
-        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    n_jobs = os.environ.get("DGLSTM_PARALLEL_JOBS")
-    if n_jobs:
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]) // parallel)
+    if parallel > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // max(1, int(n_jobs)))
+        return max(1, cores // parallel)
     return None
 
 
@@ -145,6 +150,7 @@ def train(
     config_dict.pop("hydra", None)
     t = obj.trainer
     metrics_path, history_path = run_dir / "metrics.json", run_dir / "history.jsonl"
+    tracker = None
     try:
         # ---- resume: explicit, or automatic when this directory already holds a checkpoint (requeue, re-run)
         resume_state, resume_path = None, None
@@ -152,15 +158,26 @@ def train(
             resume_path, resume_state = ckpt.load_for_resume(t.resume)
         elif t.auto_resume:
             previous = read_metrics(run_dir)
-            if previous and previous.get("status") == "completed":
+            stored = _read_json(run_dir / "config.json")
+            last = run_dir / "checkpoints" / ckpt.LAST
+            has_checkpoint = last.exists() or ckpt.previous_of(last).exists()
+            if stored is not None and (has_checkpoint or previous):
+                # continuing on its own (a requeued job, a re-run sweep) is only right for the same computation
+                diffs = [k for k in config_differences(stored, config_dict) if not _free(k)]
+                if diffs:
+                    raise UserError(
+                        f"{run_dir} already holds a run with another config (differs in {', '.join(diffs[:5])}); "
+                        "use another hydra.sweep.dir / hydra.run.dir"
+                    )
+            done = previous is not None and previous.get("status") == "completed"
+            if done and (stored is None or flatten(stored).get("trainer.max_epochs") == t.max_epochs):
                 log.info(
                     "%s already completed (test ppl %.2f); nothing to do",
                     run_dir,
                     previous.get("test/ppl") or float("nan"),
                 )
                 return previous
-            last = run_dir / "checkpoints" / ckpt.LAST
-            if last.exists() or ckpt.previous_of(last).exists():
+            if has_checkpoint:  # unfinished, or finished with fewer epochs than now asked for
                 resume_path, resume_state = ckpt.load_for_resume(last)
         if resume_state is not None:
             diffs = config_differences(resume_state["config"], config_dict)
@@ -184,7 +201,7 @@ def train(
         model = build_model(len(corpus.vocab), obj.model).to(device)
         num_params = count_parameters(model)
         if t.init_from:
-            init_state = ckpt.load(ckpt.resolve(t.init_from))
+            init_state = ckpt.load(ckpt.resolve(t.init_from, prefer=ckpt.BEST))
             try:
                 missing = model.init_from(init_state["model"])
             except ValueError as exc:
@@ -201,6 +218,7 @@ def train(
             name,
             obj.logger.group or group,
             resume_state.get("wandb_id") if resume_state else None,
+            cache_dir=Path(obj.paths.output_dir) / ".wandb-cache",
         )
         trainer = Trainer(
             model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params
@@ -264,7 +282,7 @@ def train(
                 for _record in trainer.fit(stop):
                     write_history(history_path, trainer.history)
                     write_json(metrics_path, metrics("running"))
-                final = trainer.test()
+                final = trainer.test(stop)
         except Diverged as exc:
             write_history(history_path, trainer.history)
             write_json(metrics_path, metrics("diverged", error=str(exc)))
@@ -305,6 +323,8 @@ def train(
     except BaseException as exc:
         if not isinstance(exc, (Interrupted, DivergedError)):
             _record_failure(run_dir, cfg, exc)
+        if tracker is not None:
+            tracker.finish(exit_code=1)  # never leave a W&B run open for the next job of a sweep
         raise
     finally:
         if handler is not None:
@@ -378,7 +398,7 @@ def _hydra_task(cfg: DictConfig):
         # Our handlers are gone again: hand the signal on to the one they replaced. Under submitit that is
         # its SIGUSR2 handler (SLURM's pre-timeout signal), which requeues the job and exits.
         previous = signal.getsignal(exc.signum)
-        if callable(previous) and previous is not signal.default_int_handler:
+        if exc.signum == getattr(signal, "SIGUSR2", None) and callable(previous):
             previous(exc.signum, None)
         sys.exit(128 + exc.signum)
     except Exception as exc:
@@ -390,6 +410,8 @@ def _hydra_task(cfg: DictConfig):
             raise
         # A failed job must not stop the sweep: it is recorded, and the sweep summary reports it.
         log.error("job failed: %s", exc, exc_info=not isinstance(exc, UserError))
+        if isinstance(exc, DivergedError) and cfg.get("optimized_metric"):
+            return float("inf")  # a sweeper (Optuna) learns that this region is bad
         return None
     if cfg.get("optimized_metric"):
         value = metrics.get(cfg.optimized_metric)
@@ -433,12 +455,15 @@ _CONFIG_FLAGS = {
 }
 
 
-def preflight(argv: list[str]) -> list[str]:
-    """Compose and validate what Hydra is about to run; return argv, extended for `trainer.resume`."""
+def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Compose and check what Hydra is about to run. Returns argv (extended where needed) and environment
+    variables for the jobs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from .config import to_object
+
     if any(a.split("=")[0] in _PASSTHROUGH_FLAGS | _CONFIG_FLAGS for a in argv):
-        return argv
+        return argv, {}
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     try:
@@ -458,18 +483,18 @@ def preflight(argv: list[str]) -> list[str]:
             stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
             # Continue in the original directory; keep its .hydra/ and record this invocation beside it.
             argv = [*argv, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
-        return argv
+        return argv, {}
 
-    # Multirun: compose every value of every swept key once (not the whole grid) so that an unknown option,
-    # key or type fails before any job starts. Invalid *values* are left to the jobs: each one that fails
-    # is recorded and the others go on.
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # Multirun: compose every value of every swept key once (not the whole grid), so that an unknown option
+    # or key, or a value of the wrong type, fails before any job starts. Invalid *values* (a negative rate)
+    # are left to the jobs: each job that fails is recorded and the others go on.
+    fixed = [o for o in parsed if not o.is_sweep_override()]
     sweeps = []
     for o in parsed:
         if o.is_sweep_override():
             try:
                 values = list(o.sweep_string_iterator())
-            except Exception:  # interval(...) and other sweeper-specific syntax: the sweeper checks it
+            except Exception:  # interval(...) and other sweeper syntax: the sweeper checks it
                 continue
             if len(values) != len(set(values)):
                 raise ConfigError(
@@ -479,30 +504,53 @@ def preflight(argv: list[str]) -> list[str]:
     firsts = [f"{k}={v[0]}" for k, v in sweeps]
     for idx, (key, values) in enumerate(sweeps):
         for v in values:
-            trial = fixed + firsts[:idx] + [f"{key}={v}"] + firsts[idx + 1 :]
-            compose(trial)
-    if not sweeps:
-        compose(fixed)
-    return argv
+            to_object(
+                compose([o.input_line for o in fixed] + firsts[:idx] + [f"{key}={v}"] + firsts[idx + 1 :])
+            )
+    base = compose([o.input_line for o in fixed] + firsts, return_hydra_config=True)
+    to_object(compose([o.input_line for o in fixed] + firsts))
+    Path(OmegaConf.select(base, "paths.output_dir")).mkdir(
+        parents=True, exist_ok=True
+    )  # e.g. Optuna's sqlite
+
+    if sweeps:
+        # Name job directories after what varies: the keys given once stay out of the name
+        # (outputs/multirun/<date>/<time>/model=dglstm,seed=2 rather than the whole command line).
+        exclude = list(OmegaConf.select(base, "hydra.job.config.override_dirname.exclude_keys"))
+        exclude += [o.key_or_group for o in fixed if o.key_or_group not in exclude]
+        argv = [
+            *argv,
+            "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(repr(k) for k in exclude) + "]",
+        ]
+
+    env = {}
+    launcher = str(OmegaConf.select(base, "hydra.launcher._target_", default=""))
+    if "joblib" in launcher.lower():
+        # joblib's workers share this machine's cores: give each job its share of them
+        n_jobs = int(OmegaConf.select(base, "hydra.launcher.n_jobs", default=-1) or -1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        grid = 1
+        for _, values in sweeps:
+            grid *= len(values)
+        parallel = min(cores if n_jobs <= 0 else n_jobs, grid)
+        env["DGLSTM_PARALLEL_JOBS"] = str(max(1, parallel))
+    return argv, env
 
 
 def main() -> None:
     from . import callbacks
 
-    argv = sys.argv[1:]
     try:
-        argv = preflight(argv)
+        argv, env = preflight(sys.argv[1:])
     except UserError as exc:
         report_and_exit(exc)
     sys.argv = [sys.argv[0], *argv]
-    if any(a in ("-m", "--multirun") for a in argv) and any("joblib" in a for a in argv):
-        # joblib's workers inherit this: they split the cores instead of each taking all of them
-        n_jobs = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.launcher.n_jobs=")), None)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ.setdefault(
-            "DGLSTM_PARALLEL_JOBS", str(int(n_jobs) if n_jobs and int(n_jobs) > 0 else cores)
-        )
-    _make_hydra_main()()
+    os.environ.update(env)  # inherited by joblib's workers
+    try:
+        _make_hydra_main()()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     if callbacks.FAILED_JOBS:
         sys.exit(1)
 

@@ -47,11 +47,6 @@ def ppl(nll_per_token: float) -> float:
     return math.exp(nll_per_token) if nll_per_token < 700 else float("inf")
 
 
-def detach(state):
-    """Cut the graph between BPTT windows: the values carry over, the gradient does not."""
-    return [tuple(t.detach() for t in layer) for layer in state]
-
-
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
@@ -108,6 +103,48 @@ def make_scheduler(optimizer, t):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
 
 
+class _StopDuringEvaluation(Exception):
+    pass
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model, batches, device, limit: int | None = None, progress: bool = False, desc: str = "eval", stop=None
+):
+    """(summed NLL, target tokens) over a split: every target token once, <eos> included, padding excluded.
+    The state is carried across windows in stream mode and starts from zero for every batch in sentence mode.
+    A stop signal (`stop.received`) ends it early with _StopDuringEvaluation."""
+    was_training = model.training
+    model.eval()
+    n = len(batches) if not limit else min(len(batches), limit)
+    nll, ntok = 0.0, 0
+    state = model.init_state(batches.batch_size, device)
+    bar = tqdm(range(n), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        for i in bar:
+            if stop is not None and stop.received is not None:
+                raise _StopDuringEvaluation
+            if isinstance(batches, SentenceBatches):
+                x, y = batches.get(0, i)
+            else:
+                x, y = batches[i]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if isinstance(batches, SentenceBatches):
+                state = model.init_state(x.size(1), device)
+            logits, state = model(x, state)
+            faults.point("eval_batch")
+            nll += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
+            ).item()
+            ntok += int((y != PAD_TARGET).sum())
+            if i % 20 == 0:
+                bar.set_postfix(ppl=f"{ppl(nll / max(ntok, 1)):.2f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return nll, ntok
+
+
 class StopSignals:
     """SIGINT / SIGTERM / SIGUSR2 (SLURM's pre-timeout signal) ask the loop to stop after the current step.
 
@@ -131,10 +168,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        # Only set the flag here (the loop logs it): writing from a signal handler can re-enter a stream.
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for s, prev in self._previous.items():
@@ -240,9 +277,9 @@ class Trainer:
     def save_checkpoint(self, best: bool = False) -> Path:
         path = self.ckpt_dir / ckpt.LAST
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save(self.state_dict(), path)
-        if best:
-            ckpt.link_or_copy(path, self.ckpt_dir / ckpt.BEST)
+        # best.pt is linked to the new file before last.pt is replaced by it: a kill in between leaves an
+        # older last.pt, whose resumed run reaches (and links) the same best epoch again.
+        ckpt.save(self.state_dict(), path, also=[self.ckpt_dir / ckpt.BEST] if best else ())
         self._last_ckpt_time = time.monotonic()
         return path
 
@@ -266,40 +303,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         faults.point("step")
-        if self.t.clip_grad_norm:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_grad_norm)
-        else:
-            gnorm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.model.parameters() if p.grad is not None]
-            )
+        # global norm of the whole gradient (TensorFlow's clip_by_global_norm); an infinite bound only measures it
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_grad_norm or float("inf"))
         self.optimizer.step()
         return nll.item(), ntok, gnorm, state
 
-    @torch.no_grad()
-    def evaluate(self, batches, desc: str) -> tuple[float, int]:
-        """Perplexity over a split: every target token once, <eos> included, padding excluded; the state is
-        carried across windows in stream mode and starts from zero for every batch in sentence mode."""
-        self.model.eval()
-        n = len(batches)
-        if self.t.limit_eval_batches:
-            n = min(n, self.t.limit_eval_batches)
-        nll, ntok = 0.0, 0
-        state = self.model.init_state(batches.batch_size, self.device)
-        bar = tqdm(range(n), desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
-        for i in bar:
-            x, y = self._batch(batches, 0, i)
-            if isinstance(batches, SentenceBatches):
-                state = self.model.init_state(x.size(1), self.device)
-            logits, state = self.model(x, state)
-            faults.point("eval_batch")
-            nll += F.cross_entropy(
-                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
-            ).item()
-            ntok += int((y != PAD_TARGET).sum())
-            if i % 20 == 0:
-                bar.set_postfix(ppl=f"{ppl(nll / max(ntok, 1)):.2f}")
-        self.model.train()
-        return nll, ntok
+    def evaluate(self, batches, desc: str, stop=None) -> tuple[float, int]:
+        return evaluate_batches(
+            self.model, batches, self.device, self.t.limit_eval_batches, self.progress, desc, stop
+        )
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -335,7 +347,7 @@ class Trainer:
                 if self.mode == "sentence" or self.hidden is None:
                     state = self.model.init_state(x.size(1), self.device)
                 else:
-                    state = detach(self.hidden)
+                    state = self.hidden  # carried from the previous window, already detached
                 nll, ntok, gnorm, state = self.train_step(x, y, state)
                 now = time.perf_counter()
                 dt, mark = now - mark, now
@@ -348,7 +360,12 @@ class Trainer:
                         epoch,
                         self.pos.step + 1,
                     )
-                self.hidden = state if self.mode == "stream" else None
+                # detached copies: no graph, and not views that would keep (and checkpoint) whole (T, B, H) tensors
+                self.hidden = (
+                    [tuple(t.detach().clone() for t in layer) for layer in state]
+                    if self.mode == "stream"
+                    else None
+                )
                 self.pos.batch += 1
                 self.pos.step += 1
                 self.epoch_sums["nll"] += nll
@@ -379,6 +396,11 @@ class Trainer:
                 bar.update(1)
                 if stop.received is not None:
                     bar.close()
+                    log.warning(
+                        "received %s: stopping after step %d",
+                        signal.Signals(stop.received).name,
+                        self.pos.step,
+                    )
                     self.wall_s = wall_base + time.monotonic() - wall0
                     raise Interrupted(stop.received, self.save_checkpoint())
                 if (t.checkpoint_every_steps and self.pos.step % t.checkpoint_every_steps == 0) or (
@@ -392,7 +414,13 @@ class Trainer:
             bar.close()
 
             # ---- end of epoch: validate, schedule, record, checkpoint
-            val_nll, val_tok = self.evaluate(self.valid_batches, "valid")
+            try:
+                val_nll, val_tok = self.evaluate(self.valid_batches, "valid", stop)
+            except _StopDuringEvaluation:
+                # the checkpoint's position (batch == number of batches) makes the resumed run validate first
+                log.warning("received %s during validation: stopping", signal.Signals(stop.received).name)
+                self.wall_s = wall_base + time.monotonic() - wall0
+                raise Interrupted(stop.received, self.save_checkpoint()) from None
             val_ppl = ppl(val_nll / val_tok)
             lr = self.current_lr()
             with warnings.catch_warnings():
@@ -441,13 +469,20 @@ class Trainer:
             yield record
         self.wall_s = wall_base + time.monotonic() - wall0
 
-    def test(self) -> dict:
-        """Evaluate the best-valid checkpoint on valid and test."""
+    def test(self, stop=None) -> dict:
+        """Evaluate the best-valid checkpoint on valid and test. Stopped by a signal, the run resumes from its
+        last checkpoint (training is complete there) straight into this evaluation."""
         best = self.ckpt_dir / ckpt.BEST
         if best.is_file():
             self.model.load_state_dict(ckpt.load(best, map_location=self.device)["model"])
-        val_nll, val_tok = self.evaluate(self.valid_batches, "valid (best)")
-        test_nll, test_tok = self.evaluate(self.test_batches, "test")
+        try:
+            val_nll, val_tok = self.evaluate(self.valid_batches, "valid (best)", stop)
+            test_nll, test_tok = self.evaluate(self.test_batches, "test", stop)
+        except _StopDuringEvaluation:
+            log.warning(
+                "received %s during the final evaluation: stopping", signal.Signals(stop.received).name
+            )
+            raise Interrupted(stop.received, self.ckpt_dir / ckpt.LAST) from None
         return {
             "val/ppl": ppl(val_nll / val_tok),
             "test/ppl": ppl(test_nll / test_tok),

@@ -114,14 +114,17 @@ def test_ptb_stream_covers_every_token_once(ptb_corpus, split, batch_size, bptt)
     ids = ptb_corpus.splits[split].ids
     batches = make_batches(ptb_corpus, split, "stream", batch_size, bptt, shuffle=False)
     assert np.array_equal(_stream_targets(batches), ids)
-    # inputs are the targets shifted by one step, with <eos> as the very first context
-    stream = np.concatenate([[ptb_corpus.vocab.eos], ids])
-    x = batches.inputs.numpy()
-    y = batches.targets.numpy()
+    # inputs are the stream one step behind the targets: within a column, input row k+1 is target row k, and
+    # each column starts from the token before its first target (<eos> for the first column)
+    x, y = batches.inputs.numpy(), batches.targets.numpy()
     mask = y != PAD_TARGET
     assert mask.sum() == len(ids) and (~mask).sum() == batches.rows * batch_size - len(ids)
-    pos = np.searchsorted(np.cumsum(mask.sum(0)), 0)  # first column starts at the stream's beginning
-    assert pos == 0 and x[0, 0] == stream[0] and y[0, 0] == stream[1]
+    assert ((x[1:] == y[:-1]) | ~mask[1:]).all()
+    lengths = mask.sum(0)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    stream = np.concatenate([[ptb_corpus.vocab.eos], ids])
+    assert np.array_equal(x[0], stream[starts]) and np.array_equal(y[0], stream[starts + 1])
+    assert (np.diff(lengths) <= 0).all() and lengths.max() - lengths.min() <= 1  # padding: last row only
 
 
 def test_ptb_sentence_mode_covers_every_sentence_once(ptb_corpus):

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dglstm_lm.config import DGLSTMConfig, LSTMConfig, RNNConfig, StackedLSTMConfig
 from dglstm_lm.models import DGLSTMLayer, LanguageModel, LSTMLayer, build_core, build_model, count_parameters
@@ -330,16 +329,19 @@ def test_weight_tying_shares_the_tensor():
         LanguageModel(40, 12, build_core("lstm", 12, [10]), tie_weights=True)
 
 
-def test_language_model_loss_ignores_padding():
-    """Targets of -100 contribute nothing: the loss over a padded batch equals the loss over its real tokens."""
+def test_evaluation_ignores_padding_exactly(tiny_dir, tmp_path):
+    """Sentence batches are right-padded: the summed NLL and the token count over padded batches of 3 equal
+    those of unpadded batches of one sentence."""
+    from dglstm_lm.data import make_batches, prepare
+    from dglstm_lm.trainer import evaluate_batches
+
     torch.manual_seed(6)
-    model = build_model(20, StackedLSTMConfig(emb_dim=6, hidden_dim=6)).eval()
-    tokens = torch.randint(20, (5, 2))
-    targets = torch.randint(20, (5, 2))
-    padded = targets.clone()
-    padded[3:, 1] = -100
-    logits, _ = model(tokens, model.init_state(2))
-    nll = F.cross_entropy(logits.view(-1, 20), padded.view(-1), ignore_index=-100, reduction="sum")
-    keep = padded.view(-1) != -100
-    manual = F.cross_entropy(logits.view(-1, 20)[keep], targets.view(-1)[keep], reduction="sum")
-    torch.testing.assert_close(nll, manual)
+    corpus = prepare(data_dir=str(tiny_dir), root=tmp_path, verify_checksums=False)
+    model = build_model(len(corpus.vocab), StackedLSTMConfig(emb_dim=6, hidden_dim=6)).double()
+    padded = make_batches(corpus, "train", "sentence", 3, 5, shuffle=False)
+    single = make_batches(corpus, "train", "sentence", 1, 5, shuffle=False)
+    assert any((padded.get(0, i)[1] == -100).any() for i in range(len(padded)))  # there is padding to ignore
+    nll_p, tok_p = evaluate_batches(model.float(), padded, torch.device("cpu"))
+    nll_s, tok_s = evaluate_batches(model.float(), single, torch.device("cpu"))
+    assert tok_p == tok_s == corpus.splits["train"].num_tokens
+    assert nll_p == pytest.approx(nll_s, rel=1e-6)
