@@ -446,6 +446,18 @@ def compose(
     return cfg
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: configs compared and grouped key by key."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def resolved_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain data (what checkpoints, metrics and W&B store)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

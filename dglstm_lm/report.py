@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import atomic_write_bytes
+from .config import flatten
 from .errors import UserError, cli
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,6 @@ PUBLISHED = {
         ("TensorFlow PTB tutorial, large (published)", None, None, 78.29),
     ],
 }
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _output_only(key: str) -> bool:
@@ -379,32 +369,32 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
     return "\n".join(out)
 
 
-def write_csv(tables: list[Table]) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(
-        [
-            "table",
-            "data",
-            "row",
-            "model",
-            "published",
-            "params",
-            "epochs",
-            "val_ppl_mean",
-            "val_ppl_std",
-            "test_ppl_mean",
-            "test_ppl_std",
-            "n_seeds",
-            "seeds",
-            "tokens_per_s",
-            "wall_s",
-        ]
-    )
+COLUMNS = [
+    "table",
+    "data",
+    "row",
+    "model",
+    "published",
+    "params",
+    "epochs",
+    "val_ppl_mean",
+    "val_ppl_std",
+    "test_ppl_mean",
+    "test_ppl_std",
+    "n_seeds",
+    "seeds",
+    "tokens_per_s",
+    "wall_s",
+]
+
+
+def table_rows(tables: list[Table]) -> list[list]:
+    """One list per row, in COLUMNS order: what report.csv and the W&B table hold."""
+    out = []
     for t in tables:
         for r in t.rows:
             v = r.values()
-            w.writerow(
+            out.append(
                 [
                     t.name,
                     t.data,
@@ -423,6 +413,14 @@ def write_csv(tables: list[Table]) -> bytes:
                     v.get("wall_s"),
                 ]
             )
+    return out
+
+
+def write_csv(tables: list[Table]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows(table_rows(tables))
     return buf.getvalue().encode()
 
 
@@ -515,6 +513,7 @@ def log_to_wandb(tables, figures, out_dir: Path, group: str, mode: str) -> str |
     import os
 
     os.environ.setdefault("WANDB_CACHE_DIR", str(out_dir / ".wandb-cache"))
+    os.environ.setdefault("WANDB_DATA_DIR", str(out_dir / ".wandb-cache"))
     import wandb
 
     run = wandb.init(
@@ -526,43 +525,7 @@ def log_to_wandb(tables, figures, out_dir: Path, group: str, mode: str) -> str |
         mode=mode,
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, disable_git=True),
     )
-    cols = [
-        "table",
-        "row",
-        "model",
-        "published",
-        "params",
-        "epochs",
-        "val_ppl_mean",
-        "val_ppl_std",
-        "test_ppl_mean",
-        "test_ppl_std",
-        "n_seeds",
-        "tokens_per_s",
-        "wall_s",
-    ]
-    data = []
-    for t in tables:
-        for r in t.rows:
-            v = r.values()
-            data.append(
-                [
-                    t.name,
-                    r.label,
-                    r.model,
-                    r.published,
-                    v.get("params"),
-                    v.get("epochs"),
-                    v.get("val_mean"),
-                    v.get("val_std"),
-                    v.get("test_mean"),
-                    v.get("test_std"),
-                    v.get("n"),
-                    v.get("tokens_per_s"),
-                    v.get("wall_s"),
-                ]
-            )
-    payload = {"perplexity": wandb.Table(columns=cols, data=data)}
+    payload = {"perplexity": wandb.Table(columns=COLUMNS, data=table_rows(tables))}
     for (ti, kind), path in figures.items():
         payload[f"figures/{tables[ti].name}_{ti}_{kind}"] = wandb.Image(str(path))
     run.log(payload)

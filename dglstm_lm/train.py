@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import compose, resolved_container, validate
+from .config import compose, flatten, resolved_container, validate
 from .errors import CheckpointError, ConfigError, UserError, report_and_exit
 
 log = logging.getLogger("dglstm_lm.train")
@@ -73,17 +73,6 @@ def _read_json(path: Path):
 
 def read_metrics(run_dir: Path) -> dict | None:
     return _read_json(Path(run_dir) / "metrics.json")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def config_differences(old: dict, new: dict) -> list[str]:

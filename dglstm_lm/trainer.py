@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -426,7 +427,7 @@ class Trainer:
             with warnings.catch_warnings():
                 # resumed between the last step of an epoch and its validation: no optimizer.step() yet in
                 # this process, which torch warns about; the schedule is per epoch and stays right
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     self.scheduler.step(val_ppl)
                 else:

@@ -329,14 +329,18 @@ def test_weight_tying_shares_the_tensor():
         LanguageModel(40, 12, build_core("lstm", 12, [10]), tie_weights=True)
 
 
-def test_evaluation_ignores_padding_exactly(tiny_dir, tmp_path):
+def test_evaluation_ignores_padding_exactly(tmp_path):
     """Sentence batches are right-padded: the summed NLL and the token count over padded batches of 3 equal
     those of unpadded batches of one sentence."""
     from dglstm_lm.data import make_batches, prepare
     from dglstm_lm.trainer import evaluate_batches
 
+    from .conftest import write_corpus
+
     torch.manual_seed(6)
-    corpus = prepare(data_dir=str(tiny_dir), root=tmp_path, verify_checksums=False)
+    varied = ["a", "a b c d e f", "b c", "c d e f g h i j", "d e f", "a b c d", "e", "f g h i j k l"]
+    folder = write_corpus(tmp_path / "c", train=varied, valid=varied[:3], test=varied[3:6])
+    corpus = prepare(data_dir=str(folder), root=tmp_path, verify_checksums=False)
     model = build_model(len(corpus.vocab), StackedLSTMConfig(emb_dim=6, hidden_dim=6)).double()
     padded = make_batches(corpus, "train", "sentence", 3, 5, shuffle=False)
     single = make_batches(corpus, "train", "sentence", 1, 5, shuffle=False)

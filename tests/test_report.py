@@ -15,6 +15,8 @@ from dglstm_lm.report import build_report
 from .conftest import PY, run_cli
 from .test_sweeps import TINY, jobs, sweep
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def two_sweeps(tmp_path_factory, ptb_dir, ptb_root):
@@ -117,7 +119,17 @@ def test_report_logs_a_wandb_table_in_the_sweeps_group(two_sweeps):
     ).stdout
     run = next(json.loads(line)["run"] for line in text.splitlines() if '"type":"run"' in line)
     assert run["run_group"] == "sweep-2026-01-01_10-00-00" and run["job_type"] == "report"
-    assert res["wandb_id"] and '"_type":"table-file"' in text.replace(" ", "") and "image-file" in text
+    assert res["wandb_id"] == run["run_id"]
+    (table_file,) = list((offline / "files" / "media" / "table").glob("perplexity_*.table.json"))
+    logged = json.loads(table_file.read_text())
+    rows = list(csv.reader((out / "report-s1" / "report.csv").open()))
+    assert logged["columns"] == rows[0]
+    for got, want in zip(logged["data"], rows[1:], strict=True):
+        assert [("" if v is None else str(v)) for v in got] == want
+    images = sorted(p.name for p in (offline / "files" / "media" / "images" / "figures").glob("*.png"))
+    assert len(images) == 2 and all(
+        _png_size(p)[0] > 0 for p in (offline / "files" / "media" / "images" / "figures").glob("*.png")
+    )
 
 
 def test_report_on_empty_outputs_and_single_run(tmp_path, two_sweeps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -74,7 +75,7 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
     ):
         assert m[key] is not None, key
     assert m["status"] == "completed" and m["model"] == model and m["epochs_completed"] == 2
-    assert 1 < m["test/ppl"] < 10_000
+    assert math.isfinite(m["test/ppl"]) and m["test/ppl"] > 1
     assert m["val/ppl"] == min(r["val/ppl"] for r in read_history(run_dir))
     hist = read_history(run_dir)
     assert [r["epoch"] for r in hist] == [1, 2]
