@@ -19,6 +19,8 @@ MAKE_VARS := PYTHON VENV TORCH_SPEC TORCH_INDEX ARGS
 _reverse = $(if $(1),$(call _reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 _is_make_var = $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(1))))
 OVERRIDES := $(strip $(foreach o,$(call _reverse,$(MAKEOVERRIDES)),$(if $(call _is_make_var,$(o)),,$(o))))
+# Each override single-quoted for the shell, so that Hydra sees quotes, braces and brackets as typed.
+QUOTED := $(foreach o,$(OVERRIDES),'$(subst ','\'',$(o))')
 # Hydra reads these as overrides; `make` must not also export them into the environment.
 unexport $(foreach o,$(MAKEOVERRIDES),$(firstword $(subst =, ,$(o))))
 
@@ -36,16 +38,16 @@ setup:  ## create .venv: torch (TORCH_SPEC) first, then the project with dev ext
 	$(PY) -m dglstm_lm.build_kernels
 
 data:  ## prepare PTB (verify, tokenise, cache) and print the split statistics
-	$(PY) -m dglstm_lm.data $(OVERRIDES)
+	$(PY) -m dglstm_lm.data $(QUOTED)
 
 train:  ## train one model; any Hydra override, e.g. model=dglstm experiment=zaremba_small seed=7
-	$(PY) -m dglstm_lm.train $(OVERRIDES)
+	$(PY) -m dglstm_lm.train $(QUOTED)
 
 sweep:  ## Hydra multirun over any grid, e.g. model=lstm,stacked_lstm,dglstm seed=1,2,3
-	$(PY) -m dglstm_lm.train --multirun $(OVERRIDES)
+	$(PY) -m dglstm_lm.train --multirun $(QUOTED)
 
 search:  ## Optuna hyper-parameter search (conf/hparams_search/), e.g. hparams_search=dglstm_lr
-	$(PY) -m dglstm_lm.train --multirun $(if $(filter hparams_search=%,$(OVERRIDES)),,hparams_search=dglstm_lr) $(OVERRIDES)
+	$(PY) -m dglstm_lm.train --multirun $(if $(filter hparams_search=%,$(OVERRIDES)),,hparams_search=dglstm_lr) $(QUOTED)
 
 eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt
 	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(ARGS)

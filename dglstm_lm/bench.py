@@ -5,7 +5,7 @@ Training throughput is tokens/s of a full step (embedding, core, softmax over 10
 update) at batch 20 × bptt 35; evaluation throughput is the forward pass and loss without gradients. The
 cores and the reference are measured in alternating rounds and the median is kept, so that the ratios hold
 even on a busy machine; absolute numbers vary run to run. Peak memory is the growth of the peak resident
-set of a fresh process doing three training steps (CPU), or torch's peak allocation (CUDA).
+set of a fresh process over three training steps (CPU), or torch's peak allocation (CUDA).
 """
 
 from __future__ import annotations
@@ -116,6 +116,14 @@ def peak_memory_mb(core: str, dim: int, layers: int, device: str) -> float:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident set. VmHWM belongs to the address space, which exec() replaces; getrusage's
+    ru_maxrss would carry the parent's peak over into a child process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -91,11 +91,17 @@ def _link_or_copy_file(src: Path, dst: Path) -> None:
 
 def _replace_with(src: Path, dst: Path) -> None:
     """Atomically make dst a link to (or copy of) src, through a temporary name."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already the same file (rename() between two links to one file would do nothing)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     if tmp.exists():
         tmp.unlink()
     _link_or_copy_file(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None, also=()) -> None:

@@ -124,7 +124,10 @@ class TrainerConfig:
     )
     init_from: str | None = None  # copy matching weights from a checkpoint (e.g. stacked LSTM into a DGLSTM)
     progress: str = "auto"  # auto (bars on a terminal, not under CI) | on | off
-    diverge_threshold: float | None = None  # also stop when the train loss exceeds this
+    # Stop when the loss is NaN or inf, or a step's mean loss exceeds this many nats per token (an untrained
+    # model sits at ln(vocabulary) ≈ 9.2; a finite loss of e.g. 1e29 after a far too large rate is divergence
+    # too). null: NaN/inf only.
+    diverge_threshold: float | None = 100.0
 
 
 @dataclass
@@ -326,6 +329,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         t.checkpoint_every_min is None or t.checkpoint_every_min > 0,
         "trainer.checkpoint_every_min",
         f"must be positive or null, got {t.checkpoint_every_min}",
+    )
+    _check(
+        t.diverge_threshold is None or t.diverge_threshold > 0,
+        "trainer.diverge_threshold",
+        f"must be positive or null, got {t.diverge_threshold}",
     )
     _check(
         t.progress in ("auto", "on", "off"),

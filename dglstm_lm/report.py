@@ -580,8 +580,11 @@ def main(argv=None) -> int:
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    root = Path(args.dir)
+    root = Path(args.dir or "outputs")
     out = Path(args.out) if args.out else (Path("outputs") / "report")
+    if args.dir is None and not root.exists():  # a fresh checkout: nothing has run yet
+        print(f"no runs found under {root}/ (nothing has been trained yet)")
+        return 0
     res = build_report(root, out, args.wandb_mode)
     if res["runs"] == 0:
         print(f"{res['message']}; wrote an empty report to {out}/report.md")

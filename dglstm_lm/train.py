@@ -170,10 +170,14 @@ def train(
                 resume_path, resume_state = ckpt.load_for_resume(last)
         if resume_state is not None:
             diffs = config_differences(resume_state["config"], config_dict)
-            model_diffs = [k for k in diffs if k.startswith("model.")]
+            model_diffs = [k for k in diffs if k.startswith("model.") and not _free(k)]
             if model_diffs:
                 old, new = flatten(resume_state["config"]), flatten(config_dict)
-                shown = ", ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in model_diffs[:4])
+                if "model.name" in model_diffs:  # another kind of model: its other keys differ by definition
+                    model_diffs = ["model.name"]
+                shown = ", ".join(
+                    f"{k}: {old.get(k, 'absent')} → {new.get(k, 'absent')}" for k in model_diffs[:4]
+                )
                 raise CheckpointError(f"cannot resume {resume_path}: the model config differs ({shown})")
             other = [k for k in diffs if not _free(k)]
             if other:
@@ -528,6 +532,9 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def main() -> None:
     from . import callbacks
+
+    # optuna < 3 (pinned by hydra-optuna-sweeper) uses SQLAlchemy 1.4 APIs that warn about 2.0 on every import
+    os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
 
     try:
         argv, env = preflight(sys.argv[1:])

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,8 @@ def test_report_and_eval_while_a_run_is_writing(tmp_path, ptb_dir, ptb_root):
 
     reads = evals = 0
     try:
+        while proc.poll() is None and not (tmp_path / "out").exists():
+            time.sleep(0.05)
         while proc.poll() is None:
             if (run_dir / "checkpoints" / "last.pt").exists():
                 load_model(run_dir / "checkpoints" / "last.pt")  # verified load of a file being replaced

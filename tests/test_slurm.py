@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,14 +29,16 @@ SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     have = shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()
     if not have and os.geteuid() != 0:
         msg = "SLURM is not installed and installing it needs root"
         if CI:
             pytest.fail(msg)
         pytest.skip(msg)
-    state = tmp_path_factory.mktemp("slurm-state")
+    # The daemons run as users munge and slurm: their state folder cannot live in pytest's private (0700) tmp.
+    state = Path(tempfile.mkdtemp(prefix="dglstm-slurm-test-", dir="/tmp"))
+    state.chmod(0o755)
     env = dict(os.environ, SLURM_LOCAL_DIR=str(state))
     start = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600)
     assert start.returncode == 0, start.stdout + start.stderr
@@ -59,6 +62,7 @@ def slurm(tmp_path_factory):
             assert not stat.exists() or stat.read_text().split()[2] in ("Z", "X"), (
                 f"{name} ({pid}) still running"
             )
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _env(slurm):

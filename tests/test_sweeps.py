@@ -108,8 +108,8 @@ def test_failing_jobs_are_recorded_and_do_not_stop_the_others(tmp_path, ptb_dir,
         and "trainer.lr: must be positive" in found["trainer.lr=-1"]["error"]
     )
     assert (
-        found["trainer.lr=1e30"]["status"] == "diverged"
-        and "diverged at epoch 1, step" in found["trainer.lr=1e30"]["error"]
+        found[f"trainer.lr={1e30}"]["status"] == "diverged"
+        and "diverged at epoch 1, step" in found[f"trainer.lr={1e30}"]["error"]
     )
     assert "2 of 3 jobs did not complete" in r.stdout
     assert "Traceback" not in r.stderr
