@@ -15,14 +15,18 @@ TORCH_INDEX ?=
 # Variables of this Makefile itself, never forwarded to Hydra. (ckpt=, dir=, seed= ... of eval, generate and
 # report are read by those targets only; train and sweep forward everything else.)
 MAKE_VARS := PYTHON VENV TORCH_SPEC TORCH_INDEX ARGS
-# Command-line assignments arrive in $(MAKEOVERRIDES) in reverse order, spaces escaped as '\ '.
+# Command-line assignments arrive in $(MAKEOVERRIDES) in reverse order, spaces escaped as '\ ': keep an
+# escaped space inside its override (as _SP_) while splitting, and give it back inside the shell quotes.
+_empty :=
+_space := $(_empty) $(_empty)
 _reverse = $(if $(1),$(call _reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 _is_make_var = $(filter $(MAKE_VARS),$(firstword $(subst =, ,$(1))))
-OVERRIDES := $(strip $(foreach o,$(call _reverse,$(MAKEOVERRIDES)),$(if $(call _is_make_var,$(o)),,$(o))))
+_ASSIGNMENTS := $(call _reverse,$(subst \$(_space),_SP_,$(MAKEOVERRIDES)))
+OVERRIDES := $(strip $(foreach o,$(_ASSIGNMENTS),$(if $(call _is_make_var,$(o)),,$(o))))
 # Each override single-quoted for the shell, so that Hydra sees quotes, braces and brackets as typed.
-QUOTED := $(foreach o,$(OVERRIDES),'$(subst ','\'',$(o))')
+QUOTED := $(foreach o,$(OVERRIDES),'$(subst _SP_,$(_space),$(subst ','\'',$(o)))')
 # Hydra reads these as overrides; `make` must not also export them into the environment.
-unexport $(foreach o,$(MAKEOVERRIDES),$(firstword $(subst =, ,$(o))))
+unexport $(foreach o,$(_ASSIGNMENTS),$(firstword $(subst =, ,$(o))))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train sweep search eval generate bench report test test-fast lint format slurm-up slurm-down clean

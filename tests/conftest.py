@@ -94,7 +94,9 @@ def tiny_dir(tmp_path) -> Path:
 def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 600, **kw):
     """Run a command line the way a user would; returns the CompletedProcess (text mode)."""
     full_env = dict(os.environ)
-    full_env.pop("PYTEST_CURRENT_TEST", None)
+    # a `make test ARGS=...` around pytest must not leak its variables into the tests' own make calls
+    for var in ("PYTEST_CURRENT_TEST", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ARGS"):
+        full_env.pop(var, None)
     full_env.setdefault("CI", "true")  # no progress bars
     if env:
         full_env.update(env)
