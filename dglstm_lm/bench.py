@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 V, B, T = 10_000, 20, 35
-CORES = ("nn.LSTM", "rnn", "stacked_lstm", "dglstm", "dglstm[python]")
+# "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
+CORES = ("nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[python]")
 
 
 class _NNLSTMCore(nn.Module):
@@ -49,7 +51,7 @@ class _NNLSTMCore(nn.Module):
 def make_model(core: str, dim: int, layers: int, device):
     from .models import LanguageModel, build_core
 
-    if core == "nn.LSTM":
+    if core.startswith("nn.LSTM"):
         c = _NNLSTMCore(dim, layers)
     elif core == "dglstm[python]":
         c = build_core("dglstm", dim, [dim] * layers, backend="python")
@@ -66,7 +68,8 @@ def _sync(device):
 
 
 def measure(models: dict, device, rounds: int, steps: int, train: bool) -> dict[str, float]:
-    """tokens/s per model: `rounds` alternating rounds of `steps` steps; the median round counts."""
+    """tokens/s per model: `rounds` rounds of `steps` steps of every model, in a new (seeded) order each round
+    so that no model profits from its place; the median round counts."""
     x = torch.randint(V, (T, B), device=device)
     y = torch.randint(V, (T, B), device=device)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
@@ -90,8 +93,11 @@ def measure(models: dict, device, rounds: int, steps: int, train: bool) -> dict[
         step(k)
         step(k)
     times = {k: [] for k in models}
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k in models:
+        order = list(models)
+        rng.shuffle(order)
+        for k in order:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -251,7 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=15, help="alternating rounds; the median round counts")
     p.add_argument("--cores", default=",".join(CORES))
     p.add_argument("--quick", action="store_true", help="one short round of everything (to check the script)")
     p.add_argument("--ptb-dir", default=None)
@@ -273,7 +279,9 @@ def main(argv=None) -> int:
     records = []
     for dim in (int(s) for s in args.sizes.split(",")):
         models = {c: make_model(c, dim, args.layers, device) for c in cores}
-        steps = 1 if args.quick else max(1, round(4 * 200 / dim))
+        steps = (
+            1 if args.quick else max(1, round(2 * 200 / dim))
+        )  # short rounds: all cores see the same noise
         train_tps = measure(models, device, rounds, steps, train=True)
         eval_tps = measure(models, device, rounds, steps * 3, train=False)
         ref_train, ref_eval = train_tps.get("nn.LSTM"), eval_tps.get("nn.LSTM")
@@ -295,7 +303,7 @@ def main(argv=None) -> int:
             }
             records.append(rec)
             print(
-                f"{args.layers}x{dim:<5} {c:<15} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
+                f"{args.layers}x{dim:<5} {c:<18} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
                 f" ({rec['train_ratio_to_nn_lstm']:.2f}x)  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
                 f" ({rec['eval_ratio_to_nn_lstm']:.2f}x)  peak {rec['peak_memory_mb']:,.0f} MB",
                 flush=True,

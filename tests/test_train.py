@@ -387,7 +387,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     payload = json.loads((tmp_path / "bench.json").read_text())
     cores = {rec["core"] for rec in payload["records"]}
-    assert cores == {"nn.LSTM", "rnn", "stacked_lstm", "dglstm", "dglstm[python]"}
+    assert cores == {"nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[python]"}
     for rec in payload["records"]:
         assert {
             "core",

@@ -167,7 +167,31 @@ class RecurrentStack(nn.Module):
             for layer in self.layers
         ]
 
+    def _fused_kind(self):
+        """'lstm' / 'rnn' when the whole stack can run as one call of PyTorch's fused multi-layer kernel (as
+        nn.LSTM does: oneDNN / cuDNN process all layers at once), else None."""
+        kinds = {type(layer) for layer in self.layers}
+        if len({layer.hidden_dim for layer in self.layers}) != 1 or len(kinds) != 1:
+            return None
+        return {LSTMLayer: "lstm", RNNLayer: "rnn"}.get(kinds.pop())
+
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        fused = self._fused_kind()
+        if fused is not None:
+            # one call for all layers; its dropout between layers is nn.LSTM's (training only)
+            weights = [
+                w
+                for layer in self.layers
+                for w in (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh)
+            ]
+            args = (True, len(self.layers), self.drop.p, self.training, False, False)
+            if fused == "lstm":
+                h0 = torch.stack([s[0] for s in state])
+                c0 = torch.stack([s[1] for s in state])
+                out, h, c = torch.lstm(x, (h0, c0), weights, *args)
+                return out, [(h[k], c[k]) for k in range(len(self.layers))]
+            out, h = torch.rnn_tanh(x, torch.stack([s[0] for s in state]), weights, *args)
+            return out, [(h[k],) for k in range(len(self.layers))]
         new_state, lower_c = [], None
         for idx, layer in enumerate(self.layers):
             if idx > 0:
