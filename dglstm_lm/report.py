@@ -47,6 +47,7 @@ OUTPUT_ONLY = (
     "trainer.threads",
     "trainer.checkpoint_every_min",
     "trainer.checkpoint_every_steps",
+    "trainer.diverge_threshold",  # a stop condition: it changes nothing in a run that completed
     "model.backend",
     "data.dir",
     "data.root",

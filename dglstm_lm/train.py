@@ -37,6 +37,7 @@ RESUME_FREE_KEYS = {
     "trainer.checkpoint_every_min",
     "trainer.checkpoint_every_steps",
     "trainer.max_epochs",
+    "trainer.diverge_threshold",
     "model.backend",
     "logger",
     "paths",
