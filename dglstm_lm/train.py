@@ -85,6 +85,37 @@ def _free(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
 
 
+def code_version() -> str:
+    """The commit of this checkout (+dirty with local changes), else the package version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            rev = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if rev.returncode == 0:
+                return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dglstm-lm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,7 +248,7 @@ def train(
         trainer = Trainer(
             model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params
         )
-        started = _now()
+        started, code = _now(), code_version()
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
             log.info(
@@ -262,6 +293,7 @@ def train(
                 "threads": torch.get_num_threads(),
                 "run_dir": str(run_dir),
                 "wandb_id": tracker.run_id,
+                "code": code,
                 "started_at": started,
                 "updated_at": _now(),
             }
