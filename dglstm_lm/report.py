@@ -209,6 +209,31 @@ class Table:
     differing_keys: list[str]
 
 
+def distinguishing_keys(configs: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """What tells the rows of one table apart, beyond the model name.
+
+    A key every row has and that varies (say `trainer.lr`) is shown on every row; a model's own option
+    (`model.peephole` exists for the DGLSTM only) is shown only where it varies between rows of that same
+    model, since the model name already says the other rows do not have it. Returns the keys to show per
+    row and their union in order.
+    """
+    common = set.intersection(*(set(c) for c in configs)) if configs else set()
+    across = {k for k in common if k != "model.name" and len({c[k] for c in configs}) > 1}
+    by_model: dict[str, list[dict]] = {}
+    for c in configs:
+        by_model.setdefault(c.get("model.name", "?"), []).append(c)
+    within = {
+        name: {
+            k
+            for k in set().union(*(set(c) for c in group))
+            if k not in common and len({c.get(k, "<absent>") for c in group}) > 1
+        }
+        for name, group in by_model.items()
+    }
+    per_row = [sorted(across | within[c.get("model.name", "?")]) for c in configs]
+    return per_row, sorted(set().union(*per_row)) if per_row else []
+
+
 def build_tables(runs: list[Run]) -> list[Table]:
     done = [r for r in runs if r.status == "completed" and r.metrics.get("test/ppl") is not None]
     by_table: dict[tuple, list[Run]] = {}
@@ -219,14 +244,11 @@ def build_tables(runs: list[Run]) -> list[Table]:
         by_row: dict[tuple, list[Run]] = {}
         for r in table_runs:
             by_row.setdefault(r.identity, []).append(r)
-        # keys in which the rows differ (other than the model name, which is what a table compares)
-        configs = [dict(ident) for ident in by_row]
-        all_keys = sorted(set().union(*configs))
-        differing = [k for k in all_keys if len({c.get(k, "<absent>") for c in configs}) > 1]
-        shown = [k for k in differing if k != "model.name"]
+        idents = list(by_row)
+        shown_per_row, differing = distinguishing_keys([dict(ident) for ident in idents])
         rows = []
-        for ident, row_runs in by_row.items():
-            cfg = dict(ident)
+        for ident, shown in zip(idents, shown_per_row, strict=True):
+            row_runs, cfg = by_row[ident], dict(ident)
             extra = ", ".join(
                 f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={json.loads(cfg[k]) if k in cfg else '—'}"
                 for k in shown
@@ -299,8 +321,11 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
         out += ["No completed runs yet.", ""]
     for ti, t in enumerate(tables):
         out += [f"## {t.name} ({t.data})", ""]
-        if [k for k in t.differing_keys if k != "model.name"]:
-            out += [f"Rows differ in: {', '.join(f'`{k}`' for k in t.differing_keys)}.", ""]
+        if t.differing_keys:
+            out += [
+                f"Rows differ in (besides the model): {', '.join(f'`{k}`' for k in t.differing_keys)}.",
+                "",
+            ]
         out += [
             "| model | params | epochs | valid ppl | test ppl | seeds | tokens/s | wall |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -430,6 +455,7 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -463,6 +489,11 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
+        # plain numbers on the log axis (not 1.2×10²); minor ticks labelled when the range is within a decade
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        lo, hi = ax.get_ylim()
+        minor = FuncFormatter(lambda v, _: f"{v:g}") if hi / lo < 10 else FuncFormatter(lambda v, _: "")
+        ax.yaxis.set_minor_formatter(minor)
         ax.set_title(f"{t.name}: validation perplexity (mean ± std over seeds)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -478,20 +509,26 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
         stds = [r.values()["test_std"] or 0.0 for r in rows]
         ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
         ax.set_xticks(range(len(rows)), labels, rotation=15, ha="right", fontsize=8)
-        for r in t.rows:
-            if r.published and r.pub_values.get("test_mean"):
-                ax.axhline(r.pub_values["test_mean"], ls="--", lw=1, color="gray")
-                ax.text(
-                    len(rows) - 0.5,
-                    r.pub_values["test_mean"],
-                    r.label,
-                    fontsize=6,
-                    va="bottom",
-                    ha="right",
-                    color="gray",
-                )
-        for i, (m, n) in enumerate(zip(means, [r.n for r in rows])):
-            ax.text(i, m, f"{m:.1f}\nn={n}", ha="center", va="bottom", fontsize=7)
+        top = max((m + sd for m, sd in zip(means, stds)), default=1.0)
+        for r, style in zip(
+            [r for r in t.rows if r.published and r.pub_values.get("test_mean")], ["--", ":", "-."] * 9
+        ):
+            ax.axhline(r.pub_values["test_mean"], ls=style, lw=1, color="gray", label=r.label)
+            top = max(top, r.pub_values["test_mean"])
+        for i, (m, sd, n) in enumerate(zip(means, stds, [r.n for r in rows])):
+            ax.annotate(
+                f"{m:.1f} ± {sd:.1f} (n={n})" if n > 1 else f"{m:.1f} (n=1)",
+                (i, m + sd),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            )
+        ax.set_ylim(0, top * 1.15)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
         ax.set_ylabel("test perplexity")
         ax.set_title(f"{t.name}: test perplexity (error bars: std over seeds)")
         fig.tight_layout()

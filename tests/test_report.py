@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dglstm_lm.report import build_report
+from dglstm_lm.report import build_report, distinguishing_keys
 
 from .conftest import PY, run_cli
 from .test_sweeps import TINY, jobs, sweep
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +45,7 @@ def two_sweeps(tmp_path_factory, ptb_dir, ptb_root):
     return out, s1, s2
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_the_runs(two_sweeps):
     out, s1, s2 = two_sweeps
     res = build_report(out, out / "report", wandb_mode="offline")
@@ -73,6 +72,7 @@ def test_report_numbers_equal_the_runs(two_sweeps):
     assert "trainer.lr: must be positive" in md  # the failed job, listed with its reason
 
 
+@pytest.mark.slow
 def test_report_has_published_reference_rows_for_zaremba_tables(two_sweeps, tmp_path):
     out, s1, _ = two_sweeps
     # relabel one run as the zaremba_small recipe: the published rows appear beside it
@@ -96,6 +96,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_figures_are_valid_pngs(two_sweeps):
     out, _, _ = two_sweeps
     res = build_report(out, out / "report", wandb_mode="disabled")
@@ -106,6 +107,7 @@ def test_figures_are_valid_pngs(two_sweeps):
         assert 400 <= w <= 2000 and 300 <= h <= 1500 and f.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_report_logs_a_wandb_table_in_the_sweeps_group(two_sweeps):
     out, s1, _ = two_sweeps
     res = build_report(s1, out / "report-s1", wandb_mode="offline")
@@ -132,6 +134,7 @@ def test_report_logs_a_wandb_table_in_the_sweeps_group(two_sweeps):
     )
 
 
+@pytest.mark.slow
 def test_report_on_empty_outputs_and_single_run(tmp_path, two_sweeps):
     r = run_cli(
         [PY, "-m", "dglstm_lm.report", "--dir", str(tmp_path / "empty"), "--out", str(tmp_path / "rep")]
@@ -165,6 +168,7 @@ def test_report_on_empty_outputs_and_single_run(tmp_path, two_sweeps):
     )
 
 
+@pytest.mark.slow
 def test_report_on_a_sweep_in_progress(two_sweeps, tmp_path):
     """A job still running (metrics.json says running, history partly written) is listed as unfinished."""
     out, s1, _ = two_sweeps
@@ -188,3 +192,21 @@ def test_report_on_a_sweep_in_progress(two_sweeps, tmp_path):
     assert "| running |" in md and "| not started |" in md
     lstm = next(r for r in csv.DictReader((tmp_path / "rep" / "report.csv").open()) if r["model"] == "lstm")
     assert lstm["n_seeds"] == "1"
+
+
+def test_rows_are_labelled_by_what_tells_them_apart():
+    """A model's own options do not label rows of other models; keys shared by all rows do when they vary."""
+    stacked = {"model.name": '"stacked_lstm"', "trainer.lr": "1"}
+    dg = {"model.name": '"dglstm"', "trainer.lr": "1", "model.peephole": "false", "model.gate_input": "false"}
+    per_row, union = distinguishing_keys([stacked, dg])
+    assert per_row == [[], []] and union == []  # the recipe's own comparison: the model name says it all
+    dg_peep = {**dg, "model.peephole": "true"}
+    per_row, union = distinguishing_keys([stacked, dg, dg_peep])
+    assert per_row == [[], ["model.peephole"], ["model.peephole"]] and union == ["model.peephole"]
+    fast = {**stacked, "trainer.lr": "2"}
+    per_row, union = distinguishing_keys([stacked, fast, dg])
+    assert per_row == [["trainer.lr"]] * 3 and union == ["trainer.lr"]
+    # an option present in some rows of one model only is a difference between those rows
+    dg_bias = {**dg, "model.depth_gate_bias": "-1"}
+    per_row, _ = distinguishing_keys([dg, dg_bias])
+    assert per_row == [["model.depth_gate_bias"], ["model.depth_gate_bias"]]
