@@ -262,12 +262,12 @@ def train(
             previous = read_metrics(run_dir) or {}
             started = previous.get("started_at", started)
         log.info(
-            "%s (%s): %s parameters, %s, %d threads; run dir %s",
+            "%s (%s): %s parameters, %s, %s; run dir %s",
             obj.model.name,
             obj.name,
             f"{num_params:,}",
             device,
-            torch.get_num_threads(),
+            "1 thread" if torch.get_num_threads() == 1 else f"{torch.get_num_threads()} threads",
             run_dir,
         )
 
