@@ -229,4 +229,31 @@ def load_for_resume(target: str | Path) -> tuple[Path, dict]:
             state["step"],
             f"; the damaged file is kept as {quarantine.name}" if quarantine != path else "",
         )
+        _repair_best(path.with_name(BEST), prev, state)
         return prev, state
+
+
+def _repair_best(best: Path, prev: Path, state: dict) -> None:
+    """best.pt may be a link to the file that was damaged. If the checkpoint resumed from was written at the
+    end of the best epoch, it holds the best weights: link best.pt to it. Otherwise those weights are gone:
+    forget the best so far, and the remaining epochs choose it anew (said in the log)."""
+    if not best.exists():
+        return
+    try:
+        load(best)
+        return
+    except CheckpointError as exc:
+        damaged = exc
+    if state.get("batch") == 0 and state.get("best_epoch") == state.get("epoch", 0) - 1:
+        tmp = best.with_name(f".{best.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        os.link(prev, tmp)
+        os.replace(tmp, best)
+        log.warning("%s; %s holds the same best epoch and replaces it", damaged, prev.name)
+        return
+    best.unlink()
+    state["best_val"], state["best_epoch"] = float("inf"), -1
+    log.warning(
+        "%s; the best epoch's weights are lost with it: the best of the remaining epochs will be tested",
+        damaged,
+    )
