@@ -349,3 +349,20 @@ def test_evaluation_ignores_padding_exactly(tmp_path):
     nll_s, tok_s = evaluate_batches(model.float(), single, torch.device("cpu"))
     assert tok_p == tok_s == corpus.splits["train"].num_tokens
     assert nll_p == pytest.approx(nll_s, rel=1e-6)
+
+
+def test_cpp_backend_where_it_cannot_run_is_a_config_error(monkeypatch):
+    """model.backend=cpp names the fused CPU kernel: on a GPU, or without a compiler, say so before training."""
+    from dglstm_lm.config import compose, validate
+    from dglstm_lm.errors import ConfigError
+    from dglstm_lm.models import check_backend, kernels
+
+    m = validate(compose(["model=dglstm", "model.backend=cpp"])).model
+    check_backend(m, "cpu")  # here it can
+    with pytest.raises(ConfigError, match=r"model.backend=cpp: the fused C\+\+ kernel runs on the CPU only"):
+        check_backend(m, "cuda")
+    monkeypatch.setattr(kernels, "cpp_extension", lambda *a, **k: None)
+    monkeypatch.setattr(kernels, "cpp_unavailable_reason", lambda: "no C++ compiler found")
+    with pytest.raises(ConfigError, match=r"unavailable \(no C\+\+ compiler found\); use model.backend=auto"):
+        check_backend(m, "cpu")
+    check_backend(validate(compose(["model=dglstm"])).model, "cuda")  # auto: always fine

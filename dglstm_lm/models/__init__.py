@@ -1,7 +1,7 @@
 """Language models over interchangeable recurrent cores."""
 
 from .cores import DGLSTMLayer, LSTMLayer, RecurrentStack, RNNLayer, build_core
-from .lm import LanguageModel, build_model, count_parameters
+from .lm import LanguageModel, build_model, check_backend, count_parameters
 
 __all__ = [
     "DGLSTMLayer",
@@ -11,5 +11,6 @@ __all__ = [
     "RecurrentStack",
     "build_core",
     "build_model",
+    "check_backend",
     "count_parameters",
 ]

@@ -80,6 +80,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def check_backend(cfg, device) -> None:
+    """model.backend=cpp names the fused CPU kernel: say at once when it cannot run here, not mid-training."""
+    if getattr(cfg, "backend", "auto") != "cpp":
+        return
+    from ..errors import ConfigError
+    from .kernels import cpp_extension, cpp_unavailable_reason
+
+    if torch.device(device).type != "cpu":
+        raise ConfigError(
+            f"model.backend=cpp: the fused C++ kernel runs on the CPU only, and the run is on {device} "
+            "(use model.backend=auto)"
+        )
+    if cpp_extension() is None:
+        raise ConfigError(
+            f"model.backend=cpp: the fused C++ kernel is unavailable ({cpp_unavailable_reason()}); "
+            "use model.backend=auto or python"
+        )
+
+
 def build_model(vocab_size: int, cfg) -> LanguageModel:
     """Build the LM described by a model config (see `dglstm_lm.config`: RNNConfig ... DGLSTMConfig)."""
     core = build_core(
