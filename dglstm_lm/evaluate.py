@@ -21,6 +21,8 @@ def load_model(path, device="cpu"):
 
     state = ckpt.load(ckpt.resolve(path), map_location=device)
     cfg = config_from_dict(state["config"])
+    if hasattr(cfg.model, "backend"):
+        cfg.model.backend = "auto"  # the fastest loop for this device: every backend computes the same model
     model = build_model(len(state["vocab"]), cfg.model)
     try:
         model.load_state_dict(state["model"])
@@ -32,8 +34,10 @@ def load_model(path, device="cpu"):
 
 
 def evaluate_checkpoint(
-    path, data_dir: str | None = None, splits=("valid", "test"), device: str = "auto"
+    path, data_dir: str | None = None, splits=("valid", "test"), device: str = "auto", full: bool = False
 ) -> dict:
+    """Perplexity per split, over the batches the run evaluated: the whole split, or its first
+    trainer.limit_eval_batches batches for a run that set that (smoke runs), unless `full`."""
     from .data import make_batches, prepare_from_config
     from .train import resolve_device
     from .trainer import evaluate_batches, ppl
@@ -47,12 +51,18 @@ def evaluate_checkpoint(
         raise DataError(
             f"the corpus at {corpus.source} has a different vocabulary than {path} was trained on"
         )
-    results = {"checkpoint": str(ckpt.resolve(path)), "epoch": state["epoch"], "step": state["step"]}
     t = cfg.trainer
+    limit = None if full else t.limit_eval_batches
+    results = {
+        "checkpoint": str(ckpt.resolve(path)),
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "limit_eval_batches": limit,
+    }
     for split in splits:
         batches = make_batches(corpus, split, cfg.data.batching, t.eval_batch_size, t.bptt, shuffle=False)
-        # the trainer's own evaluation: eval and training report the same number for the same weights
-        nll, ntok = evaluate_batches(model, batches, dev, progress=sys.stderr.isatty(), desc=split)
+        # the trainer's own evaluation over the same batches: the same number for the same weights
+        nll, ntok = evaluate_batches(model, batches, dev, limit, progress=sys.stderr.isatty(), desc=split)
         results[f"{split}/ppl"] = ppl(nll / ntok)
         results[f"{split}/tokens"] = ntok
     return results
@@ -68,6 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="valid,test", help="comma-separated splits (default: valid,test)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="whole splits even if the run evaluated only its first trainer.limit_eval_batches batches",
+    )
     args = p.parse_args(argv)
     if not args.ckpt:
         raise CheckpointError("no checkpoint given: make eval ckpt=<checkpoint file or run dir>")
@@ -76,11 +91,16 @@ def main(argv=None) -> int:
     for s in splits:
         if s not in ("train", "valid", "test"):
             raise DataError(f"unknown split {s!r} (train, valid, test)")
-    res = evaluate_checkpoint(target, args.data_dir, splits, args.device)
+    res = evaluate_checkpoint(target, args.data_dir, splits, args.device, full=args.full)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"checkpoint {res['checkpoint']} (epoch {res['epoch']}, step {res['step']})")
+        if res["limit_eval_batches"]:
+            print(
+                f"first {res['limit_eval_batches']} batches of each split, as the run evaluated "
+                "(trainer.limit_eval_batches); whole splits: make eval ... full=1"
+            )
         for s in splits:
             print(f"{s:<6} ppl {res[f'{s}/ppl']:.2f}  ({res[f'{s}/tokens']:,} tokens)")
     return 0

@@ -320,7 +320,8 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "interrupted" and 0 < m["step"] < 80
 
-    resumed = run_cli(["make", "-s", "train", *common, f"trainer.resume={run_dir}"])
+    # the command the message gave, as it is: the run's own overrides come from its .hydra/
+    resumed = run_cli(["make", "-s", "train", f"trainer.resume={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
@@ -355,9 +356,18 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
     assert m["seed"] == 7 and m["epochs_completed"] == 1 and m["status"] == "completed"
     assert (run_dir / "wandb").is_dir()  # logger=wandb (offline) is the default
 
+    # by default the batches the run evaluated (smoke: the first limit_eval_batches): its numbers exactly
     ev = run_cli(["make", "-s", "eval", f"ckpt={run_dir}", "ARGS=--json"], env={"PTB_DIR": str(ptb_dir)})
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert res["limit_eval_batches"] == 10
+    assert res["valid/ppl"] == pytest.approx(m["val/ppl"], rel=1e-9)
+    assert res["test/ppl"] == pytest.approx(m["test/ppl"], rel=1e-9)
+    full = run_cli(
+        ["make", "-s", "eval", f"ckpt={run_dir}", "full=1", "ARGS=--json"], env={"PTB_DIR": str(ptb_dir)}
+    )
+    assert full.returncode == 0, full.stderr
+    res = json.loads(full.stdout.strip().splitlines()[-1])
     assert res["valid/tokens"] == 73_760 and res["test/tokens"] == 82_430 and res["valid/ppl"] > 1
     gen = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=12", "seed=3", "prompt=the company"])
     assert gen.returncode == 0, gen.stderr
