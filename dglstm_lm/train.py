@@ -43,10 +43,22 @@ RESUME_FREE_KEYS = {
     "paths",
     "data.dir",
     "data.root",
+    "data.verify_checksums",
     "data.download",
     "data.sources",
     "tags",
 }
+
+
+# Keys that decide which batches make up an epoch and in what order: a checkpoint taken mid-epoch holds a
+# position in that sequence (and a hidden state of batch_size columns), valid only for the same layout.
+LAYOUT_KEYS = ("seed", "trainer.batch_size", "trainer.bptt", "trainer.limit_train_batches", "data")
+# Keys whose change makes the optimizer's or the schedule's saved state meaningless.
+STATE_KEYS = ("trainer.optimizer", "trainer.lr_schedule")
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 class DivergedError(UserError):
@@ -159,7 +171,7 @@ def train(
     finite, trainer.Interrupted after SIGINT/SIGTERM/SIGUSR2 (a checkpoint is saved first).
     """
     from .data import prepare_from_config
-    from .models import build_model, count_parameters
+    from .models import build_model, check_backend, count_parameters
     from .tracking import make_tracker
     from .trainer import Diverged, Interrupted, StopSignals, Trainer, seed_everything
 
@@ -202,15 +214,31 @@ def train(
                 resume_path, resume_state = ckpt.load_for_resume(last)
         if resume_state is not None:
             diffs = config_differences(resume_state["config"], config_dict)
+            old, new = flatten(resume_state["config"]), flatten(config_dict)
+
+            def shown(keys: list[str]) -> str:
+                return ", ".join(f"{k}: {old.get(k, 'absent')} → {new.get(k, 'absent')}" for k in keys[:4])
+
             model_diffs = [k for k in diffs if k.startswith("model.") and not _free(k)]
             if model_diffs:
-                old, new = flatten(resume_state["config"]), flatten(config_dict)
                 if "model.name" in model_diffs:  # another kind of model: its other keys differ by definition
                     model_diffs = ["model.name"]
-                shown = ", ".join(
-                    f"{k}: {old.get(k, 'absent')} → {new.get(k, 'absent')}" for k in model_diffs[:4]
+                raise CheckpointError(
+                    f"cannot resume {resume_path}: the model config differs ({shown(model_diffs)})"
                 )
-                raise CheckpointError(f"cannot resume {resume_path}: the model config differs ({shown})")
+            state_diffs = [k for k in diffs if _under(k, STATE_KEYS)]
+            if state_diffs:
+                raise CheckpointError(
+                    f"cannot resume {resume_path}: its optimizer/schedule state is for another one "
+                    f"({shown(state_diffs)}); start a new run with trainer.init_from={resume_path}"
+                )
+            layout_diffs = [k for k in diffs if _under(k, LAYOUT_KEYS) and not _free(k)]
+            if layout_diffs and resume_state.get("batch", 0) > 0:
+                raise CheckpointError(
+                    f"cannot resume {resume_path} in the middle of epoch {resume_state['epoch'] + 1} with "
+                    f"another data layout ({shown(layout_diffs)}); keep these values, or resume from a "
+                    "checkpoint taken at an epoch's end"
+                )
             other = [k for k in diffs if not _free(k)]
             if other:
                 log.warning(
@@ -223,6 +251,12 @@ def train(
         if threads:
             torch.set_num_threads(threads)
         corpus = prepare_from_config(obj.data)
+        if resume_state is not None and list(resume_state.get("vocab") or []) != list(corpus.vocab.words):
+            raise CheckpointError(
+                f"cannot resume {resume_path}: the corpus at {corpus.source} has another vocabulary than "
+                "the one the checkpoint was trained on"
+            )
+        check_backend(obj.model, device)
         model = build_model(len(corpus.vocab), obj.model).to(device)
         num_params = count_parameters(model)
         if t.init_from:
@@ -481,6 +515,31 @@ _CONFIG_FLAGS = {
 }
 
 
+def _resume_overrides(parsed) -> list[str]:
+    """`trainer.resume=<run>` continues that run as it was started: the overrides it was launched with (from
+    its latest `.hydra/`, so a resume of a resume keeps what the first resume changed), minus those given
+    again now. A run made outside Hydra has none to offer; its checkpoint's config is still compared."""
+    given = {o.key_or_group for o in parsed}
+    value = next((o.value() for o in parsed if o.key_or_group == "trainer.resume"), None)
+    if not value or not isinstance(value, str):
+        return []
+    path = ckpt.resolve(value)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    hydra_dir = run_dir / ".hydra"
+    candidates = sorted(hydra_dir.glob("resume-*/overrides.yaml")) or [hydra_dir / "overrides.yaml"]
+    source = candidates[-1]
+    if not source.is_file():
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        previous = [str(o) for o in OmegaConf.to_container(OmegaConf.load(source))]
+        old = OverridesParser.create().parse_overrides(previous)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the overrides of the run to resume, {source}: {exc}") from None
+    return [o.input_line for o in old if o.key_or_group not in given and o.key_or_group != "trainer.resume"]
+
+
 def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Compose and check what Hydra is about to run. Returns argv (extended where needed) and environment
     variables for the jobs."""
@@ -498,6 +557,10 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         raise ConfigError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
 
     if not multirun:
+        inherited = _resume_overrides(parsed)
+        if inherited:
+            # the run's own overrides first, the ones given now after them (and taking precedence)
+            argv, overrides = [*inherited, *argv], [*inherited, *overrides]
         cfg = compose(overrides)
         validate(cfg)
         resume = OmegaConf.select(cfg, "trainer.resume")

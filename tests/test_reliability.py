@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dglstm_lm import checkpoint as ckpt
+from dglstm_lm.config import compose
 from dglstm_lm.errors import CheckpointError
 from dglstm_lm.train import train
 
@@ -154,6 +156,88 @@ def test_corrupt_checkpoint_without_previous_is_a_clear_error(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
     with pytest.raises(CheckpointError, match=r"last.pt is unreadable \(truncated or corrupt"):
         ckpt.load_for_resume(tmp_path)
+
+
+def _states(tmp_path: Path, first: dict, second: dict) -> Path:
+    """checkpoints/ holding last-previous.pt = first, last.pt = second, best.pt linked to second."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for state in (first, second):
+        ckpt.save(
+            {"model": {"w": torch.arange(3.0)}, "step": 0, **state}, ck / "last.pt", also=[ck / "best.pt"]
+        )
+    with (ck / "last.pt").open("r+b") as f:  # damaged in place: best.pt, the same file, with it
+        f.truncate(100)
+    return ck
+
+
+def test_fallback_relinks_best_when_the_previous_checkpoint_is_the_best_epoch(tmp_path):
+    ck = _states(
+        tmp_path,
+        {"epoch": 1, "batch": 0, "best_epoch": 0, "best_val": 9.0},  # written at the end of the best epoch
+        {"epoch": 2, "batch": 0, "best_epoch": 1, "best_val": 8.0},
+    )
+    path, state = ckpt.load_for_resume(tmp_path)
+    assert path.name == "last-previous.pt" and state["epoch"] == 1
+    assert ckpt.load(ck / "best.pt")["epoch"] == 1 and state["best_val"] == 9.0
+
+
+def test_fallback_forgets_a_best_that_is_lost(tmp_path, caplog):
+    _states(
+        tmp_path,
+        {"epoch": 1, "batch": 4, "best_epoch": 0, "best_val": 9.0},  # mid-epoch: not the best weights
+        {"epoch": 2, "batch": 0, "best_epoch": 1, "best_val": 8.0},
+    )
+    _, state = ckpt.load_for_resume(tmp_path)
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert state["best_val"] == float("inf") and state["best_epoch"] == -1
+    assert "the best epoch's weights are lost" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_refuses_changes_that_would_silently_alter_the_run(tmp_path, ptb_dir, ptb_root):
+    """Mid-epoch, the data position and the hidden state fit only the same data layout; the optimizer's
+    state only the same optimizer; the weights only the same vocabulary. After the refusals the run resumes
+    untouched and ends exactly like an uninterrupted one."""
+
+    def cfg(*extra, data_dir=ptb_dir):
+        paths = [f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={ptb_root}", f"data.dir={data_dir}"]
+        return [*KILL_RUN, *paths, *extra]
+
+    run_dir = tmp_path / "mid"
+    r = run_cli(
+        [PY, "-m", "dglstm_lm.train", *cfg(), f"hydra.run.dir={run_dir}"], env={"DGLSTM_FAULT": "step:7"}
+    )
+    assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL at the 7th step; the checkpoint of step 5 remains
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batch"]) == (0, 5)
+
+    def resume(*extra, **kw):
+        return train(compose(cfg(f"trainer.resume={run_dir}", *extra, **kw)), run_dir)
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"in the middle of epoch 1 with another data layout \(trainer.batch_size: 20 → 10\)",
+    ):
+        resume("trainer.batch_size=10")
+    with pytest.raises(CheckpointError, match=r"another data layout \(trainer.bptt: 20 → 10\)"):
+        resume("trainer.bptt=10")
+    with pytest.raises(
+        CheckpointError,
+        match=r"optimizer/schedule state is for another one \(trainer.optimizer: sgd → adam\)",
+    ):
+        resume("trainer.optimizer=adam")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    for split in ("train", "valid", "test"):
+        (tiny / f"ptb.{split}.txt").write_text(" the cat sat on the mat \n" * 50)
+    with pytest.raises(CheckpointError, match=r"the corpus at .*tiny has another vocabulary"):
+        resume("data.verify_checksums=false", data_dir=tiny)
+
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["step"] == 5  # the refusals wrote nothing
+    resumed = resume()
+    full = train(compose(cfg()), tmp_path / "full")
+    assert strip_time(resumed) == strip_time(full)
 
 
 # ------------------------------------------------------------------------------------------ full / read-only disk
