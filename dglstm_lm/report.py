@@ -612,7 +612,7 @@ def _group_of(root: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make report", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--dir", default="outputs", help="a run or sweep directory, or the whole outputs/ (default)"
+        "--dir", default=None, help="a run or sweep directory, or the whole outputs/ (default)"
     )
     p.add_argument("--out", default=None, help="where to write (default: outputs/report)")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])

@@ -121,3 +121,55 @@ def test_yaml_files_only_set_values():
     for path in Path(CONF_DIR).rglob("*.yaml"):
         text = path.read_text()
         assert "_target_" not in text or path.parent.name in ("hydra", "launcher", "hparams_search"), path
+
+
+def _lrs(scheduler, optimizer, epochs, vals=None):
+    out = []
+    for e in range(epochs):
+        out.append(optimizer.param_groups[0]["lr"])  # the rate epoch e trains at
+        optimizer.step()  # (no gradients: changes nothing, but keeps the order torch expects)
+        if vals is None:
+            scheduler.step()
+        else:
+            scheduler.step(vals[e])
+    return out
+
+
+@pytest.mark.parametrize(
+    "experiment, first",
+    [
+        ("zaremba_small", [1, 1, 1, 1, 0.5, 0.25, 0.125, 0.0625]),  # halved after epoch 4
+        ("zaremba_medium", [1] * 6 + [0.8, 0.64, 0.512]),  # × 0.8 after epoch 6
+        ("zaremba_large", [1] * 14 + [1 / 1.15, 1 / 1.15**2]),  # ÷ 1.15 after epoch 14
+    ],
+)
+def test_zaremba_learning_rate_schedules(experiment, first):
+    import torch
+
+    from dglstm_lm.trainer import make_scheduler
+
+    t = validate(compose([f"experiment={experiment}", "model=dglstm"])).trainer
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    lrs = _lrs(make_scheduler(opt, t), opt, t.max_epochs)
+    assert lrs[: len(first)] == pytest.approx(first, rel=1e-12)
+    assert len(lrs) == t.max_epochs and lrs[-1] == pytest.approx(
+        t.lr * t.lr_decay ** (t.max_epochs - t.lr_decay_start), rel=1e-12
+    )
+
+
+def test_plateau_schedule_decays_after_patience_epochs_without_improvement():
+    import torch
+
+    from dglstm_lm.trainer import make_scheduler
+
+    t = validate(
+        compose(
+            ["experiment=yao_sentence", "model=dglstm", "trainer.plateau_patience=1", "trainer.min_lr=0.2"]
+        )
+    ).trainer
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    vals = [100, 90, 95, 96, 80, 85, 86, 87, 88, 89]  # no improvement in epochs 3-4 and 6-10
+    lrs = _lrs(make_scheduler(opt, t), opt, len(vals), vals)
+    # × lr_decay after every second epoch in a row without improvement (patience 1), never below min_lr
+    assert lrs == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2], rel=1e-12)
+    assert min(_lrs(make_scheduler(opt, t), opt, 12, [100] * 12)) >= t.min_lr

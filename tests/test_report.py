@@ -210,3 +210,12 @@ def test_rows_are_labelled_by_what_tells_them_apart():
     dg_bias = {**dg, "model.depth_gate_bias": "-1"}
     per_row, _ = distinguishing_keys([dg, dg_bias])
     assert per_row == [["model.depth_gate_bias"], ["model.depth_gate_bias"]]
+
+
+def test_report_in_a_fresh_checkout_says_nothing_has_run(tmp_path, monkeypatch, capsys):
+    from dglstm_lm.report import main
+
+    monkeypatch.chdir(tmp_path)  # no outputs/ at all
+    assert main([]) == 0
+    assert "no runs found under outputs/" in capsys.readouterr().out
+    assert not (tmp_path / "outputs").exists()  # and nothing was written
