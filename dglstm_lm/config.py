@@ -7,6 +7,7 @@ and combinations and raises a one-line ConfigError that names the key, before an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -76,6 +77,7 @@ class DGLSTMConfig(ModelConfig):
     gate_input: bool = False  # first layer: gated linear path from a projection of the input (author's code)
     peephole: bool = False  # diagonal peepholes into i, f (c_{t-1}) and o (c_t)
     coupled_gates: bool = False  # f = 1 - i
+    stabiliser: bool = False  # per-layer exp(s) on the gates' input, s learned from 0 (author's later code)
     backend: str = "auto"  # auto | cpp | python: the implementation of the time loop
 
 
@@ -477,6 +479,32 @@ MODEL_SCHEMAS = {
     "stacked_lstm": StackedLSTMConfig,
     "dglstm": DGLSTMConfig,
 }
+
+
+def with_defaults(d: dict) -> dict:
+    """A stored config (config.json, a checkpoint's) with the schema's default for every key its version of
+    the code did not have yet, so that a run from before a new option compares equal to one made after it
+    with the option at its default (grouping in reports, resuming)."""
+    sections = {
+        "model": MODEL_SCHEMAS.get((d.get("model") or {}).get("name")),
+        "data": DataConfig,
+        "trainer": TrainerConfig,
+        "logger": LoggerConfig,
+    }
+    out = dict(d)
+    for name, schema in sections.items():
+        if schema is None or not isinstance(d.get(name), dict):
+            continue
+        section = dict(d[name])
+        for f in dataclasses.fields(schema):
+            if f.name in section:
+                continue
+            if f.default is not dataclasses.MISSING and f.default is not MISSING:
+                section[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                section[f.name] = f.default_factory()
+        out[name] = section
+    return out
 
 
 def config_from_dict(d: dict) -> TrainConfig:

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import atomic_write_bytes
-from .config import flatten
+from .config import flatten, with_defaults
 from .errors import UserError, cli
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def load_run(path: Path) -> Run | None:
                 break  # a line being written: the report never reads half a record
     except OSError:
         pass
-    return Run(path, flatten(config), _read_json(path / "metrics.json"), history)
+    return Run(path, flatten(with_defaults(config)), _read_json(path / "metrics.json"), history)
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -611,9 +611,7 @@ def _group_of(root: Path) -> str:
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make report", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--dir", default=None, help="a run or sweep directory, or the whole outputs/ (default)"
-    )
+    p.add_argument("--dir", default=None, help="a run or sweep directory, or the whole outputs/ (default)")
     p.add_argument("--out", default=None, help="where to write (default: outputs/report)")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     args = p.parse_args(argv)

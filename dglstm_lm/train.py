@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import compose, flatten, resolved_container, validate
+from .config import compose, flatten, resolved_container, validate, with_defaults
 from .errors import CheckpointError, ConfigError, UserError, report_and_exit
 
 log = logging.getLogger("dglstm_lm.train")
@@ -89,7 +89,8 @@ def read_metrics(run_dir: Path) -> dict | None:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    a, b = flatten(old), flatten(new)
+    """Keys whose values differ; an option the older config predates counts as at its default."""
+    a, b = flatten(with_defaults(old)), flatten(with_defaults(new))
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
@@ -214,7 +215,7 @@ def train(
                 resume_path, resume_state = ckpt.load_for_resume(last)
         if resume_state is not None:
             diffs = config_differences(resume_state["config"], config_dict)
-            old, new = flatten(resume_state["config"]), flatten(config_dict)
+            old, new = flatten(with_defaults(resume_state["config"])), flatten(config_dict)
 
             def shown(keys: list[str]) -> str:
                 return ", ".join(f"{k}: {old.get(k, 'absent')} → {new.get(k, 'absent')}" for k in keys[:4])

@@ -173,3 +173,19 @@ def test_plateau_schedule_decays_after_patience_epochs_without_improvement():
     # × lr_decay after every second epoch in a row without improvement (patience 1), never below min_lr
     assert lrs == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2], rel=1e-12)
     assert min(_lrs(make_scheduler(opt, t), opt, 12, [100] * 12)) >= t.min_lr
+
+
+def test_a_config_from_before_a_new_option_compares_as_its_default():
+    """Runs and checkpoints made before an option existed group and resume with runs that leave it at its
+    default, and differ from runs that set it."""
+    import copy
+
+    from dglstm_lm.config import resolved_container
+    from dglstm_lm.train import config_differences
+
+    new = resolved_container(compose(["model=dglstm"]))
+    old = copy.deepcopy(new)
+    del old["model"]["stabiliser"], old["trainer"]["diverge_threshold"]
+    assert config_differences(old, new) == []
+    changed = resolved_container(compose(["model=dglstm", "model.stabiliser=true"]))
+    assert config_differences(old, changed) == ["model.stabiliser"]

@@ -35,7 +35,8 @@ def reference_dglstm(core, x, state):
         hs, cs = [], []
         for t in range(inp.shape[0]):
             xt = inp[t]
-            z = xt @ layer.weight_ih.T + layer.bias_ih + h @ layer.weight_hh.T + layer.bias_hh
+            xg = xt * torch.exp(layer.stabiliser) if layer.use_stabiliser else xt  # exp(s) x_t into the gates
+            z = xg @ layer.weight_ih.T + layer.bias_ih + h @ layer.weight_hh.T + layer.bias_hh
             if coupled:
                 zi, zg, zo = z[:, :H], z[:, H : 2 * H], z[:, 2 * H :]
             else:
@@ -50,7 +51,7 @@ def reference_dglstm(core, x, state):
             g = torch.tanh(zg)
             c_new = f * c + i * g
             if layer.has_depth:
-                a = layer.depth_bias + xt @ layer.depth_weight_ih.T + layer.depth_weight_cc * c
+                a = layer.depth_bias + xg @ layer.depth_weight_ih.T + layer.depth_weight_cc * c
                 if layer.gate_input:
                     carried = xt @ layer.depth_proj.T  # W_x0 x_t
                 else:
@@ -82,16 +83,25 @@ def _random_state(core, B, dtype):
     ]
 
 
-OPTIONS = list(itertools.product([False, True], [False, True], [False, True], [[4, 4, 4], [4, 6, 3]]))
+OPTIONS = list(itertools.product([False, True], repeat=4))  # gate_input, peephole, coupled, stabiliser
+DIMS = [[4, 4, 4], [4, 6, 3]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("gate_input,peephole,coupled,dims", OPTIONS)
-def test_dglstm_matches_per_step_reference(backend, gate_input, peephole, coupled, dims):
-    torch.manual_seed(hash((gate_input, peephole, coupled, tuple(dims))) % 1000)
+@pytest.mark.parametrize("dims", DIMS, ids=["equal", "unequal"])
+@pytest.mark.parametrize("gate_input,peephole,coupled,stabiliser", OPTIONS)
+def test_dglstm_matches_per_step_reference(backend, gate_input, peephole, coupled, stabiliser, dims):
+    torch.manual_seed(hash((gate_input, peephole, coupled, stabiliser, tuple(dims))) % 1000)
     T, B, E = 6, 3, 5
     core = build_core(
-        "dglstm", E, dims, gate_input=gate_input, peephole=peephole, coupled=coupled, backend=backend
+        "dglstm",
+        E,
+        dims,
+        gate_input=gate_input,
+        peephole=peephole,
+        coupled=coupled,
+        backend=backend,
+        stabiliser=stabiliser,
     ).double()
     with torch.no_grad():
         for p in core.parameters():
@@ -244,7 +254,9 @@ def test_gradient_reaches_bottom_cell_through_the_depth_path(backend):
 
 
 # ------------------------------------------------------------------------------------------ model wrapper
-def closed_form_params(name, V, E, dims, tie=False, gate_input=False, peephole=False, coupled=False):
+def closed_form_params(
+    name, V, E, dims, tie=False, gate_input=False, peephole=False, coupled=False, stabiliser=False
+):
     """Parameter count from the equations, independently of the modules."""
     n = V * E + V + (0 if tie else V * dims[-1])  # embedding, decoder bias, decoder weight
     inputs = [E, *dims[:-1]]
@@ -258,6 +270,8 @@ def closed_form_params(name, V, E, dims, tie=False, gate_input=False, peephole=F
             continue
         if peephole:
             n += (2 if coupled else 3) * H
+        if stabiliser:
+            n += 1  # s
         if k == 0 and gate_input:
             n += H * In + H + H + H * In  # W_xd, b_d, w_cd, W_x0
         elif k > 0:
@@ -275,6 +289,7 @@ PARAM_CASES = [
     (DGLSTMConfig(num_layers=3, hidden_dims=[30, 40, 20]), {}),
     (DGLSTMConfig(gate_input=True, peephole=True), {}),
     (DGLSTMConfig(coupled_gates=True, peephole=True), {}),
+    (DGLSTMConfig(num_layers=3, stabiliser=True, gate_input=True), {}),
     (DGLSTMConfig(emb_dim=20, hidden_dim=20, tie_weights=True), {}),
 ]
 
@@ -292,6 +307,7 @@ def test_parameter_count_equals_closed_form(cfg, _, capsys):
         gate_input=getattr(cfg, "gate_input", False),
         peephole=getattr(cfg, "peephole", False),
         coupled=getattr(cfg, "coupled_gates", False),
+        stabiliser=getattr(cfg, "stabiliser", False),
     )
     with capsys.disabled():
         print(
@@ -366,3 +382,17 @@ def test_cpp_backend_where_it_cannot_run_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"unavailable \(no C\+\+ compiler found\); use model.backend=auto"):
         check_backend(m, "cpu")
     check_backend(validate(compose(["model=dglstm"])).model, "cuda")  # auto: always fine
+
+
+@pytest.mark.parametrize("init", ["uniform", "xavier"])
+def test_stabiliser_starts_as_the_plain_layer(init):
+    """s = 0 at the start under either init rule, so exp(s) = 1: the same outputs as without the option."""
+    torch.manual_seed(8)
+    cfg = dict(emb_dim=8, hidden_dim=8, num_layers=3, init=init)
+    with_s = build_model(30, DGLSTMConfig(stabiliser=True, **cfg)).eval()
+    plain = build_model(30, DGLSTMConfig(**cfg)).eval()
+    assert [layer.stabiliser.item() for layer in with_s.core.layers] == [0.0, 0.0, 0.0]
+    missing = with_s.init_from(plain.state_dict())  # the same weights; only the stabilisers are its own
+    assert missing == [f"core.layers.{k}.stabiliser" for k in range(3)]
+    tokens = torch.randint(30, (7, 2))
+    torch.testing.assert_close(with_s(tokens, with_s.init_state(2))[0], plain(tokens, plain.init_state(2))[0])

@@ -83,6 +83,8 @@ class DGLSTMLayer(nn.Module):
 
     peephole: diagonal peepholes (Graves): w_ci ⊙ c_{t-1} into i, w_cf ⊙ c_{t-1} into f, w_co ⊙ c_t into o.
     coupled: f = 1 − i; the forget gate's rows are dropped (gates [i, g, o]).
+    stabiliser: a learned scalar s (initially 0) per layer; the layer input of every gate projection is
+    exp(s) · x_t (W_x x_t → W_x (exp(s) x_t) for i, f, g, o and d), as in the author's later code.
     """
 
     state_size = 2
@@ -96,6 +98,7 @@ class DGLSTMLayer(nn.Module):
         peephole: bool = False,
         coupled: bool = False,
         backend: str = "auto",
+        stabiliser: bool = False,
     ):
         super().__init__()
         if lower_dim is not None and gate_input:
@@ -119,6 +122,9 @@ class DGLSTMLayer(nn.Module):
             else:
                 self.depth_weight_lc = nn.Parameter(torch.empty(H, lower_dim))  # w_ld as a matrix
                 self.depth_proj = nn.Parameter(torch.empty(H, lower_dim))  # P: c^L into this layer's width
+        self.use_stabiliser = stabiliser
+        if stabiliser:
+            self.stabiliser = nn.Parameter(torch.zeros(()))  # s; the input is scaled by exp(s)
         if peephole:
             self.peephole_i = nn.Parameter(torch.empty(H))
             self.peephole_f = None if coupled else nn.Parameter(torch.empty(H))
@@ -126,10 +132,11 @@ class DGLSTMLayer(nn.Module):
 
     def forward(self, x: Tensor, state: tuple[Tensor, ...], lower_c: Tensor | None = None):
         h0, c0 = state
-        gx = F.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)  # (T, B, G*H), all steps in one GEMM
+        xg = x * self.stabiliser.exp() if self.use_stabiliser else x  # the gates' view of the input
+        gx = F.linear(xg, self.weight_ih, self.bias_ih + self.bias_hh)  # (T, B, G*H), all steps in one GEMM
         gd = m = wcd = None
         if self.has_depth:
-            gd = F.linear(x, self.depth_weight_ih, self.depth_bias)  # (T, B, H)
+            gd = F.linear(xg, self.depth_weight_ih, self.depth_bias)  # (T, B, H)
             if self.gate_input:
                 m = F.linear(x, self.depth_proj)
             else:
@@ -210,6 +217,7 @@ def build_core(
     peephole: bool = False,
     coupled: bool = False,
     backend: str = "auto",
+    stabiliser: bool = False,
 ) -> RecurrentStack:
     """kind: rnn | lstm | stacked_lstm | dglstm."""
     dims = [input_dim, *hidden_dims]
@@ -227,6 +235,7 @@ def build_core(
                 peephole=peephole,
                 coupled=coupled,
                 backend=backend,
+                stabiliser=stabiliser,
             )
             for k in range(len(hidden_dims))
         ]
@@ -234,6 +243,9 @@ def build_core(
         raise ValueError(f"unknown recurrent core {kind!r} (rnn, lstm, stacked_lstm, dglstm)")
     for layer in layers:  # nn.LSTM's default; LanguageModel.reset_parameters applies the configured init
         bound = 1.0 / layer.hidden_dim**0.5
-        for p in layer.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        for name, p in layer.named_parameters():
+            if name == "stabiliser":
+                nn.init.zeros_(p)  # exp(0) = 1: the plain layer to begin with
+            else:
+                nn.init.uniform_(p, -bound, bound)
     return RecurrentStack(layers, dropout)

@@ -44,9 +44,13 @@ class LanguageModel(nn.Module):
     ):
         """uniform: every parameter ~ U(-r, r) (Zaremba et al.). xavier: U(±sqrt(6 / (fan_in + fan_out))) for
         every parameter, biases included, with fan_out = 1 for vectors (the `cnn` library's rule).
-        depth_gate_bias, when given, then sets every depth-gate bias b_d to that constant."""
+        depth_gate_bias, when given, then sets every depth-gate bias b_d to that constant; the self-stabilisers'
+        s start at 0 whatever the rule."""
         with torch.no_grad():
             for name, p in self.named_parameters():
+                if name.endswith(".stabiliser"):
+                    p.zero_()  # s = 0: exp(s) = 1, the plain layer to begin with
+                    continue
                 if init == "uniform":
                     p.uniform_(-init_range, init_range)
                 elif init == "xavier":
@@ -110,6 +114,7 @@ def build_model(vocab_size: int, cfg) -> LanguageModel:
         peephole=getattr(cfg, "peephole", False),
         coupled=getattr(cfg, "coupled_gates", False),
         backend=getattr(cfg, "backend", "auto"),
+        stabiliser=getattr(cfg, "stabiliser", False),
     )
     model = LanguageModel(vocab_size, cfg.emb_dim, core, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
     model.reset_parameters(cfg.init, cfg.init_range, getattr(cfg, "depth_gate_bias", None))
