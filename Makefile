@@ -54,7 +54,7 @@ search:  ## Optuna hyper-parameter search (conf/hparams_search/), e.g. hparams_s
 	$(PY) -m dglstm_lm.train --multirun $(if $(filter hparams_search=%,$(OVERRIDES)),,hparams_search=dglstm_lr) $(QUOTED)
 
 eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt
-	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(if $(full),--full) $(ARGS)
+	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(if $(filter-out 0 false no,$(full)),--full) $(ARGS)
 
 generate:  ## sample text: make generate ckpt=... [temperature=1.0 length=50 seed=1 prompt='the market']
 	$(PY) -m dglstm_lm.generate --ckpt '$(ckpt)' $(if $(temperature),--temperature $(temperature)) \

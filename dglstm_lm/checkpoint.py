@@ -234,26 +234,32 @@ def load_for_resume(target: str | Path) -> tuple[Path, dict]:
 
 
 def _repair_best(best: Path, prev: Path, state: dict) -> None:
-    """best.pt may be a link to the file that was damaged. If the checkpoint resumed from was written at the
-    end of the best epoch, it holds the best weights: link best.pt to it. Otherwise those weights are gone:
-    forget the best so far, and the remaining epochs choose it anew (said in the log)."""
-    if not best.exists():
-        return
+    """best.pt may be a link to the file that was damaged (or gone with it). If the checkpoint resumed from
+    was written at the end of the best epoch, it holds the best weights: best.pt becomes it. Otherwise those
+    weights are lost: the best so far is forgotten and the remaining epochs choose it anew (said in the log).
+    A kill after forgetting changes nothing: the next resume finds best.pt missing and forgets again."""
+    best_epoch = state.get("best_epoch", -1)
+    if best_epoch is None or best_epoch < 0:
+        return  # no best yet
+    if best.exists():
+        try:
+            load(best)
+            return
+        except CheckpointError as exc:
+            problem = str(exc)
+    else:
+        problem = f"{best} is missing"
     try:
-        load(best)
-        return
-    except CheckpointError as exc:
-        damaged = exc
-    if state.get("batch") == 0 and state.get("best_epoch") == state.get("epoch", 0) - 1:
-        tmp = best.with_name(f".{best.name}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        os.link(prev, tmp)
-        os.replace(tmp, best)
-        log.warning("%s; %s holds the same best epoch and replaces it", damaged, prev.name)
-        return
-    best.unlink()
+        if state.get("batch") == 0 and best_epoch == state.get("epoch", 0) - 1:
+            _replace_with(prev, best)
+            log.warning("%s; %s holds the same best epoch and replaces it", problem, prev.name)
+            return
+        best.unlink(missing_ok=True)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CheckpointError(f"could not repair {best}: {reason}") from None
     state["best_val"], state["best_epoch"] = float("inf"), -1
     log.warning(
         "%s; the best epoch's weights are lost with it: the best of the remaining epochs will be tested",
-        damaged,
+        problem,
     )

@@ -52,9 +52,25 @@ RESUME_FREE_KEYS = {
 
 # Keys that decide which batches make up an epoch and in what order: a checkpoint taken mid-epoch holds a
 # position in that sequence (and a hidden state of batch_size columns), valid only for the same layout.
-LAYOUT_KEYS = ("seed", "trainer.batch_size", "trainer.bptt", "trainer.limit_train_batches", "data")
-# Keys whose change makes the optimizer's or the schedule's saved state meaningless.
-STATE_KEYS = ("trainer.optimizer", "trainer.lr_schedule")
+LAYOUT_KEYS = (
+    "seed",
+    "trainer.batch_size",
+    "trainer.bptt",
+    "trainer.limit_train_batches",
+    "data.name",
+    "data.batching",
+)
+# Keys held in the optimizer's and the schedule's saved state: a resumed run continues with the saved
+# values, so a new one would be silently ignored (LambdaLR keeps its base rate; ReduceLROnPlateau its
+# factor, patience and floor).
+STATE_KEYS = (
+    "trainer.optimizer",
+    "trainer.lr_schedule",
+    "trainer.lr",
+    "trainer.momentum",
+    "trainer.weight_decay",
+)
+PLATEAU_STATE_KEYS = ("trainer.lr_decay", "trainer.plateau_patience", "trainer.min_lr")
 
 
 def _under(key: str, prefixes) -> bool:
@@ -164,9 +180,16 @@ def _file_log_handler(run_dir: Path) -> logging.Handler | None:
 
 
 def train(
-    cfg: DictConfig, run_dir: str | Path, run_name: str | None = None, group: str | None = None
+    cfg: DictConfig,
+    run_dir: str | Path,
+    run_name: str | None = None,
+    group: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Train and test one model in `run_dir`; return the final metrics (also written to metrics.json).
+
+    `overrides` (the command line's, under Hydra) are recorded in <run_dir>/overrides.yaml once the run is
+    under way: what `trainer.resume=<run_dir>` composes the run from again.
 
     Raises ConfigError/DataError/CheckpointError for user mistakes, DivergedError when the loss stops being
     finite, trainer.Interrupted after SIGINT/SIGTERM/SIGUSR2 (a checkpoint is saved first).
@@ -227,11 +250,13 @@ def train(
                 raise CheckpointError(
                     f"cannot resume {resume_path}: the model config differs ({shown(model_diffs)})"
                 )
-            state_diffs = [k for k in diffs if _under(k, STATE_KEYS)]
+            held = STATE_KEYS + (PLATEAU_STATE_KEYS if old.get("trainer.lr_schedule") == "plateau" else ())
+            state_diffs = [k for k in diffs if _under(k, held)]
             if state_diffs:
                 raise CheckpointError(
-                    f"cannot resume {resume_path}: its optimizer/schedule state is for another one "
-                    f"({shown(state_diffs)}); start a new run with trainer.init_from={resume_path}"
+                    f"cannot resume {resume_path}: the optimizer and its schedule continue from their saved "
+                    f"state, which would ignore the new values ({shown(state_diffs)}); to train with them start a new "
+                    f"run with trainer.init_from={resume_path}"
                 )
             layout_diffs = [k for k in diffs if _under(k, LAYOUT_KEYS) and not _free(k)]
             if layout_diffs and resume_state.get("batch", 0) > 0:
@@ -260,7 +285,7 @@ def train(
         check_backend(obj.model, device)
         model = build_model(len(corpus.vocab), obj.model).to(device)
         num_params = count_parameters(model)
-        if t.init_from:
+        if t.init_from and resume_state is None:  # resuming, the checkpoint's weights replace these anyway
             init_state = ckpt.load(ckpt.resolve(t.init_from, prefer=ckpt.BEST))
             try:
                 missing = model.init_from(init_state["model"])
@@ -283,6 +308,10 @@ def train(
         trainer = Trainer(
             model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params
         )
+        if overrides is not None:  # every check has passed: these are the overrides the run trains with
+            ckpt.atomic_write_bytes(
+                run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode()
+            )
         started, code = _now(), code_version()
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
@@ -440,12 +469,18 @@ def _run_name_and_group():
     return name, group, hc.mode == RunMode.MULTIRUN, Path(hc.runtime.output_dir)
 
 
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
+
+
 def _hydra_task(cfg: DictConfig):
     from .trainer import Interrupted
 
     name, group, multirun, run_dir = _run_name_and_group()
     try:
-        metrics = train(cfg, run_dir, run_name=name, group=group)
+        metrics = train(cfg, run_dir, run_name=name, group=group, overrides=_task_overrides())
     except Interrupted as exc:
         hint = f"make train trainer.resume={run_dir}"
         log.warning(
@@ -517,20 +552,21 @@ _CONFIG_FLAGS = {
 
 
 def _resume_overrides(parsed) -> list[str]:
-    """`trainer.resume=<run>` continues that run as it was started: the overrides it was launched with (from
-    its latest `.hydra/`, so a resume of a resume keeps what the first resume changed), minus those given
-    again now. A run made outside Hydra has none to offer; its checkpoint's config is still compared."""
+    """`trainer.resume=<run>` continues that run as it was started: the overrides it last trained with
+    (<run>/overrides.yaml, written once a run is under way, so a resume that was refused leaves no trace;
+    else Hydra's .hydra/overrides.yaml), minus those given again now. A run made outside Hydra has none to
+    offer; its checkpoint's config is still compared."""
     given = {o.key_or_group for o in parsed}
     value = next((o.value() for o in parsed if o.key_or_group == "trainer.resume"), None)
     if not value or not isinstance(value, str):
         return []
     path = ckpt.resolve(value)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    hydra_dir = run_dir / ".hydra"
-    candidates = sorted(hydra_dir.glob("resume-*/overrides.yaml")) or [hydra_dir / "overrides.yaml"]
-    source = candidates[-1]
+    source = run_dir / "overrides.yaml"
     if not source.is_file():
-        return []
+        source = run_dir / ".hydra" / "overrides.yaml"
+        if not source.is_file():
+            return []
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:

@@ -189,3 +189,50 @@ def test_a_config_from_before_a_new_option_compares_as_its_default():
     assert config_differences(old, new) == []
     changed = resolved_container(compose(["model=dglstm", "model.stabiliser=true"]))
     assert config_differences(old, changed) == ["model.stabiliser"]
+
+
+def _stopped_run(tmp_path: Path, hydra_overrides=None, effective=None) -> Path:
+    """A run directory as a stopped run leaves it (the checkpoint's content does not matter here)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    if hydra_overrides is not None:
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in hydra_overrides))
+    if effective is not None:
+        (run / "overrides.yaml").write_text("".join(f"- {o}\n" for o in effective))
+    return run
+
+
+def test_resume_composes_the_run_from_its_own_overrides(tmp_path):
+    from dglstm_lm.train import preflight
+
+    run = _stopped_run(tmp_path, ["experiment=smoke", "model=lstm", "trainer.lr=0.5", "+tags=[a b]"])
+    argv, _ = preflight([f"trainer.resume={run}", "trainer.max_epochs=5"])
+    assert argv[:4] == ["experiment=smoke", "model=lstm", "trainer.lr=0.5", "+tags=[a b]"]
+    assert argv[4:6] == [f"trainer.resume={run}", "trainer.max_epochs=5"]
+    assert f"hydra.run.dir={run}" in argv
+    # what is given now replaces the inherited value of the same key or group
+    argv, _ = preflight([f"trainer.resume={run}/checkpoints/last.pt", "model=dglstm", "trainer.lr=1"])
+    assert "model=lstm" not in argv and "trainer.lr=0.5" not in argv and argv[0] == "experiment=smoke"
+
+
+def test_resume_inherits_what_the_run_last_trained_with_not_a_refused_attempt(tmp_path):
+    from dglstm_lm.train import preflight
+
+    run = _stopped_run(
+        tmp_path, ["experiment=smoke", "model=lstm"], effective=["experiment=smoke", "model=lstm", "seed=3"]
+    )
+    refused = run / ".hydra" / "resume-2026-01-01_00-00-00"
+    refused.mkdir()
+    (refused / "overrides.yaml").write_text("- experiment=smoke\n- model=lstm\n- trainer.optimizer=adam\n")
+    argv, _ = preflight([f"trainer.resume={run}"])
+    assert argv[:3] == ["experiment=smoke", "model=lstm", "seed=3"] and "trainer.optimizer=adam" not in argv
+
+
+def test_resume_of_a_run_made_outside_hydra_inherits_nothing(tmp_path):
+    from dglstm_lm.train import preflight
+
+    run = _stopped_run(tmp_path)
+    argv, _ = preflight([f"trainer.resume={run}", "model=lstm"])
+    assert argv[:2] == [f"trainer.resume={run}", "model=lstm"]

@@ -192,6 +192,10 @@ def test_fallback_forgets_a_best_that_is_lost(tmp_path, caplog):
     assert not (tmp_path / "checkpoints" / "best.pt").exists()
     assert state["best_val"] == float("inf") and state["best_epoch"] == -1
     assert "the best epoch's weights are lost" in caplog.text
+    # killed before the next save: the next resume falls back to the same checkpoint and forgets again
+    _, again = ckpt.load_for_resume(tmp_path)
+    assert again["best_val"] == float("inf") and again["best_epoch"] == -1
+    assert "best.pt is missing" in caplog.text
 
 
 @pytest.mark.slow
@@ -224,9 +228,11 @@ def test_resume_refuses_changes_that_would_silently_alter_the_run(tmp_path, ptb_
         resume("trainer.bptt=10")
     with pytest.raises(
         CheckpointError,
-        match=r"optimizer/schedule state is for another one \(trainer.optimizer: sgd → adam\)",
+        match=r"continue from their saved state, which would ignore the new values \(trainer.optimizer: sgd → adam\)",
     ):
         resume("trainer.optimizer=adam")
+    with pytest.raises(CheckpointError, match=r"would ignore the new values \(trainer.lr: 1.0 → 2.0\)"):
+        resume("trainer.lr=2")
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     for split in ("train", "valid", "test"):

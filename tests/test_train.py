@@ -319,6 +319,7 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     assert f"Resume with:  make train trainer.resume={run_dir}" in err
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "interrupted" and 0 < m["step"] < 80
+    assert "- model=dglstm" in (run_dir / "overrides.yaml").read_text()  # what the resume composes from
 
     # the command the message gave, as it is: the run's own overrides come from its .hydra/
     resumed = run_cli(["make", "-s", "train", f"trainer.resume={run_dir}"])
