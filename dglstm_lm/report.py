@@ -455,7 +455,7 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -492,8 +492,13 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
         # plain numbers on the log axis (not 1.2×10²); minor ticks labelled when the range is within a decade
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         lo, hi = ax.get_ylim()
-        minor = FuncFormatter(lambda v, _: f"{v:g}") if hi / lo < 10 else FuncFormatter(lambda v, _: "")
-        ax.yaxis.set_minor_formatter(minor)
+        if (
+            hi / lo < 10
+        ):  # within about a decade: evenly spaced, labelled ticks (log spacing gives one or two)
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
+            ax.yaxis.set_minor_locator(NullLocator())
+        else:
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_title(f"{t.name}: validation perplexity (mean ± std over seeds)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
