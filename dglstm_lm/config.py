@@ -23,7 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-MODEL_NAMES = ("rnn", "lstm", "stacked_lstm", "dglstm")
+MODEL_NAMES = ("rnn", "lstm", "stacked_lstm", "residual_lstm", "dglstm")
+DEPTH_GATES = ("learned", "open", "constant")
+DEPTH_GATE_INPUTS = ("x", "c_prev", "c_lower")
 
 PTB_SHA256 = {
     "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
@@ -44,6 +46,9 @@ class ModelConfig:
     num_layers: int = 2
     hidden_dims: list[int] | None = None  # one width per layer; replaces hidden_dim × num_layers
     dropout: float = 0.0  # on the embedding, between layers and before the decoder
+    dropout_kind: str = "standard"  # standard (new mask every step) | variational (one mask per sequence)
+    weight_drop: float = 0.0  # DropConnect on every W_hh, one mask per forward pass (Merity et al. 2017)
+    embed_dropout: float = 0.0  # drop whole word types from the embedding
     tie_weights: bool = False
     init: str = "uniform"  # uniform (±init_range, Zaremba et al.) | xavier (the `cnn` library's rule)
     init_range: float = 0.1
@@ -71,8 +76,15 @@ class StackedLSTMConfig(ModelConfig):
 
 
 @dataclass
+class ResidualLSTMConfig(ModelConfig):
+    name: str = "residual_lstm"  # identity shortcuts on h between layers (GNMT); widths = emb_dim
+
+
+@dataclass
 class DGLSTMConfig(ModelConfig):
     name: str = "dglstm"
+    depth_gate: str = "learned"  # learned | open (d ≡ 1) | constant (d = σ(b_d), input-independent)
+    depth_gate_inputs: list[str] = field(default_factory=lambda: list(DEPTH_GATE_INPUTS))  # terms of d
     depth_gate_bias: float | None = None  # initial b_d of every depth gate; null: initialised like the rest
     gate_input: bool = False  # first layer: gated linear path from a projection of the input (author's code)
     peephole: bool = False  # diagonal peepholes into i, f (c_{t-1}) and o (c_t)
@@ -170,6 +182,7 @@ def register_configs() -> None:
         ("rnn", RNNConfig),
         ("lstm", LSTMConfig),
         ("stacked_lstm", StackedLSTMConfig),
+        ("residual_lstm", ResidualLSTMConfig),
         ("dglstm", DGLSTMConfig),
     ):
         cs.store(group="schema/model", name=name, node=node)
@@ -243,7 +256,21 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             "model.hidden_dims",
             f"sizes must be positive, got {list(m.hidden_dims)}",
         )
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    for key in ("dropout", "weight_drop", "embed_dropout"):
+        v = getattr(m, key)
+        _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1), got {v}")
+    _check(
+        m.dropout_kind in ("standard", "variational"),
+        "model.dropout_kind",
+        f"unknown kind {m.dropout_kind!r} (standard, variational)",
+    )
+    if m.name == "residual_lstm":
+        _check(
+            all(h == m.emb_dim for h in m.layer_dims),
+            "model.hidden_dim",
+            f"residual_lstm's identity shortcuts need every layer as wide as model.emb_dim ({m.emb_dim}), "
+            f"got {m.layer_dims}",
+        )
     _check(m.init in ("uniform", "xavier"), "model.init", f"unknown init {m.init!r} (uniform, xavier)")
     _check(m.init_range > 0, "model.init_range", f"must be positive, got {m.init_range}")
     if m.tie_weights:
@@ -266,6 +293,22 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         )
         if m.depth_gate_bias is not None:
             _check(math.isfinite(m.depth_gate_bias), "model.depth_gate_bias", "must be finite")
+        _check(
+            m.depth_gate in DEPTH_GATES,
+            "model.depth_gate",
+            f"unknown depth gate {m.depth_gate!r} ({', '.join(DEPTH_GATES)})",
+        )
+        bad = [k for k in m.depth_gate_inputs if k not in DEPTH_GATE_INPUTS]
+        _check(
+            not bad,
+            "model.depth_gate_inputs",
+            f"unknown term {bad[0] if bad else ''!r} (any of x, c_prev, c_lower)",
+        )
+        _check(
+            len(set(m.depth_gate_inputs)) == len(m.depth_gate_inputs),
+            "model.depth_gate_inputs",
+            f"lists a term twice: {list(m.depth_gate_inputs)}",
+        )
 
     _check(
         d.batching in ("stream", "sentence"),
@@ -477,6 +520,7 @@ MODEL_SCHEMAS = {
     "rnn": RNNConfig,
     "lstm": LSTMConfig,
     "stacked_lstm": StackedLSTMConfig,
+    "residual_lstm": ResidualLSTMConfig,
     "dglstm": DGLSTMConfig,
 }
 

@@ -69,7 +69,10 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model=gru"], "unknown option model=gru (available: dglstm, lstm, rnn, stacked_lstm)"),
+        (
+            ["model=gru"],
+            "unknown option model=gru (available: dglstm, lstm, residual_lstm, rnn, stacked_lstm)",
+        ),
         (["model.hidden_dim=0"], "model.hidden_dim: must be positive, got 0"),
         (["model.emb_dim=-5"], "model.emb_dim: must be positive, got -5"),
         (["model.num_layers=0"], "model.num_layers: must be positive, got 0"),
@@ -82,6 +85,17 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
         (["model=lstm", "model.num_layers=2"], "model.num_layers: model=lstm has one layer"),
         (["model=stacked_lstm", "model.peephole=true"], "unknown key 'model.peephole'"),
         (["model.backend=cuda"], "model.backend: unknown backend 'cuda'"),
+        (["model.depth_gate=shut"], "model.depth_gate: unknown depth gate 'shut' (learned, open, constant)"),
+        (["model.depth_gate_inputs=[x,h_prev]"], "model.depth_gate_inputs: unknown term 'h_prev'"),
+        (["model.depth_gate_inputs=[x,x]"], "model.depth_gate_inputs: lists a term twice"),
+        (["model=stacked_lstm", "model.depth_gate=open"], "unknown key 'model.depth_gate'"),
+        (["model.dropout_kind=locked"], "model.dropout_kind: unknown kind 'locked' (standard, variational)"),
+        (["model.weight_drop=1.0"], "model.weight_drop: must be in [0, 1), got 1.0"),
+        (["model.embed_dropout=-0.1"], "model.embed_dropout: must be in [0, 1), got -0.1"),
+        (
+            ["model=residual_lstm", "model.hidden_dim=300"],
+            "model.hidden_dim: residual_lstm's identity shortcuts need every layer as wide as model.emb_dim (200)",
+        ),
         (["trainer.lr=-0.1"], "trainer.lr: must be positive"),
         (["trainer.max_epochs=0"], "trainer.max_epochs: must be positive"),
         (["trainer.bptt=0"], "trainer.bptt: must be positive"),

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from dglstm_lm.config import DGLSTMConfig, LSTMConfig, RNNConfig, StackedLSTMConfig
+from dglstm_lm.config import DGLSTMConfig, LSTMConfig, ResidualLSTMConfig, RNNConfig, StackedLSTMConfig
 from dglstm_lm.models import DGLSTMLayer, LanguageModel, LSTMLayer, build_core, build_model, count_parameters
 from dglstm_lm.models.kernels import cpp_extension, scan
 
@@ -23,49 +23,68 @@ def test_cpp_kernel_is_built():
 
 
 # ------------------------------------------------------------------------------------------ reference
-def reference_dglstm(core, x, state):
-    """The DGLSTM equations of Yao et al. (2015), one time step at a time, plain autograd, nothing shared with
-    the implementation under test but the parameter tensors (read by name)."""
-    outs_h, outs_c = None, None
-    final = []
-    inp = x
-    for layer_idx, layer in enumerate(core.layers):
-        H, coupled = layer.hidden_dim, layer.coupled
-        h, c = state[layer_idx]
+def reference_dglstm(core, x, state, opts: dict):
+    """The DGLSTM equations of Yao et al. (2015), one time step at a time, plain autograd. Its structure (which
+    layers have a depth path, which terms the gate has, peepholes, coupling, stabiliser) comes from `opts`,
+    the options the core was built with — never from the module's attributes — and it shares nothing with the
+    implementation under test but the parameter tensors, read by name (a missing one is a KeyError).
+
+    opts: dims (input width first), gate_input, peephole, coupled, stabiliser, depth_gate, depth_gate_inputs.
+    """
+    P = dict(core.named_parameters())
+    dims = opts["dims"]
+    coupled, peephole = opts.get("coupled", False), opts.get("peephole", False)
+    gate = opts.get("depth_gate", "learned")
+    terms = set(opts.get("depth_gate_inputs", ("x", "c_prev", "c_lower"))) if gate == "learned" else set()
+    outs_c, final, inp = None, [], x
+    for k in range(len(dims) - 1):
+        H, lower = dims[k + 1], (dims[k] if k > 0 else None)
+        gated_input = k == 0 and opts.get("gate_input", False)
+        depth = lower is not None or gated_input
+
+        def p(name, k=k):
+            return P[f"layers.{k}.{name}"]
+
+        h, c = state[k]
         hs, cs = [], []
         for t in range(inp.shape[0]):
             xt = inp[t]
-            xg = xt * torch.exp(layer.stabiliser) if layer.use_stabiliser else xt  # exp(s) x_t into the gates
-            z = xg @ layer.weight_ih.T + layer.bias_ih + h @ layer.weight_hh.T + layer.bias_hh
+            xg = xt * torch.exp(p("stabiliser")) if opts.get("stabiliser", False) else xt
+            z = xg @ p("weight_ih").T + p("bias_ih") + h @ p("weight_hh").T + p("bias_hh")
             if coupled:
                 zi, zg, zo = z[:, :H], z[:, H : 2 * H], z[:, 2 * H :]
             else:
                 zi, zf, zg, zo = z[:, :H], z[:, H : 2 * H], z[:, 2 * H : 3 * H], z[:, 3 * H :]
-            if layer.peephole:
-                zi = zi + layer.peephole_i * c
+            if peephole:
+                zi = zi + p("peephole_i") * c
             i = torch.sigmoid(zi)
             if coupled:
                 f = 1 - i
             else:
-                f = torch.sigmoid(zf + layer.peephole_f * c if layer.peephole else zf)
+                f = torch.sigmoid(zf + p("peephole_f") * c if peephole else zf)
             g = torch.tanh(zg)
             c_new = f * c + i * g
-            if layer.has_depth:
-                a = layer.depth_bias + xg @ layer.depth_weight_ih.T + layer.depth_weight_cc * c
-                if layer.gate_input:
-                    carried = xt @ layer.depth_proj.T  # W_x0 x_t
+            if depth:
+                if gated_input:
+                    carried = xt @ p("depth_proj").T  # W_x0 x_t
                 else:
                     c_low = outs_c[t]
-                    if layer.depth_weight_lc.dim() == 1:
-                        a = a + layer.depth_weight_lc * c_low
-                        carried = c_low
-                    else:
-                        a = a + c_low @ layer.depth_weight_lc.T
-                        carried = c_low @ layer.depth_proj.T
-                d = torch.sigmoid(a)
+                    carried = c_low if lower == H else c_low @ p("depth_proj").T  # c^L_t or P c^L_t
+                if gate == "open":
+                    d = torch.ones_like(c_new)
+                else:
+                    a = p("depth_bias").expand_as(c_new)  # b_d; the constant gate stops here
+                    if "x" in terms:
+                        a = a + xg @ p("depth_weight_ih").T
+                    if "c_prev" in terms:
+                        a = a + p("depth_weight_cc") * c
+                    if "c_lower" in terms and not gated_input:
+                        w = p("depth_weight_lc")
+                        a = a + (w * c_low if lower == H else c_low @ w.T)
+                    d = torch.sigmoid(a)
                 c_new = c_new + d * carried
-            if layer.peephole:
-                zo = zo + layer.peephole_o * c_new
+            if peephole:
+                zo = zo + p("peephole_o") * c_new
             o = torch.sigmoid(zo)
             h = o * torch.tanh(c_new)
             c = c_new
@@ -87,46 +106,121 @@ OPTIONS = list(itertools.product([False, True], repeat=4))  # gate_input, peepho
 DIMS = [[4, 4, 4], [4, 6, 3]]
 
 
+def _check_against_reference(core, opts, T=6, B=3):
+    """Outputs, final states and every gradient (input, initial states, each parameter) in float64."""
+    dims = opts["dims"]
+    core = core.double()
+    with torch.no_grad():
+        for p in core.parameters():
+            p.uniform_(-0.6, 0.6)
+    x = torch.randn(T, B, dims[0], dtype=torch.float64, requires_grad=True)
+    state = [tuple(s.requires_grad_() for s in layer) for layer in _random_state(core, B, torch.float64)]
+    w_out = torch.randn(T, B, dims[-1], dtype=torch.float64)
+
+    def run(fn):
+        out, final = fn(x, state)
+        loss = (out * w_out).sum() + sum((h**2).sum() + (c * 0.3).sum() for h, c in final)
+        leaves = [x, *[s for layer in state for s in layer], *core.parameters()]
+        return out, final, torch.autograd.grad(loss, leaves)
+
+    out, final, grads = run(lambda x, s: core(x, s))
+    ref_out, ref_final, ref_grads = run(lambda x, s: reference_dglstm(core, x, s, opts))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for (h, c), (rh, rc) in zip(final, ref_final):
+        torch.testing.assert_close(h, rh, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(c, rc, rtol=1e-10, atol=1e-10)
+    names = [
+        "x",
+        *[f"state{i}" for i in range(2 * (len(dims) - 1))],
+        *[n for n, _ in core.named_parameters()],
+    ]
+    for name, g, rg in zip(names, grads, ref_grads):
+        torch.testing.assert_close(
+            g, rg, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"gradient of {name}: {m}"
+        )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dims", DIMS, ids=["equal", "unequal"])
 @pytest.mark.parametrize("gate_input,peephole,coupled,stabiliser", OPTIONS)
 def test_dglstm_matches_per_step_reference(backend, gate_input, peephole, coupled, stabiliser, dims):
     torch.manual_seed(hash((gate_input, peephole, coupled, stabiliser, tuple(dims))) % 1000)
-    T, B, E = 6, 3, 5
+    opts = dict(
+        dims=[5, *dims], gate_input=gate_input, peephole=peephole, coupled=coupled, stabiliser=stabiliser
+    )
     core = build_core(
         "dglstm",
-        E,
+        5,
         dims,
         gate_input=gate_input,
         peephole=peephole,
         coupled=coupled,
         backend=backend,
         stabiliser=stabiliser,
-    ).double()
+    )
+    _check_against_reference(core, opts)
+
+
+# The ablations of the depth gate: every subset of the learned gate's terms, the open and the constant gate,
+# each with and without the first layer's gated input, with peepholes and coupling on in turn.
+GATE_VARIANTS = [
+    ("learned", list(s)) for n in range(4) for s in itertools.combinations(("x", "c_prev", "c_lower"), n)
+]
+GATE_VARIANTS += [("open", ["x", "c_prev", "c_lower"]), ("constant", ["x", "c_prev", "c_lower"])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", DIMS, ids=["equal", "unequal"])
+@pytest.mark.parametrize("gate_input", [False, True], ids=["", "gate_input"])
+@pytest.mark.parametrize(
+    "depth_gate,inputs", GATE_VARIANTS, ids=lambda v: v if isinstance(v, str) else "+".join(v) or "none"
+)
+def test_depth_gate_ablations_match_per_step_reference(backend, dims, gate_input, depth_gate, inputs):
+    idx = GATE_VARIANTS.index((depth_gate, inputs))
+    torch.manual_seed(100 + idx)
+    opts = dict(
+        dims=[5, *dims],
+        gate_input=gate_input,
+        peephole=idx % 2 == 1,
+        coupled=idx % 3 == 2,
+        depth_gate=depth_gate,
+        depth_gate_inputs=inputs,
+    )
+    core = build_core(
+        "dglstm",
+        5,
+        dims,
+        gate_input=gate_input,
+        peephole=opts["peephole"],
+        coupled=opts["coupled"],
+        backend=backend,
+        depth_gate=depth_gate,
+        depth_gate_inputs=inputs,
+    )
+    _check_against_reference(core, opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_gate_is_exactly_one_in_float32(backend):
+    """d ≡ 1 through the kernels: c_t - (f c_{t-1} + i g) equals the carried lower cell to the last bit in
+    float32, and the top cell's gradient reaches the lower cell undamped (no σ' factor)."""
+    torch.manual_seed(9)
+    T, B, H = 5, 2, 4
+    core = build_core("dglstm", H, [H, H], depth_gate="open", backend=backend)
+    assert not any("depth" in n for n, _ in core.named_parameters())  # an open path has no gate parameters
+    x = torch.randn(T, B, H)
+    zeros = (torch.zeros(B, H), torch.zeros(B, H))
+    _, c_low, _ = core.layers[0](x, zeros)
+    c_low = c_low.detach().requires_grad_()
+    top = core.layers[1]
     with torch.no_grad():
-        for p in core.parameters():
-            p.uniform_(-0.6, 0.6)
-    x = torch.randn(T, B, E, dtype=torch.float64, requires_grad=True)
-    state = [tuple(s.requires_grad_() for s in layer) for layer in _random_state(core, B, torch.float64)]
-    w_out = torch.randn(T, B, dims[-1], dtype=torch.float64)
-
-    def run(fn):
-        out, final = fn(core, x, state)
-        loss = (out * w_out).sum() + sum((h**2).sum() + (c * 0.3).sum() for h, c in final)
-        leaves = [x, *[s for layer in state for s in layer], *core.parameters()]
-        return out, final, torch.autograd.grad(loss, leaves)
-
-    out, final, grads = run(lambda core, x, s: core(x, s))
-    ref_out, ref_final, ref_grads = run(reference_dglstm)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for (h, c), (rh, rc) in zip(final, ref_final):
-        torch.testing.assert_close(h, rh, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(c, rc, rtol=1e-10, atol=1e-10)
-    names = ["x", *[f"state{i}" for i in range(2 * len(dims))], *[n for n, _ in core.named_parameters()]]
-    for name, g, rg in zip(names, grads, ref_grads):
-        torch.testing.assert_close(
-            g, rg, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"gradient of {name}: {m}"
-        )
+        top.weight_ih.zero_(), top.weight_hh.zero_(), top.bias_ih.fill_(-30.0), top.bias_hh.zero_()
+    # i = f = o = σ(-30) ≈ 9e-14: the cell is (almost) only the carried term, so c_top ≈ c_low
+    _, c_top, _ = top(torch.zeros(T, B, H), zeros, c_low)
+    torch.testing.assert_close(c_top, c_low, rtol=0, atol=1e-6)
+    c_top[-1].sum().backward()
+    g = c_low.grad[-1]
+    torch.testing.assert_close(g, torch.ones_like(g), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -139,7 +233,8 @@ def test_dglstm_float32_matches_reference(backend):
     out, _ = core(x, state)
     core64 = build_core("dglstm", 16, [32, 32], peephole=True).double()
     core64.load_state_dict({k: v.double() for k, v in core.state_dict().items()})
-    ref, _ = reference_dglstm(core64, x.double(), [tuple(s.double() for s in layer) for layer in state])
+    state64 = [tuple(s.double() for s in layer) for layer in state]
+    ref, _ = reference_dglstm(core64, x.double(), state64, dict(dims=[16, 32, 32], peephole=True))
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
 
 
@@ -255,28 +350,45 @@ def test_gradient_reaches_bottom_cell_through_the_depth_path(backend):
 
 # ------------------------------------------------------------------------------------------ model wrapper
 def closed_form_params(
-    name, V, E, dims, tie=False, gate_input=False, peephole=False, coupled=False, stabiliser=False
+    name,
+    V,
+    E,
+    dims,
+    tie=False,
+    gate_input=False,
+    peephole=False,
+    coupled=False,
+    stabiliser=False,
+    depth_gate="learned",
+    depth_gate_inputs=("x", "c_prev", "c_lower"),
 ):
     """Parameter count from the equations, independently of the modules."""
     n = V * E + V + (0 if tie else V * dims[-1])  # embedding, decoder bias, decoder weight
     inputs = [E, *dims[:-1]]
+    terms = set(depth_gate_inputs) if depth_gate == "learned" else set()
     for k, (In, H) in enumerate(zip(inputs, dims)):
         if name == "rnn":
             n += H * In + H * H + 2 * H
             continue
         G = 3 if (name == "dglstm" and coupled) else 4
-        n += G * H * (In + H) + 2 * G * H  # W_ih, W_hh, b_ih, b_hh (nn.LSTM's layout)
+        n += G * H * (In + H) + 2 * G * H  # W_ih, W_hh, b_ih, b_hh (nn.LSTM's layout); residual: no more
         if name != "dglstm":
             continue
         if peephole:
             n += (2 if coupled else 3) * H
         if stabiliser:
             n += 1  # s
-        if k == 0 and gate_input:
-            n += H * In + H + H + H * In  # W_xd, b_d, w_cd, W_x0
-        elif k > 0:
-            n += H * In + H + H  # W_xd, b_d, w_cd
-            n += H if dims[k - 1] == H else 2 * H * dims[k - 1]  # w_ld (vector) or w_ld and P (matrices)
+        if k == 0 and not gate_input:
+            continue  # the first layer has no depth path
+        n += 0 if depth_gate == "open" else H  # b_d
+        n += H * In if "x" in terms else 0  # W_xd
+        n += H if "c_prev" in terms else 0  # w_cd
+        if k == 0:
+            n += H * In  # W_x0
+        else:
+            L = dims[k - 1]
+            n += (H if L == H else H * L) if "c_lower" in terms else 0  # w_ld: vector or matrix
+            n += 0 if L == H else H * L  # P
     return n
 
 
@@ -285,12 +397,19 @@ PARAM_CASES = [
     (LSTMConfig(), {}),
     (StackedLSTMConfig(), {}),
     (StackedLSTMConfig(num_layers=3, hidden_dims=[30, 40, 20]), {}),
+    (ResidualLSTMConfig(num_layers=3), {}),
     (DGLSTMConfig(), {}),
     (DGLSTMConfig(num_layers=3, hidden_dims=[30, 40, 20]), {}),
     (DGLSTMConfig(gate_input=True, peephole=True), {}),
     (DGLSTMConfig(coupled_gates=True, peephole=True), {}),
     (DGLSTMConfig(num_layers=3, stabiliser=True, gate_input=True), {}),
     (DGLSTMConfig(emb_dim=20, hidden_dim=20, tie_weights=True), {}),
+    (DGLSTMConfig(depth_gate="open"), {}),
+    (DGLSTMConfig(depth_gate="open", num_layers=3, hidden_dims=[30, 40, 20], gate_input=True), {}),
+    (DGLSTMConfig(depth_gate="constant", num_layers=3, hidden_dims=[30, 40, 20]), {}),
+    (DGLSTMConfig(depth_gate_inputs=["x", "c_lower"]), {}),
+    (DGLSTMConfig(depth_gate_inputs=["c_prev"], num_layers=3, hidden_dims=[30, 40, 20], gate_input=True), {}),
+    (DGLSTMConfig(depth_gate_inputs=[]), {}),
 ]
 
 
@@ -308,6 +427,8 @@ def test_parameter_count_equals_closed_form(cfg, _, capsys):
         peephole=getattr(cfg, "peephole", False),
         coupled=getattr(cfg, "coupled_gates", False),
         stabiliser=getattr(cfg, "stabiliser", False),
+        depth_gate=getattr(cfg, "depth_gate", "learned"),
+        depth_gate_inputs=getattr(cfg, "depth_gate_inputs", ("x", "c_prev", "c_lower")),
     )
     with capsys.disabled():
         print(
@@ -319,8 +440,24 @@ def test_parameter_count_equals_closed_form(cfg, _, capsys):
 def test_ptb_sizes_parameter_counts():
     """At PTB sizes the counts are the ones the README lists."""
     V = 10_000
-    for cfg in (LSTMConfig(), StackedLSTMConfig(), DGLSTMConfig()):
-        assert count_parameters(build_model(V, cfg)) == closed_form_params(cfg.name, V, 200, cfg.layer_dims)
+    counts = {}
+    for cfg in (
+        LSTMConfig(),
+        StackedLSTMConfig(),
+        ResidualLSTMConfig(),
+        DGLSTMConfig(),
+        DGLSTMConfig(depth_gate="open"),
+        DGLSTMConfig(depth_gate="constant"),
+    ):
+        counts[(cfg.name, getattr(cfg, "depth_gate", None))] = n = count_parameters(build_model(V, cfg))
+        assert n == closed_form_params(
+            cfg.name, V, 200, cfg.layer_dims, depth_gate=getattr(cfg, "depth_gate", "learned")
+        )
+    # the README's table
+    assert counts[("stacked_lstm", None)] == counts[("residual_lstm", None)] == 4_653_200
+    assert counts[("dglstm", "learned")] == 4_693_800
+    assert counts[("dglstm", "open")] == 4_653_200
+    assert counts[("dglstm", "constant")] == 4_653_400
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "stacked_lstm", "dglstm"])

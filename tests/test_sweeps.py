@@ -126,7 +126,7 @@ def test_unknown_option_in_a_sweep_fails_before_any_job(tmp_path, ptb_dir, ptb_r
     assert r.returncode == 2
     assert (
         r.stderr.strip().splitlines()[-1]
-        == "error: unknown option model=gru (available: dglstm, lstm, rnn, stacked_lstm)"
+        == "error: unknown option model=gru (available: dglstm, lstm, residual_lstm, rnn, stacked_lstm)"
     )
     assert not sweep_dir.exists()
 

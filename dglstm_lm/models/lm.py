@@ -1,4 +1,9 @@
-"""The language model: embedding → dropout → recurrent core → dropout → decoder over the vocabulary."""
+"""The language model: embedding → dropout → recurrent core → dropout → decoder over the vocabulary.
+
+Regularisers, all off by default: `dropout` on the embedding output, between layers (in the core) and before
+the decoder, either standard or variational (`dropout_kind`); `embed_dropout` drops whole word types (a row
+of the embedding, the same for every occurrence of the word in the window, Merity et al. 2017); the core's
+`weight_drop` is DropConnect on W_hh."""
 
 from __future__ import annotations
 
@@ -7,19 +12,27 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .cores import RecurrentStack, State, build_core
+from .cores import DEPTH_GATE_INPUTS, RecurrentStack, State, build_core, sequence_dropout
 
 
 class LanguageModel(nn.Module):
     """Word-level LM around an interchangeable recurrent core; the variants differ only in `core`."""
 
     def __init__(
-        self, vocab_size: int, emb_dim: int, core: RecurrentStack, dropout: float = 0.0, tie_weights=False
+        self,
+        vocab_size: int,
+        emb_dim: int,
+        core: RecurrentStack,
+        dropout: float = 0.0,
+        tie_weights=False,
+        dropout_kind: str = "standard",
+        embed_dropout: float = 0.0,
     ):
         super().__init__()
         self.vocab_size, self.emb_dim = vocab_size, emb_dim
         self.encoder = nn.Embedding(vocab_size, emb_dim)
         self.drop = nn.Dropout(dropout)
+        self.dropout_kind, self.embed_dropout = dropout_kind, embed_dropout
         self.core = core
         self.decoder = nn.Linear(core.output_dim, vocab_size)
         self.tie_weights = tie_weights
@@ -35,9 +48,16 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (T, B) -> logits (T, B, V) and the state after the last step."""
-        x = self.drop(self.encoder(tokens))  # (T, B, E)
+        x = self.encoder(tokens)  # (T, B, E)
+        if self.training and self.embed_dropout > 0:
+            # one keep/drop draw per word type for this window, scaled by 1/(1-p): the same as looking the
+            # tokens up in a row-masked embedding matrix, without building the masked copy
+            p = self.embed_dropout
+            keep = x.new_empty(self.vocab_size).bernoulli_(1.0 - p).div_(1.0 - p)
+            x = x * keep[tokens].unsqueeze(-1)
+        x = sequence_dropout(x, self.drop.p, self.dropout_kind, self.training)
         out, state = self.core(x, state)  # (T, B, H_last)
-        return self.decoder(self.drop(out)), state
+        return self.decoder(sequence_dropout(out, self.drop.p, self.dropout_kind, self.training)), state
 
     def reset_parameters(
         self, init: str = "uniform", init_range: float = 0.1, depth_gate_bias: float | None = None
@@ -115,7 +135,19 @@ def build_model(vocab_size: int, cfg) -> LanguageModel:
         coupled=getattr(cfg, "coupled_gates", False),
         backend=getattr(cfg, "backend", "auto"),
         stabiliser=getattr(cfg, "stabiliser", False),
+        depth_gate=getattr(cfg, "depth_gate", "learned"),
+        depth_gate_inputs=tuple(getattr(cfg, "depth_gate_inputs", DEPTH_GATE_INPUTS)),
+        dropout_kind=cfg.dropout_kind,
+        weight_drop=cfg.weight_drop,
     )
-    model = LanguageModel(vocab_size, cfg.emb_dim, core, dropout=cfg.dropout, tie_weights=cfg.tie_weights)
+    model = LanguageModel(
+        vocab_size,
+        cfg.emb_dim,
+        core,
+        dropout=cfg.dropout,
+        tie_weights=cfg.tie_weights,
+        dropout_kind=cfg.dropout_kind,
+        embed_dropout=cfg.embed_dropout,
+    )
     model.reset_parameters(cfg.init, cfg.init_range, getattr(cfg, "depth_gate_bias", None))
     return model
