@@ -1,12 +1,16 @@
-"""`make report [dir=<run or sweep dir>]`: perplexity tables and figures from the runs under outputs/.
+"""`make report [dir=<run or sweep dir>] [baseline=<row>]`: perplexity tables and figures from the runs under outputs/.
 
 Reads every run directory (one holding config.json or .hydra/config.yaml) and writes outputs/report/:
 report.md, report.csv and figures/*.png, and logs the same table and figures to a W&B report run (offline
 by default). Runs are grouped by their resolved config minus the seed and output-only keys:
 
 - a *table* per recipe and data (same `name`, same data section): rows are the model variants;
-- a *row* per distinct config: its seeds are aggregated (mean ± std, n), and when the rows of a table differ
-  in more than the model, the table says in which keys;
+- a *row* per distinct config: its seeds are aggregated (mean ± std, n = distinct seeds; a seed run more
+  than once counts once, by its latest completed run), and when the rows of a table differ in more than the
+  model, the table says in which keys;
+- a *baseline* row per table (`--baseline`; default the stacked LSTM): every other row gets its difference
+  from it with a 95% confidence interval and a p-value (paired t-test by seed when both rows have the same
+  seeds, Welch's t-test otherwise; scipy.stats);
 - runs that failed, diverged or have not finished are listed apart, with their reason.
 
 Files are only read (each one is replaced atomically by its writer), so a report can run beside live runs.
@@ -15,20 +19,24 @@ Files are only read (each one is replaced atomically by its writer), so a report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import datetime as _dt
 import io
 import json
 import logging
 import math
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from scipy import stats
 
 from .checkpoint import atomic_write_bytes
-from .config import flatten, with_defaults
+from .config import MODEL_NAMES, flatten, with_defaults
 from .errors import UserError, cli
 
 log = logging.getLogger(__name__)
@@ -156,23 +164,121 @@ def find_runs(root: Path) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------------------ aggregation
+CONFIDENCE = 0.95
+METRICS = (("val", "val/ppl"), ("test", "test/ppl"))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
+    values = [v for v in values if _finite(v)]
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _seed_order(seed) -> tuple:
+    """Seeds sort as numbers where they are numbers (1 2 11, not 1 11 2), anything else after them."""
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool):
+        return (0, seed, "")
+    return (1, 0, str(seed))
+
+
+def _finished_at(run: Run) -> tuple:
+    """When a run last wrote its metrics (`updated_at`, else the file's mtime), to find the latest one."""
+    try:
+        mtime = (run.path / "metrics.json").stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    try:
+        stamp = _dt.datetime.fromisoformat(str(run.metrics.get("updated_at"))).timestamp()
+    except (TypeError, ValueError):
+        stamp = mtime
+    return (stamp, mtime, str(run.path))
+
+
+def one_run_per_seed(runs: list[Run]) -> tuple[list[Run], dict]:
+    """A seed counts once: of the completed runs of one seed the latest is kept. Returns the kept runs (by
+    seed) and {seed: [the runs of that seed, latest first]} for the seeds run more than once."""
+    by_seed: dict = {}
+    for r in runs:
+        by_seed.setdefault(r.config.get("seed"), []).append(r)
+    kept, repeats = [], {}
+    for seed in sorted(by_seed, key=_seed_order):
+        latest_first = sorted(by_seed[seed], key=_finished_at, reverse=True)
+        kept.append(latest_first[0])
+        if len(latest_first) > 1:
+            repeats[seed] = latest_first
+    return kept, repeats
+
+
+def mean_ci(values: list[float]) -> tuple[float, float] | None:
+    """The 95% t-interval of the mean (None below two values)."""
+    values = [v for v in values if _finite(v)]
+    if len(values) < 2:
+        return None
+    with _quiet():
+        ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
+    return (float(ci.low), float(ci.high)) if math.isfinite(ci.low) and math.isfinite(ci.high) else None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Zero variance makes scipy warn and answer nan; the nan is the answer (shown as —)."""
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+@dataclass
+class Diff:
+    """row − baseline of one metric: the difference of the means, its 95% CI, the p-value, and the test."""
+
+    delta: float | None = None
+    low: float | None = None
+    high: float | None = None
+    p: float | None = None
+    method: str = ""  # "paired", "Welch", "n too small"; "" for no comparison
+
+
+def compare(row: dict, base: dict) -> Diff:
+    """Compare {seed: value} of a row with the baseline's: a paired t-test by seed when both have exactly the
+    same seeds, Welch's t-test otherwise; below two values on either side (or two pairs) no test."""
+    if not row or not base:
+        return Diff()
+    delta = statistics.fmean(row.values()) - statistics.fmean(base.values())
+    paired = set(row) == set(base)
+    if len(row) < 2 or len(base) < 2:
+        return Diff(delta, method="n too small")
+    with _quiet():
+        if paired:
+            seeds = sorted(row, key=_seed_order)
+            res = stats.ttest_rel([row[s] for s in seeds], [base[s] for s in seeds])
+        else:
+            res = stats.ttest_ind(list(row.values()), list(base.values()), equal_var=False)
+        ci = res.confidence_interval(CONFIDENCE)
+    low, high, p = (float(x) if math.isfinite(x) else None for x in (ci.low, ci.high, res.pvalue))
+    return Diff(delta, low, high, p, "paired" if paired else "Welch")
 
 
 @dataclass
 class Row:
     label: str
     model: str
-    runs: list[Run]
+    runs: list[Run]  # one per seed (the latest completed run of it), by seed
     published: bool = False
     pub_values: dict = field(default_factory=dict)
+    repeats: dict = field(default_factory=dict)  # seed -> its completed runs, latest (the one used) first
 
     def stat(self, key: str):
         return _mean_std([r.metrics.get(key) for r in self.runs])
+
+    def by_seed(self, key: str) -> dict:
+        return {r.config.get("seed"): r.metrics[key] for r in self.runs if _finite(r.metrics.get(key))}
 
     @property
     def n(self) -> int:
@@ -192,12 +298,16 @@ class Row:
             "epochs": epochs,
             "val_mean": val_m,
             "val_std": val_s,
+            "val_ci": mean_ci(list(self.by_seed("val/ppl").values())),
             "test_mean": test_m,
             "test_std": test_s,
+            "test_ci": mean_ci(list(self.by_seed("test/ppl").values())),
             "n": self.n,
+            "n_runs": self.n + sum(len(rs) - 1 for rs in self.repeats.values()),
+            "repeats": {seed: len(rs) for seed, rs in self.repeats.items()},
             "tokens_per_s": tps,
             "wall_s": wall,
-            "seeds": sorted(r.config.get("seed") for r in self.runs),
+            "seeds": [r.config.get("seed") for r in self.runs],
         }
 
 
@@ -207,6 +317,42 @@ class Table:
     data: str
     rows: list[Row]
     differing_keys: list[str]
+    baseline: Row | None = None
+    baseline_note: str = ""  # how the baseline was chosen, when not as asked
+
+    def diff(self, row: Row, metric: str) -> Diff:
+        if self.baseline is None or row is self.baseline or row.published:
+            return Diff()
+        return compare(row.by_seed(metric), self.baseline.by_seed(metric))
+
+
+def _matches(row: Row, wanted: str) -> bool:
+    return not row.published and wanted in (row.label, row.model)
+
+
+def choose_baselines(tables: list[Table], wanted: str | None = None) -> None:
+    """Name each table's baseline row: `wanted` (a row label, else the first row of that model), where the
+    table has it; else the stacked LSTM row, else the first row. A `wanted` no table has is an error."""
+    if wanted is not None and tables and not any(_matches(r, wanted) for t in tables for r in t.rows):
+        available = "; ".join(
+            (f"{t.name}: " if len(tables) > 1 else "")
+            + ", ".join(f"'{r.label}'" for r in t.rows if not r.published)
+            for t in tables
+        )
+        raise UserError(f"unknown baseline '{wanted}'; the rows are: {available}")
+    for t in tables:
+        ours = [r for r in t.rows if not r.published]
+        chosen = None
+        if wanted is not None:
+            chosen = next((r for r in ours if r.label == wanted), None) or next(
+                (r for r in ours if r.model == wanted), None
+            )
+            if chosen is None:
+                t.baseline_note = f"`{wanted}` is not a row of this table"
+        chosen = (
+            chosen or next((r for r in ours if r.model == "stacked_lstm"), None) or next(iter(ours), None)
+        )
+        t.baseline = chosen
 
 
 def distinguishing_keys(configs: list[dict]) -> tuple[list[list[str]], list[str]]:
@@ -254,18 +400,11 @@ def build_tables(runs: list[Run]) -> list[Table]:
                 for k in shown
             )
             model = row_runs[0].config.get("model.name", "?")
-            rows.append(
-                Row(
-                    model + (f" ({extra})" if extra else ""),
-                    model,
-                    sorted(row_runs, key=lambda r: str(r.path)),
-                )
-            )
+            kept, repeats = one_run_per_seed(row_runs)
+            rows.append(Row(model + (f" ({extra})" if extra else ""), model, kept, repeats=repeats))
         rows.sort(
             key=lambda r: (
-                ["rnn", "lstm", "stacked_lstm", "dglstm"].index(r.model)
-                if r.model in ("rnn", "lstm", "stacked_lstm", "dglstm")
-                else 9,
+                MODEL_NAMES.index(r.model) if r.model in MODEL_NAMES else len(MODEL_NAMES),
                 r.label,
             )
         )
@@ -315,6 +454,36 @@ def _best(rows: list[Row], key: str, higher=False):
     return max(vals) if higher else min(vals)
 
 
+def _signed(v) -> str:
+    return "—" if v is None else f"{v:+.2f}"
+
+
+def _delta_cell(d: Diff) -> str:
+    if d.delta is None:
+        return ""
+    if d.method == "n too small":
+        return f"{_signed(d.delta)} [n too small]"
+    return f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]"
+
+
+def _p_cell(d: Diff) -> str:
+    if d.method == "n too small":
+        return "n too small"
+    if d.delta is None:
+        return ""
+    return "—" if d.p is None else ("< 0.001" if d.p < 0.001 else f"{d.p:.3f}")
+
+
+def _method_cell(dv: Diff, dt: Diff) -> str:
+    if dv.method == dt.method or not dv.method:
+        return dt.method
+    return f"valid: {dv.method}, test: {dt.method}"
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root) if root in path.parents else path)
+
+
 def render_markdown(tables: list[Table], problems: list[Run], root: Path, figures: dict) -> str:
     out = [f"# Perplexity report: `{root}`", ""]
     if not tables:
@@ -327,8 +496,9 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
                 "",
             ]
         out += [
-            "| model | params | epochs | valid ppl | test ppl | seeds | tokens/s | wall |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| model | params | epochs | valid ppl | test ppl | seeds | Δ valid [95% CI] | p (valid) "
+            "| Δ test [95% CI] | p (test) | t-test | tokens/s | wall |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
         best = {
             "val_mean": _best(t.rows, "val_mean"),
@@ -341,10 +511,21 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
             v = r.values()
             if r.published:
                 out.append(
-                    f"| *{r.label}* | {_fmt(v['params'], thousands=True)} | | {_fmt(v['val_mean'])} | {_fmt(v['test_mean'])} | | | |"
+                    f"| *{r.label}* | {_fmt(v['params'], thousands=True)} | | {_fmt(v['val_mean'])} | {_fmt(v['test_mean'])} | | | | | | | | |"
                 )
                 continue
             wall = f"{v['wall_s'] / 60:.1f} min" if v["wall_s"] is not None else "—"
+            dv, dt = t.diff(r, "val/ppl"), t.diff(r, "test/ppl")
+            if r is t.baseline:
+                diff_cells = ["baseline", "", "baseline", "", ""]
+            else:
+                diff_cells = [
+                    _delta_cell(dv),
+                    _p_cell(dv),
+                    _delta_cell(dt),
+                    _p_cell(dt),
+                    _method_cell(dv, dt),
+                ]
             out.append(
                 "| "
                 + " | ".join(
@@ -354,7 +535,8 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
                         _fmt(v["epochs"], 0),
                         _mark(_pm(v["val_mean"], v["val_std"], v["n"]), v["val_mean"], best["val_mean"]),
                         _mark(_pm(v["test_mean"], v["test_std"], v["n"]), v["test_mean"], best["test_mean"]),
-                        str(v["n"]),
+                        str(v["n"]) + (f" ({v['n_runs']} runs)" if v["n_runs"] > v["n"] else ""),
+                        *diff_cells,
                         _mark(
                             _fmt(v["tokens_per_s"], thousands=True), v["tokens_per_s"], best["tokens_per_s"]
                         ),
@@ -364,10 +546,27 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
                 + " |"
             )
         out.append("")
-        out.append(
-            "Best value of each column in bold; ± is the standard deviation over seeds; published rows in italics."
+        caption = (
+            "Best value of each column in bold; ± is the standard deviation over seeds; seeds counts distinct "
+            "seeds (of a seed run more than once, its latest completed run is used); published rows in italics."
         )
-        out.append("")
+        if t.baseline is not None:
+            caption += (
+                f" Δ is row − baseline (`{t.baseline.label}`"
+                + (f"; {t.baseline_note}" if t.baseline_note else "")
+                + ") with its 95% confidence interval and the two-sided p-value of a t-test: paired by seed "
+                "when both rows have the same seeds, Welch's otherwise; n too small: under two seeds on a side."
+            )
+        out += [caption, ""]
+        repeated = [(r, seed, rs) for r in t.rows for seed, rs in r.repeats.items()]
+        if repeated:
+            out += ["Seeds run more than once (the latest completed run is used):", ""]
+            for r, seed, rs in repeated:
+                out.append(
+                    f"- {r.label}, seed {seed}: {len(rs)} runs; used `{_rel(rs[0].path, root)}`, not "
+                    + ", ".join(f"`{_rel(x.path, root)}`" for x in rs[1:])
+                )
+            out.append("")
         for kind in ("curves", "test"):
             fig = figures.get((ti, kind))
             if fig:
@@ -388,9 +587,7 @@ def render_markdown(tables: list[Table], problems: list[Run], root: Path, figure
                 m.get("error")
                 or ("still writing, or stopped without a word" if r.status == "running" else "")
             ).replace("|", "\\|")
-            out.append(
-                f"| `{r.path.relative_to(root) if root in r.path.parents else r.path}` | {r.status} | {m.get('epochs_completed', 0)} | {reason} |"
-            )
+            out.append(f"| `{_rel(r.path, root)}` | {r.status} | {m.get('epochs_completed', 0)} | {reason} |")
         out.append("")
     return "\n".join(out)
 
@@ -405,41 +602,68 @@ COLUMNS = [
     "epochs",
     "val_ppl_mean",
     "val_ppl_std",
+    "val_ppl_ci_low",
+    "val_ppl_ci_high",
     "test_ppl_mean",
     "test_ppl_std",
+    "test_ppl_ci_low",
+    "test_ppl_ci_high",
     "n_seeds",
     "seeds",
+    "n_runs",
+    "repeats",
     "tokens_per_s",
     "wall_s",
+    "baseline",
+    *(
+        f"{m}_ppl_{k}"
+        for m, _ in METRICS
+        for k in ("delta", "delta_ci_low", "delta_ci_high", "delta_p", "delta_test")
+    ),
 ]
+
+
+def row_record(t: Table, r: Row) -> dict:
+    """One row of a table as {column: value}: what report.csv and the W&B table hold."""
+    v = r.values()
+    rec = {
+        "table": t.name,
+        "data": t.data,
+        "row": r.label,
+        "model": r.model,
+        "published": int(r.published),
+        "params": v.get("params"),
+        "epochs": v.get("epochs"),
+        "n_seeds": v.get("n"),
+        "seeds": " ".join(str(s) for s in v.get("seeds", [])),
+        "n_runs": v.get("n_runs"),
+        "repeats": " ".join(f"{s}:{k}" for s, k in v.get("repeats", {}).items()),  # seed:runs
+        "tokens_per_s": v.get("tokens_per_s"),
+        "wall_s": v.get("wall_s"),
+        "baseline": t.baseline.label if t.baseline is not None else None,
+    }
+    for m, key in METRICS:
+        ci = v.get(f"{m}_ci") or (None, None)
+        d = t.diff(r, key)
+        rec.update(
+            {
+                f"{m}_ppl_mean": v.get(f"{m}_mean"),
+                f"{m}_ppl_std": v.get(f"{m}_std"),
+                f"{m}_ppl_ci_low": ci[0],
+                f"{m}_ppl_ci_high": ci[1],
+                f"{m}_ppl_delta": d.delta,
+                f"{m}_ppl_delta_ci_low": d.low,
+                f"{m}_ppl_delta_ci_high": d.high,
+                f"{m}_ppl_delta_p": d.p,
+                f"{m}_ppl_delta_test": d.method or None,
+            }
+        )
+    return rec
 
 
 def table_rows(tables: list[Table]) -> list[list]:
     """One list per row, in COLUMNS order: what report.csv and the W&B table hold."""
-    out = []
-    for t in tables:
-        for r in t.rows:
-            v = r.values()
-            out.append(
-                [
-                    t.name,
-                    t.data,
-                    r.label,
-                    r.model,
-                    int(r.published),
-                    v.get("params"),
-                    v.get("epochs"),
-                    v.get("val_mean"),
-                    v.get("val_std"),
-                    v.get("test_mean"),
-                    v.get("test_std"),
-                    v.get("n"),
-                    " ".join(str(s) for s in v.get("seeds", [])),
-                    v.get("tokens_per_s"),
-                    v.get("wall_s"),
-                ]
-            )
-    return out
+    return [[rec[c] for c in COLUMNS] for t in tables for rec in (row_record(t, r) for r in t.rows)]
 
 
 def write_csv(tables: list[Table]) -> bytes:
@@ -511,19 +735,23 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         labels = [r.label for r in rows]
         means = [r.values()["test_mean"] for r in rows]
-        stds = [r.values()["test_std"] or 0.0 for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        cis = [r.values()["test_ci"] or (m, m) for r, m in zip(rows, means)]
+        err = [  # no error bar on a single seed (nan draws none)
+            [m - lo if r.n > 1 else math.nan for r, m, (lo, _) in zip(rows, means, cis)],
+            [hi - m if r.n > 1 else math.nan for r, m, (_, hi) in zip(rows, means, cis)],
+        ]
+        ax.bar(range(len(rows)), means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
         ax.set_xticks(range(len(rows)), labels, rotation=15, ha="right", fontsize=8)
-        top = max((m + sd for m, sd in zip(means, stds)), default=1.0)
+        top = max((hi for _, hi in cis), default=1.0)
         for r, style in zip(
             [r for r in t.rows if r.published and r.pub_values.get("test_mean")], ["--", ":", "-."] * 9
         ):
             ax.axhline(r.pub_values["test_mean"], ls=style, lw=1, color="gray", label=r.label)
             top = max(top, r.pub_values["test_mean"])
-        for i, (m, sd, n) in enumerate(zip(means, stds, [r.n for r in rows])):
+        for i, (m, (lo, hi), n) in enumerate(zip(means, cis, [r.n for r in rows])):
             ax.annotate(
-                f"{m:.1f} ± {sd:.1f} (n={n})" if n > 1 else f"{m:.1f} (n=1)",
-                (i, m + sd),
+                f"{m:.1f} (n={n})\n[{lo:.1f}, {hi:.1f}]" if n > 1 else f"{m:.1f} (n=1)",
+                (i, hi),
                 xytext=(0, 4),
                 textcoords="offset points",
                 ha="center",
@@ -535,7 +763,7 @@ def make_figures(tables: list[Table], fig_dir: Path) -> dict:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
         ax.set_ylabel("test perplexity")
-        ax.set_title(f"{t.name}: test perplexity (error bars: std over seeds)")
+        ax.set_title(f"{t.name}: test perplexity (error bars: 95% t-interval of the mean over seeds)")
         fig.tight_layout()
         path = fig_dir / f"{slug}_test.png"
         _save_fig(fig, path)
@@ -576,15 +804,16 @@ def log_to_wandb(tables, figures, out_dir: Path, group: str, mode: str) -> str |
     return run.id
 
 
-def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline") -> dict:
+def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline", baseline: str | None = None) -> dict:
     runs = find_runs(root)
+    tables = build_tables(runs)
+    choose_baselines(tables, baseline)  # before anything is written: an unknown baseline is an error
     out_dir.mkdir(parents=True, exist_ok=True)
     if not runs:
         text = f"# Perplexity report: `{root}`\n\nNo runs found under {root}.\n"
         atomic_write_bytes(out_dir / "report.md", text.encode())
         atomic_write_bytes(out_dir / "report.csv", write_csv([]))
         return {"runs": 0, "tables": 0, "problems": 0, "message": f"no runs found under {root}"}
-    tables = build_tables(runs)
     problems = [r for r in runs if not (r.status == "completed" and r.metrics.get("test/ppl") is not None)]
     figures = make_figures(tables, out_dir / "figures") if tables else {}
     md = render_markdown(tables, problems, root if out_dir.parent == root else out_dir.parent, figures)
@@ -619,6 +848,12 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="a run or sweep directory, or the whole outputs/ (default)")
     p.add_argument("--out", default=None, help="where to write (default: outputs/report)")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="the row the others are compared with: a model name or a row label (default: stacked_lstm, "
+        "else the first row)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     root = Path(args.dir or "outputs")
@@ -626,7 +861,7 @@ def main(argv=None) -> int:
     if args.dir is None and not root.exists():  # a fresh checkout: nothing has run yet
         print(f"no runs found under {root}/ (nothing has been trained yet)")
         return 0
-    res = build_report(root, out, args.wandb_mode)
+    res = build_report(root, out, args.wandb_mode, args.baseline)
     if res["runs"] == 0:
         print(f"{res['message']}; wrote an empty report to {out}/report.md")
         return 0

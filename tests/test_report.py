@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dglstm_lm.report import build_report, distinguishing_keys
@@ -219,3 +221,254 @@ def test_report_in_a_fresh_checkout_says_nothing_has_run(tmp_path, monkeypatch, 
     assert main([]) == 0
     assert "no runs found under outputs/" in capsys.readouterr().out
     assert not (tmp_path / "outputs").exists()  # and nothing was written
+
+
+# ------------------------------------------------------------------------ statistics, from fabricated runs
+# Each run is written as the trainer leaves it (config.json + metrics.json), with known perplexities; the
+# expected numbers are computed here from the textbook formulas, not by the report's own functions.
+T975 = 0.975
+
+
+def fake_run(root: Path, folder: str, model: str, seed: int, val: float, test: float, **opts) -> Path:
+    """A finished run as train.py writes it; `updated_at` (when it completed) orders repeats of a seed."""
+    status = opts.pop("status", "completed")
+    updated = opts.pop("updated_at", "2026-01-01T10:00:00+00:00")
+    name = opts.pop("name", "fake")
+    run = root / folder
+    run.mkdir(parents=True)
+    config = {
+        "name": name,
+        "seed": seed,
+        "model": {"name": model, "num_layers": 2, **opts},
+        "data": {"name": "ptb", "batching": "stream"},
+        "trainer": {"lr": 1.0, "max_epochs": 2},
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    metrics = {
+        "status": status,
+        "model": model,
+        "name": name,
+        "seed": seed,
+        "num_params": 1000,
+        "epochs_completed": 2,
+        "val/ppl": val,
+        "test/ppl": test if status == "completed" else None,
+        "train/tokens_per_s": 5000.0,
+        "wall_s": 60.0,
+        "updated_at": updated,
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    history = [{"epoch": 1, "val/ppl": val * 1.5}, {"epoch": 2, "val/ppl": val}]
+    (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    return run
+
+
+# table "fake": {row: {seed: (valid, test)}} of the runs the report should use
+STACKED = {1: (105.0, 100.0), 2: (107.0, 102.0), 3: (106.5, 101.0)}
+DGLSTM = {1: (99.0, 94.0), 2: (102.5, 97.0), 3: (100.0, 95.5)}  # same seeds as the baseline: paired
+LSTM = {1: (116.0, 110.0), 2: (118.0, 113.5)}  # seeds 1 2 against 1 2 3: Welch
+PEEP = {4: (101.0, 96.0)}  # one seed: n too small
+DG = "dglstm (peephole=False)"  # the rows' labels: the dglstm rows differ in peephole
+
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats") / "outputs"
+    for seed, (v, t) in STACKED.items():
+        fake_run(root, f"s{seed}", "stacked_lstm", seed, v, t)
+    for seed, (v, t) in DGLSTM.items():
+        fake_run(root, f"d{seed}", "dglstm", seed, v, t)
+    # dglstm seed 2 once more, earlier and with other numbers, in a folder that sorts after the later run
+    fake_run(root, "d2-old", "dglstm", 2, 300.0, 290.0, updated_at="2025-12-01T10:00:00+00:00")
+    # lstm: seed 1 twice (the later run in the folder that sorts first), seed 2 once; and a later run of
+    # seed 1 that failed, which is no completed run at all
+    fake_run(root, "l1-a", "lstm", 1, *LSTM[1], updated_at="2026-01-02T10:00:00+00:00")
+    fake_run(root, "l1-b", "lstm", 1, 500.0, 480.0, updated_at="2026-01-01T09:00:00+00:00")
+    fake_run(root, "l1-c", "lstm", 1, 700.0, 0.0, status="failed", updated_at="2026-01-03T10:00:00+00:00")
+    fake_run(root, "l2", "lstm", 2, *LSTM[2])
+    for seed, (v, t) in PEEP.items():
+        fake_run(root, f"p{seed}", "dglstm", seed, v, t, peephole=True)
+    # another recipe without a stacked LSTM: its first row is the default baseline
+    for seed in (1, 2):
+        fake_run(root, f"o-lstm{seed}", "lstm", seed, 120.0 + seed, 115.0 + seed, name="other")
+        fake_run(root, f"o-dg{seed}", "dglstm", seed, 110.0 + 2 * seed, 105.0 + 3 * seed, name="other")
+    return root
+
+
+def _report(root: Path, name: str, baseline=None) -> dict:
+    """report.csv of our (not published) rows as {(table, row): {column: text}}, and report.md."""
+    out = root.parent / name  # beside outputs/: the report names the runs as outputs/<run>
+    build_report(root, out, wandb_mode="disabled", baseline=baseline)
+    rows = csv.DictReader((out / "report.csv").open())
+    return {(r["table"], r["row"]): r for r in rows if r["published"] == "0"}, (out / "report.md").read_text()
+
+
+def _num(text: str) -> float:
+    return float(text)
+
+
+def _paired(a: list[float], b: list[float]):
+    from scipy.stats import t
+
+    d = np.asarray(a) - np.asarray(b)
+    n = len(d)
+    se = d.std(ddof=1) / math.sqrt(n)
+    half = t.ppf(T975, n - 1) * se
+    return d.mean(), d.mean() - half, d.mean() + half, 2 * t.sf(abs(d.mean() / se), n - 1)
+
+
+def _welch(a: list[float], b: list[float]):
+    from scipy.stats import t
+
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch–Satterthwaite
+    diff = a.mean() - b.mean()
+    half = t.ppf(T975, df) * se
+    return diff, diff - half, diff + half, 2 * t.sf(abs(diff / se), df)
+
+
+def _check_diff(row: dict, metric: str, expected, test: str) -> None:
+    delta, low, high, p = expected
+    assert _num(row[f"{metric}_ppl_delta"]) == pytest.approx(delta, rel=1e-12)
+    assert _num(row[f"{metric}_ppl_delta_ci_low"]) == pytest.approx(low, rel=1e-9)
+    assert _num(row[f"{metric}_ppl_delta_ci_high"]) == pytest.approx(high, rel=1e-9)
+    assert _num(row[f"{metric}_ppl_delta_p"]) == pytest.approx(p, rel=1e-6)
+    assert row[f"{metric}_ppl_delta_test"] == test
+
+
+def test_a_seed_counts_once_by_its_latest_completed_run(fake_runs):
+    rows, md = _report(fake_runs, "rep")
+    lstm = rows[("fake", "lstm")]
+    assert lstm["n_seeds"] == "2" and lstm["seeds"] == "1 2"  # not 3 (seed 1 twice), not 4 (the failed one)
+    assert lstm["n_runs"] == "3" and lstm["repeats"] == "1:2"
+    for i, metric in enumerate(("val", "test")):
+        vals = [LSTM[1][i], LSTM[2][i]]  # the later run of seed 1, not the earlier one
+        assert _num(lstm[f"{metric}_ppl_mean"]) == pytest.approx(np.mean(vals), rel=1e-12)
+        assert _num(lstm[f"{metric}_ppl_std"]) == pytest.approx(np.std(vals, ddof=1), rel=1e-12)
+        half = t_ppf(T975, 1) * np.std(vals, ddof=1) / math.sqrt(2)
+        assert _num(lstm[f"{metric}_ppl_ci_low"]) == pytest.approx(np.mean(vals) - half, rel=1e-9)
+        assert _num(lstm[f"{metric}_ppl_ci_high"]) == pytest.approx(np.mean(vals) + half, rel=1e-9)
+    dg = rows[("fake", DG)]
+    assert dg["n_seeds"] == "3" and dg["n_runs"] == "4" and dg["repeats"] == "2:2"
+    assert _num(dg["test_ppl_mean"]) == pytest.approx(np.mean([t for _, t in DGLSTM.values()]), rel=1e-12)
+    stacked = rows[("fake", "stacked_lstm")]
+    assert stacked["n_seeds"] == "3" and stacked["n_runs"] == "3" and stacked["repeats"] == ""
+    # the markdown says so: the row's distinct seeds and its runs, and which run of a repeated seed is used
+    assert "| 2 (3 runs) |" in md and "| 3 (4 runs) |" in md
+    assert "latest completed run" in md
+    assert "- lstm, seed 1: 2 runs; used `outputs/l1-a`, not `outputs/l1-b`" in md
+    assert "- dglstm (peephole=False), seed 2: 2 runs; used `outputs/d2`, not `outputs/d2-old`" in md
+
+
+def t_ppf(q: float, df: float) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
+
+
+def test_differences_from_the_baseline_paired_welch_and_n_too_small(fake_runs):
+    rows, md = _report(fake_runs, "rep")
+    fake = {row: r for (table, row), r in rows.items() if table == "fake"}
+    assert {r["baseline"] for r in fake.values()} == {"stacked_lstm"}  # the default
+    base = fake["stacked_lstm"]
+    assert all(
+        base[f"{m}_ppl_{k}"] == "" for m in ("val", "test") for k in ("delta", "delta_p", "delta_test")
+    )
+    seeds = sorted(STACKED)
+    for i, metric in enumerate(("val", "test")):
+        # dglstm: the same seeds 1 2 3 as the baseline, paired by seed
+        _check_diff(
+            fake[DG],
+            metric,
+            _paired([DGLSTM[s][i] for s in seeds], [STACKED[s][i] for s in seeds]),
+            "paired",
+        )
+        # lstm: seeds 1 2 against 1 2 3, Welch
+        _check_diff(
+            fake["lstm"],
+            metric,
+            _welch([v[i] for v in LSTM.values()], [v[i] for v in STACKED.values()]),
+            "Welch",
+        )
+        # one seed: the difference of the means, but no interval and no p-value
+        peep = fake["dglstm (peephole=True)"]
+        assert _num(peep[f"{metric}_ppl_delta"]) == pytest.approx(
+            PEEP[4][i] - np.mean([v[i] for v in STACKED.values()]), rel=1e-12
+        )
+        assert peep[f"{metric}_ppl_delta_test"] == "n too small"
+        assert peep[f"{metric}_ppl_delta_ci_low"] == peep[f"{metric}_ppl_delta_p"] == ""
+    # the markdown table: readable columns, the test used, the baseline named
+    assert "| Δ valid [95% CI] | p (valid) | Δ test [95% CI] | p (test) | t-test |" in md
+    d, lo, hi, p = _paired([DGLSTM[s][1] for s in seeds], [STACKED[s][1] for s in seeds])
+    assert f"| {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | paired |" in md
+    d, lo, hi, p = _welch([v[1] for v in LSTM.values()], [v[1] for v in STACKED.values()])
+    assert f"| {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {p:.3f} | Welch |" in md
+    assert "[n too small] | n too small | n too small |" in md
+    assert "row − baseline (`stacked_lstm`)" in md and "| baseline |" in md
+    # the other table has no stacked LSTM: its first row is the baseline
+    other = {row: r for (table, row), r in rows.items() if table == "other"}
+    assert {r["baseline"] for r in other.values()} == {"lstm"}
+    assert other["dglstm"]["test_ppl_delta_test"] == "paired"
+
+
+def test_baseline_by_model_name_and_by_row_label(fake_runs):
+    # by model name: the first row of that model
+    rows, md = _report(fake_runs, "by-model", baseline="dglstm")
+    fake = {row: r for (table, row), r in rows.items() if table == "fake"}
+    assert {r["baseline"] for r in fake.values()} == {DG}  # the first of the two dglstm rows
+    assert fake[DG]["test_ppl_delta"] == ""
+    seeds = sorted(STACKED)
+    _check_diff(
+        fake["stacked_lstm"],
+        "test",
+        _paired([STACKED[s][1] for s in seeds], [DGLSTM[s][1] for s in seeds]),  # row − baseline
+        "paired",
+    )
+    other = {row: r for (table, row), r in rows.items() if table == "other"}
+    assert {r["baseline"] for r in other.values()} == {"dglstm"}
+    # by row label: a row whose model has other rows too; a table without it keeps its default, and says so
+    rows, md = _report(fake_runs, "by-label", baseline="dglstm (peephole=True)")
+    fake = {row: r for (table, row), r in rows.items() if table == "fake"}
+    assert {r["baseline"] for r in fake.values()} == {"dglstm (peephole=True)"}
+    assert fake[DG]["test_ppl_delta_test"] == "n too small"  # the baseline has one seed
+    assert _num(fake[DG]["test_ppl_delta"]) == pytest.approx(
+        np.mean([v[1] for v in DGLSTM.values()]) - PEEP[4][1], rel=1e-12
+    )
+    other = {row: r for (table, row), r in rows.items() if table == "other"}
+    assert {r["baseline"] for r in other.values()} == {"lstm"}
+    assert "`dglstm (peephole=True)` is not a row of this table" in md
+
+
+def test_an_unknown_baseline_is_a_one_line_error(fake_runs, tmp_path, capsys):
+    from dglstm_lm.report import main
+
+    out = tmp_path / "rep"
+    with pytest.raises(SystemExit) as exc:
+        main(["--dir", str(fake_runs), "--out", str(out), "--wandb-mode", "disabled", "--baseline", "gru"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: unknown baseline 'gru'")
+    for label in ("'stacked_lstm'", "'lstm'", f"'{DG}'", "'dglstm (peephole=True)'", "other: 'lstm'"):
+        assert label in err  # the rows there are to choose from
+    assert not out.exists()  # and nothing was written
+
+
+def test_report_csv_has_the_comparison_columns(fake_runs, tmp_path):
+    build_report(fake_runs, tmp_path / "rep", wandb_mode="disabled")
+    header = next(csv.reader((tmp_path / "rep" / "report.csv").open()))
+    for col in (
+        "n_seeds",
+        "n_runs",
+        "repeats",
+        "baseline",
+        "test_ppl_ci_low",
+        "test_ppl_ci_high",
+        *(
+            f"{m}_ppl_{k}"
+            for m in ("val", "test")
+            for k in ("delta", "delta_ci_low", "delta_ci_high", "delta_p", "delta_test")
+        ),
+    ):
+        assert col in header
