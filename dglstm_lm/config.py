@@ -26,6 +26,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODEL_NAMES = ("rnn", "lstm", "stacked_lstm", "residual_lstm", "dglstm")
 DEPTH_GATES = ("learned", "open", "constant")
 DEPTH_GATE_INPUTS = ("x", "c_prev", "c_lower")
+BACKENDS = ("auto", "cpp", "python", "triton", "triton_graph")
+PRECISIONS = ("fp32", "bf16")
 
 PTB_SHA256 = {
     "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
@@ -90,7 +92,9 @@ class DGLSTMConfig(ModelConfig):
     peephole: bool = False  # diagonal peepholes into i, f (c_{t-1}) and o (c_t)
     coupled_gates: bool = False  # f = 1 - i
     stabiliser: bool = False  # per-layer exp(s) on the gates' input, s learned from 0 (author's later code)
-    backend: str = "auto"  # auto | cpp | python: the implementation of the time loop
+    # the implementation of the time loop: auto | cpp (fused CPU) | python (torch ops) | triton (fused GPU
+    # kernels) | triton_graph (the same, each window's loops replayed as CUDA graphs); auto: triton on CUDA
+    backend: str = "auto"
 
 
 @dataclass
@@ -142,6 +146,12 @@ class TrainerConfig:
     # model sits at ln(vocabulary) ≈ 9.2; a finite loss of e.g. 1e29 after a far too large rate is divergence
     # too). null: NaN/inf only.
     diverge_threshold: float | None = 100.0
+    # fp32 | bf16: the forward pass and the loss under torch.autocast(bfloat16), on CPU or CUDA, with fp32
+    # master weights, fp32 gradients and an fp32 carried state (the recurrences themselves stay in fp32).
+    # Not a key refused on resume: it is held in no saved state (bf16 needs no loss scaler) and changes no
+    # data layout, so train.py's resume check applies the new value and logs the difference as a warning,
+    # as it does for clip_grad_norm; reports group runs by it, since it changes what is computed.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -287,9 +297,9 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         )
     if isinstance(m, DGLSTMConfig):
         _check(
-            m.backend in ("auto", "cpp", "python"),
+            m.backend in BACKENDS,
             "model.backend",
-            f"unknown backend {m.backend!r} (auto, cpp, python)",
+            f"unknown backend {m.backend!r} ({', '.join(BACKENDS)})",
         )
         if m.depth_gate_bias is not None:
             _check(math.isfinite(m.depth_gate_bias), "model.depth_gate_bias", "must be finite")
@@ -384,6 +394,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         t.progress in ("auto", "on", "off"),
         "trainer.progress",
         f"unknown value {t.progress!r} (auto, on, off)",
+    )
+    _check(
+        t.precision in PRECISIONS,
+        "trainer.precision",
+        f"unknown precision {t.precision!r} ({', '.join(PRECISIONS)})",
     )
     _check(not (t.resume and t.init_from), "trainer.init_from", "cannot be combined with trainer.resume")
 

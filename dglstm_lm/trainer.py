@@ -8,6 +8,7 @@ between two checkpoints draws random numbers except the training steps themselve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -108,13 +109,45 @@ class _StopDuringEvaluation(Exception):
     pass
 
 
+def precision_context(device, precision: str = "fp32"):
+    """trainer.precision: fp32, no context; bf16, the forward pass and the loss under
+    torch.autocast(bfloat16) on CPU or CUDA: the master weights and their gradients stay fp32 (bf16 needs no
+    loss scaling). One line when the device cannot do it."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
+            "(use trainer.precision=fp32)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"trainer.precision=bf16 runs on cpu or cuda, not {device.type}")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _master_state(model, state):
+    """The carried state back in the weights' dtype after an autocast forward (nn.LSTM's layers return
+    bf16 states there): fp32 between windows and in checkpoints, whatever the precision."""
+    dtype = model.encoder.weight.dtype
+    return [tuple(s.to(dtype) for s in layer) for layer in state]
+
+
 @torch.no_grad()
 def evaluate_batches(
-    model, batches, device, limit: int | None = None, progress: bool = False, desc: str = "eval", stop=None
+    model,
+    batches,
+    device,
+    limit: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+    stop=None,
+    precision: str = "fp32",
 ):
     """(summed NLL, target tokens) over a split: every target token once, <eos> included, padding excluded.
     The state is carried across windows in stream mode and starts from zero for every batch in sentence mode.
-    A stop signal (`stop.received`) ends it early with _StopDuringEvaluation."""
+    A stop signal (`stop.received`) ends it early with _StopDuringEvaluation. precision: as trainer.precision
+    (the forward pass under bf16 autocast or not)."""
     was_training = model.training
     model.eval()
     n = len(batches) if not limit else min(len(batches), limit)
@@ -132,11 +165,15 @@ def evaluate_batches(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if isinstance(batches, SentenceBatches):
                 state = model.init_state(x.size(1), device)
-            logits, state = model(x, state)
+            with precision_context(device, precision):
+                logits, state = model(x, state)
+            if precision != "fp32":
+                state = _master_state(model, state)
             faults.point("eval_batch")
-            nll += F.cross_entropy(
-                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
-            ).item()
+            with precision_context(device, precision):
+                nll += F.cross_entropy(
+                    logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
+                ).item()
             ntok += int((y != PAD_TARGET).sum())
             if i % 20 == 0:
                 bar.set_postfix(ppl=f"{ppl(nll / max(ntok, 1)):.2f}")
@@ -233,6 +270,8 @@ class Trainer:
         self.train_time = {"seconds": 0.0, "tokens": 0}  # over every process: train/tokens_per_s
         self.progress = t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty() and not _ci())
         self._last_ckpt_time = time.monotonic()
+        self.precision = getattr(t, "precision", "fp32")
+        precision_context(device, self.precision)  # a device that cannot do it: one line, before training
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -294,10 +333,13 @@ class Trainer:
 
     def train_step(self, x, y, state):
         """One optimizer step on a (T, B) window. Returns (summed NLL, target tokens, grad norm, state)."""
-        logits, state = self.model(x, state)  # (T, B, V)
-        nll = F.cross_entropy(
-            logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
-        )
+        with precision_context(self.device, self.precision):  # trainer.precision=bf16: autocast
+            logits, state = self.model(x, state)  # (T, B, V)
+            nll = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
+            )
+        if self.precision != "fp32":
+            state = _master_state(self.model, state)
         ntok = int((y != PAD_TARGET).sum())
         # per_sequence: sum over time, mean over the batch (the loss Zaremba et al.'s lr=1 is meant for)
         loss = nll / (y.size(1) if self.t.loss == "per_sequence" else max(ntok, 1))
@@ -311,7 +353,14 @@ class Trainer:
 
     def evaluate(self, batches, desc: str, stop=None) -> tuple[float, int]:
         return evaluate_batches(
-            self.model, batches, self.device, self.t.limit_eval_batches, self.progress, desc, stop
+            self.model,
+            batches,
+            self.device,
+            self.t.limit_eval_batches,
+            self.progress,
+            desc,
+            stop,
+            precision=self.precision,
         )
 
     def current_lr(self) -> float:
@@ -442,6 +491,7 @@ class Trainer:
                 "step": self.pos.step,
                 "train/loss": train_loss,
                 "train/ppl": ppl(train_loss),
+                "train/tokens": self.epoch_sums["tokens"],  # the epoch's real (unpadded) targets
                 "val/ppl": val_ppl,
                 "lr": lr,
                 "train/tokens_per_s": self.epoch_sums["tokens"] / max(self.epoch_sums["seconds"], 1e-9),

@@ -14,8 +14,15 @@ Two implementations of the same forward and backward:
   built module takes no lock, so parallel jobs never wait on each other.
 - ``python``: the same loops written with torch ops; runs on any device (CUDA included) and is the fallback
   when no compiler is available.
-Both save the gate activations in the forward pass, so that the backward pass is elementwise work plus
+- ``triton`` (triton_scan.py): the GPU backend, one fused Triton kernel per step forward and backward with
+  the per-step GEMMs on cuBLAS; ``triton_graph`` is the same with each window's loops captured in CUDA
+  graphs. ``auto`` picks ``triton`` for float32 on CUDA when Triton is installed (torch's CUDA builds bring it).
+All save the gate activations in the forward pass, so that the backward pass is elementwise work plus
 ``dh_{t-1} = dz_t W_hh`` per step, with dW_hh as one GEMM over all steps afterwards.
+
+Under autocast (``trainer.precision=bf16``) the recurrence runs in float32 whatever the backend: its inputs
+(the bf16 input projections) are cast up and autocast is off inside, so the elementwise work, the cell state
+and h_{t-1} W_hh stay in float32 (fp32 master weights; the big input and output GEMMs are the bf16 ones).
 """
 
 from __future__ import annotations
@@ -236,8 +243,64 @@ class _Scan(torch.autograd.Function):
         return (*grads, None, None)
 
 
+TRITON_BACKENDS = ("triton", "triton_graph")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _up(t):
+    return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def triton_available() -> bool:
+    from .triton_scan import triton_unavailable_reason
+
+    return triton_unavailable_reason() is None
+
+
+_auto_triton: str | None = "untried"  # "ok" once it ran, None when it cannot (auto then runs python)
+
+
+def _triton(*args, coupled, backend):
+    from . import triton_scan
+
+    if backend == "triton_graph" and args[0].device.type != "cuda":
+        raise ValueError(f"the CUDA-graph scan (triton_graph) needs a CUDA device, not {args[0].device.type}")
+    graphs = triton_scan.default_graphs() if backend == "triton_graph" else None
+    return triton_scan.scan(*args, coupled=coupled, graphs=graphs)
+
+
 def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, coupled=False, backend="auto"):
-    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "python"."""
+    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "python" | "triton" |
+    "triton_graph"."""
+    if _autocast_enabled(gx.device.type):
+        # the recurrence in float32 (see the module docstring); the casts are differentiable
+        with torch.autocast(gx.device.type, enabled=False):
+            ups = [_up(t) for t in (gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd)]
+            return scan(*ups, coupled=coupled, backend=backend)
+    args = (gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd)
+    global _auto_triton
+    if backend == "auto" and gx.device.type == "cuda" and gx.dtype == torch.float32 and _auto_triton:
+        if _auto_triton == "untried":  # the first call: if the kernels cannot compile here, say so and go on
+            if not triton_available():
+                _auto_triton = None
+            else:
+                try:
+                    out = _triton(*args, coupled=coupled, backend="triton")
+                    _auto_triton = "ok"
+                    return out
+                except Exception as exc:
+                    _auto_triton = None
+                    log.warning("the Triton scan failed (%s); model.backend=auto uses the python one", exc)
+        else:
+            return _triton(*args, coupled=coupled, backend="triton")
+    if backend in TRITON_BACKENDS:
+        return _triton(*args, coupled=coupled, backend=backend)
     if backend == "auto":
         use_cpp = (
             gx.device.type == "cpu"
@@ -253,7 +316,7 @@ def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, cou
     elif backend == "python":
         use_cpp = False
     else:
-        raise ValueError(f"unknown scan backend {backend!r} (auto, cpp, python)")
+        raise ValueError(f"unknown scan backend {backend!r} (auto, cpp, python, triton, triton_graph)")
     contig = [None if t is None else t.contiguous() for t in (gx, gd, m, h0, c0)]
     return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, use_cpp)
 

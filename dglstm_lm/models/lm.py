@@ -88,9 +88,19 @@ class LanguageModel(nn.Module):
         own = self.state_dict()
         bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
         if bad:
+            rows = {own[k].shape[0] / state_dict[k].shape[0] for k in bad if ".layers." in k}
+            why = (
+                " (this model has 3 gate blocks per layer, f = 1 − i with coupled_gates, where the checkpoint "
+                "has an LSTM's 4: no tensor maps onto the other; train without init_from or set "
+                "model.coupled_gates=false)"
+                if rows == {0.75}
+                else " (the sizes of the two models differ)"
+            )
             raise ValueError(
                 "shapes differ for "
-                + ", ".join(f"{k} {tuple(state_dict[k].shape)}→{tuple(own[k].shape)}" for k in bad)
+                + ", ".join(f"{k} {tuple(state_dict[k].shape)}→{tuple(own[k].shape)}" for k in bad[:3])
+                + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                + why
             )
         unknown = [k for k in state_dict if k not in own]
         if unknown:
@@ -105,8 +115,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def check_backend(cfg, device) -> None:
-    """model.backend=cpp names the fused CPU kernel: say at once when it cannot run here, not mid-training."""
-    if getattr(cfg, "backend", "auto") != "cpp":
+    """model.backend=cpp names the fused CPU kernel, triton and triton_graph the GPU ones: say at once when
+    the one named cannot run here, not mid-training."""
+    backend = getattr(cfg, "backend", "auto")
+    if backend in ("triton", "triton_graph"):
+        _check_triton_backend(backend, device)
+        return
+    if backend != "cpp":
         return
     from ..errors import ConfigError
     from .kernels import cpp_extension, cpp_unavailable_reason
@@ -120,6 +135,29 @@ def check_backend(cfg, device) -> None:
         raise ConfigError(
             f"model.backend=cpp: the fused C++ kernel is unavailable ({cpp_unavailable_reason()}); "
             "use model.backend=auto or python"
+        )
+
+
+def _check_triton_backend(backend: str, device) -> None:
+    from ..errors import ConfigError
+    from .triton_scan import interpreted, triton_unavailable_reason
+
+    kind = torch.device(device).type
+    if backend == "triton_graph" and kind != "cuda":
+        raise ConfigError(
+            f"model.backend=triton_graph: CUDA graphs need a CUDA device, and the run is on {device} "
+            "(use model.backend=auto)"
+        )
+    if kind != "cuda" and not (kind == "cpu" and interpreted()):
+        raise ConfigError(
+            f"model.backend=triton: the Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1, "
+            f"for tests), and the run is on {device} (use model.backend=auto)"
+        )
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        raise ConfigError(
+            f"model.backend={backend}: Triton is unavailable ({reason}); torch's CUDA builds bring it, "
+            "else pip install triton, or use model.backend=auto"
         )
 
 
