@@ -93,6 +93,14 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_split_threads(tmp_path, ptb_
 
     cores = len(os.sched_getaffinity(0))
     assert all(m["threads"] == max(1, cores // 2) for m in found.values())  # no oversubscription
+    # and they did run at the same time: each started before the other ended
+    from datetime import datetime
+
+    spans = [
+        (datetime.fromisoformat(m["started_at"]), datetime.fromisoformat(m["updated_at"]))
+        for m in found.values()
+    ]
+    assert max(s for s, _ in spans) < min(e for _, e in spans), f"the jobs ran one after the other: {spans}"
 
 
 def test_failing_jobs_are_recorded_and_do_not_stop_the_others(tmp_path, ptb_dir, ptb_root):

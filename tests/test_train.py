@@ -150,7 +150,7 @@ def test_stop_mid_epoch_and_resume_equals_uninterrupted(
 
     run_dir = tmp_path / "stopped"
     _interrupt_at(monkeypatch, stop_step)
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted, match="SIGTERM"):
         train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov), run_dir)
     monkeypatch.undo()
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
@@ -169,7 +169,7 @@ def test_auto_resume_in_the_same_directory_and_skip_when_done(tmp_path, ptb_dir,
     """A requeued job (same directory, same config) continues from its checkpoint; a finished one is skipped."""
     cfg = smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm")
     _interrupt_at(monkeypatch, 8)
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted, match="SIGTERM"):
         train(cfg, tmp_path / "job")
     monkeypatch.undo()
     done = train(cfg, tmp_path / "job")
@@ -216,10 +216,21 @@ def test_diverging_run_stops_cleanly_and_keeps_the_last_good_checkpoint(
     assert state["step"] == 6  # the epoch-end checkpoint before the bad step; nothing after it was saved
 
 
-def test_init_from_a_stacked_lstm_checkpoint(tmp_path, ptb_dir, ptb_root):
-    """A stacked-LSTM checkpoint initialises a DGLSTM: the LSTM tensors are copied, the depth gates are new."""
+def test_init_from_a_stacked_lstm_checkpoint(tmp_path, ptb_dir, ptb_root, monkeypatch):
+    """A stacked-LSTM checkpoint initialises a DGLSTM through the trainer: every LSTM tensor of the model the
+    trainer starts from equals the checkpoint's, the depth tensors are new (absent from it, freshly drawn);
+    a coupled-gates DGLSTM (3 gate blocks) cannot take the LSTM's 4 and says why in one line."""
     stacked = tmp_path / "stacked"
     train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=stacked_lstm", "trainer.max_epochs=1"), stacked)
+    source = ckpt.load(stacked / "checkpoints" / "best.pt")["model"]
+    started = {}
+    original = Trainer.__init__
+
+    def record_start(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        started.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+    monkeypatch.setattr(Trainer, "__init__", record_start)
     run = tmp_path / "dg"
     train(
         smoke_cfg(
@@ -232,8 +243,34 @@ def test_init_from_a_stacked_lstm_checkpoint(tmp_path, ptb_dir, ptb_root):
         ),
         run,
     )
+    depth = {k for k in started if ".depth_" in k}
+    assert depth == {
+        f"core.layers.1.depth_{n}" for n in ("weight_ih", "bias", "weight_cc", "weight_lc")
+    }  # the second layer's gate: W_xd, b_d, w_cd, w_ld
+    assert set(started) - depth == set(source)
+    for k, v in source.items():
+        assert torch.equal(started[k], v), k
+    for k in depth:
+        assert (
+            k not in source and started[k].abs().max() <= 0.1 and started[k].std() > 0
+        )  # drawn, ±init_range
     log = (run / "train.log").read_text()
     assert "left as initialised: core.layers.1.depth_weight_ih, core.layers.1.depth_bias" in log
+    with pytest.raises(
+        CheckpointError, match=r"3 gate blocks per layer, f = 1 − i with coupled_gates"
+    ) as exc:
+        train(
+            smoke_cfg(
+                tmp_path,
+                ptb_dir,
+                ptb_root,
+                "model=dglstm",
+                "model.coupled_gates=true",
+                f"trainer.init_from={stacked}",
+            ),
+            tmp_path / "coupled",
+        )
+    assert "\n" not in str(exc.value)
 
 
 def test_wandb_offline_run_reads_back_equal_to_metrics(tmp_path, ptb_dir, ptb_root):
@@ -434,7 +471,7 @@ def test_stop_signal_during_evaluation_is_honoured(where, tmp_path, ptb_dir, ptb
 
     monkeypatch.setattr(faults, "point", point)
     run_dir = tmp_path / "stopped"
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted, match="SIGUSR2" if where == "validation" else "SIGTERM"):
         train(smoke_cfg(tmp_path, ptb_dir, ptb_root), run_dir)
     monkeypatch.undo()
     state = ckpt.load(run_dir / "checkpoints" / "last.pt")
