@@ -356,6 +356,7 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     assert f"Resume with:  make train trainer.resume={run_dir}" in err
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "interrupted" and 0 < m["step"] < 80
+    assert not (run_dir / ".lock").exists()  # the stopped run let go of its directory
     assert "- model=dglstm" in (run_dir / "overrides.yaml").read_text()  # what the resume composes from
 
     # the command the message gave, as it is: the run's own overrides come from its .hydra/
@@ -474,7 +475,82 @@ def test_stop_signal_during_evaluation_is_honoured(where, tmp_path, ptb_dir, ptb
     with pytest.raises(Interrupted, match="SIGUSR2" if where == "validation" else "SIGTERM"):
         train(smoke_cfg(tmp_path, ptb_dir, ptb_root), run_dir)
     monkeypatch.undo()
+    assert not (run_dir / ".lock").exists()  # released on the way out of the stopped run
     state = ckpt.load(run_dir / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"]) == ((0, 6) if where == "validation" else (2, 0))
     resumed = train(smoke_cfg(tmp_path, ptb_dir, ptb_root), run_dir)
     assert strip_time(resumed) == strip_time(full)
+
+
+def test_a_real_loss_above_the_divergence_threshold_stops_the_run(tmp_path, ptb_dir, ptb_root):
+    """No injected NaN: an untrained model's loss is about ln(10,000) = 9.21 nats per token, above a
+    threshold of 9, so the very first step is the divergence, reported with the loss it had."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(DivergedError, match=r"diverged at epoch 1, step 1 \(loss 9\.2\d*\)"):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm", "trainer.diverge_threshold=9.0"), run_dir)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "diverged" and m["epochs_completed"] == 0
+    # and with room above it (the first steps overshoot to about 9.8), the same run trains
+    ok = train(
+        smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm", "trainer.diverge_threshold=20"), tmp_path / "ok"
+    )
+    assert ok["status"] == "completed"
+
+
+def test_two_ctrl_c_stop_at_once(tmp_path, ptb_dir, ptb_root, monkeypatch):
+    """The first SIGINT asks for a stop after the step; a second one, before the step is over, stops at once:
+    KeyboardInterrupt, no checkpoint of that step, the run recorded as interrupted."""
+    original = Trainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm"), run_dir)
+    assert calls["n"] == 3  # nothing ran after the second Ctrl-C
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and "second Ctrl-C" in m["error"]
+    assert not (run_dir / "checkpoints" / "last.pt").exists()  # step 3 was never saved
+
+
+def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
+    """(run id, history items) of every offline W&B run file in the run directory, oldest first."""
+    out = []
+    for offline in sorted((run_dir / "wandb").glob("offline-run-*")):
+        text = subprocess.run(
+            [str(Path(PY).parent / "wandb"), "leet", "inspect", "--json", str(offline)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        run_id = next(r["run"]["run_id"] for r in records if r["type"] == "run")
+        out.append((run_id, [r["history"]["item"] for r in records if r["type"] == "history"]))
+    return out
+
+
+def test_a_resumed_wandb_run_continues_the_same_run_without_gaps(tmp_path, ptb_dir, ptb_root, monkeypatch):
+    """Stopped at step 4 of 12 and resumed: one W&B run id across both processes, and the history read back
+    from the offline files has every step 1..12 once (no repeated, no missing step)."""
+    ov = ("model=lstm", "logger=wandb", "logger.log_every_n_steps=1")
+    run_dir = tmp_path / "run"
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov), run_dir)
+    monkeypatch.undo()
+    first_id = json.loads((run_dir / "metrics.json").read_text())["wandb_id"]
+    m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, *ov, f"trainer.resume={run_dir}"), run_dir)
+    assert m["wandb_id"] == first_id
+    files = _wandb_records(run_dir)
+    assert len(files) == 2 and {run_id for run_id, _ in files} == {first_id}
+    steps = [h["_step"] for _, items in files for h in items if "train/loss" in h]
+    assert steps == list(range(1, 13))
+    val_steps = [h["_step"] for _, items in files for h in items if "val/ppl" in h]
+    assert val_steps == [6, 12]
