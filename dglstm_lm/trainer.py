@@ -367,33 +367,46 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     # ------------------------------------------------------------------ loop
-    def fit(self, stop: StopSignals) -> None:
-        t = self.t
-        log_every = self.cfg.logger.log_every_n_steps
-        ckpt_every_s = t.checkpoint_every_min * 60 if t.checkpoint_every_min else None
+    def fit(self, stop: StopSignals):
+        """Train from the current position to max_epochs, yielding each epoch's record (history.jsonl's line).
+        A stop signal checkpoints the position and raises Interrupted; a divergence raises Diverged."""
         self.model.train()
-        wall0 = time.monotonic()
-        wall_base = self.wall_s
-        while self.pos.epoch < t.max_epochs:
-            epoch = self.pos.epoch
-            if self.pos.batch == 0:
-                self.epoch_sums = {"nll": 0.0, "tokens": 0, "seconds": 0.0}
-                self.hidden = None
-            bar = tqdm(
-                total=self.n_train,
-                initial=self.pos.batch,
-                desc=f"epoch {epoch + 1}/{t.max_epochs}",
-                disable=not self.progress,
-                dynamic_ncols=True,
-                leave=False,
-            )
-            window_tokens, window_t0 = 0, time.perf_counter()
-            # Throughput counts the whole loop (batching, the step, logging, the progress bar, checkpoints),
-            # not only the model: the clock runs from iteration to iteration.
-            mark = time.perf_counter()
+        self._wall0, self._wall_base = time.monotonic(), self.wall_s
+        while self.pos.epoch < self.t.max_epochs:
+            self._train_epoch(stop)
+            yield self._end_epoch(stop)
+        self._update_wall()
+
+    def _update_wall(self) -> None:
+        self.wall_s = self._wall_base + time.monotonic() - self._wall0
+
+    def _interrupt(self, stop: StopSignals, message: str, *args):
+        """Checkpoint where we are; the Interrupted to raise (the resumed run continues from there)."""
+        log.warning(message, signal.Signals(stop.received).name, *args)
+        self._update_wall()
+        return Interrupted(stop.received, self.save_checkpoint())
+
+    def _train_epoch(self, stop: StopSignals) -> None:
+        """The remaining training windows of the current epoch (all of them, or those after a resume point)."""
+        epoch = self.pos.epoch
+        if self.pos.batch == 0:
+            self.epoch_sums = {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+            self.hidden = None
+        bar = tqdm(
+            total=self.n_train,
+            initial=self.pos.batch,
+            desc=f"epoch {epoch + 1}/{self.t.max_epochs}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        self._window = {"tokens": 0, "t0": time.perf_counter()}  # throughput between two log lines
+        # Throughput counts the whole loop (batching, the step, logging, the progress bar, checkpoints),
+        # not only the model: the clock runs from iteration to iteration.
+        mark = time.perf_counter()
+        try:
             while self.pos.batch < self.n_train:
-                i = self.pos.batch
-                x, y = self._batch(self.train_batches, epoch, i)
+                x, y = self._batch(self.train_batches, epoch, self.pos.batch)
                 if self.mode == "sentence" or self.hidden is None:
                     state = self.model.init_state(x.size(1), self.device)
                 else:
@@ -401,124 +414,125 @@ class Trainer:
                 nll, ntok, gnorm, state = self.train_step(x, y, state)
                 now = time.perf_counter()
                 dt, mark = now - mark, now
-                loss = nll / max(ntok, 1)
-                if not math.isfinite(loss) or (
-                    t.diverge_threshold is not None and loss > t.diverge_threshold
-                ):
-                    raise Diverged(
-                        f"training diverged at epoch {epoch + 1}, step {self.pos.step + 1} (loss {loss})",
-                        epoch,
-                        self.pos.step + 1,
-                    )
-                # detached copies: no graph, and not views that would keep (and checkpoint) whole (T, B, H) tensors
-                self.hidden = (
-                    [tuple(t.detach().clone() for t in layer) for layer in state]
-                    if self.mode == "stream"
-                    else None
-                )
-                self.pos.batch += 1
-                self.pos.step += 1
-                self.epoch_sums["nll"] += nll
-                self.epoch_sums["tokens"] += ntok
-                self.epoch_sums["seconds"] += dt
-                self.train_time["seconds"] += dt
-                self.train_time["tokens"] += ntok
-                window_tokens += ntok
-                if self.pos.step % log_every == 0 or self.pos.batch == self.n_train:
-                    now = time.perf_counter()
-                    tps = window_tokens / max(now - window_t0, 1e-9)
-                    window_tokens, window_t0 = 0, now
-                    lr = self.current_lr()
-                    self.tracker.log(
-                        {
-                            "train/loss": loss,
-                            "train/ppl": ppl(loss),
-                            "train/lr": lr,
-                            "train/grad_norm": float(gnorm),
-                            "train/tokens_per_s": tps,
-                            "epoch": epoch + i / self.n_train,
-                        },
-                        step=self.pos.step,
-                    )
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.3g}", tok_s=f"{tps:,.0f}"
-                    )
+                self._account_step(nll, ntok, dt, state)
+                self._log_step(nll / max(ntok, 1), gnorm, ntok, bar)
                 bar.update(1)
                 if stop.received is not None:
-                    bar.close()
-                    log.warning(
-                        "received %s: stopping after step %d",
-                        signal.Signals(stop.received).name,
-                        self.pos.step,
-                    )
-                    self.wall_s = wall_base + time.monotonic() - wall0
-                    raise Interrupted(stop.received, self.save_checkpoint())
-                if (t.checkpoint_every_steps and self.pos.step % t.checkpoint_every_steps == 0) or (
-                    ckpt_every_s and time.monotonic() - self._last_ckpt_time > ckpt_every_s
-                ):
-                    self.wall_s = wall_base + time.monotonic() - wall0
-                    self.save_checkpoint()
-            tail = time.perf_counter() - mark
-            self.epoch_sums["seconds"] += tail
-            self.train_time["seconds"] += tail
+                    raise self._interrupt(stop, "received %s: stopping after step %d", self.pos.step)
+                self._periodic_checkpoint()
+        finally:
             bar.close()
+        tail = time.perf_counter() - mark
+        self.epoch_sums["seconds"] += tail
+        self.train_time["seconds"] += tail
 
-            # ---- end of epoch: validate, schedule, record, checkpoint
-            try:
-                val_nll, val_tok = self.evaluate(self.valid_batches, "valid", stop)
-            except _StopDuringEvaluation:
-                # the checkpoint's position (batch == number of batches) makes the resumed run validate first
-                log.warning("received %s during validation: stopping", signal.Signals(stop.received).name)
-                self.wall_s = wall_base + time.monotonic() - wall0
-                raise Interrupted(stop.received, self.save_checkpoint()) from None
-            val_ppl = ppl(val_nll / val_tok)
-            lr = self.current_lr()
-            with warnings.catch_warnings():
-                # resumed between the last step of an epoch and its validation: no optimizer.step() yet in
-                # this process, which torch warns about; the schedule is per epoch and stays right
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(val_ppl)
-                else:
-                    self.scheduler.step()
-            improved = val_ppl < self.best_val
-            if improved:
-                self.best_val, self.best_epoch = val_ppl, epoch
-            train_loss = self.epoch_sums["nll"] / max(self.epoch_sums["tokens"], 1)
-            self.wall_s = wall_base + time.monotonic() - wall0
-            record = {
-                "epoch": epoch + 1,
-                "step": self.pos.step,
-                "train/loss": train_loss,
-                "train/ppl": ppl(train_loss),
-                "train/tokens": self.epoch_sums["tokens"],  # the epoch's real (unpadded) targets
-                "val/ppl": val_ppl,
-                "lr": lr,
-                "train/tokens_per_s": self.epoch_sums["tokens"] / max(self.epoch_sums["seconds"], 1e-9),
-                "elapsed_s": self.wall_s,
-            }
-            self.history.append(record)
-            self.tracker.log(
-                {"val/ppl": val_ppl, "train/epoch_ppl": record["train/ppl"], "epoch": epoch + 1},
-                step=self.pos.step,
+    def _account_step(self, nll: float, ntok: int, dt: float, state) -> None:
+        """Check the step's loss, carry the state, advance the position and the epoch's sums."""
+        t, loss = self.t, nll / max(ntok, 1)
+        if not math.isfinite(loss) or (t.diverge_threshold is not None and loss > t.diverge_threshold):
+            raise Diverged(
+                f"training diverged at epoch {self.pos.epoch + 1}, step {self.pos.step + 1} (loss {loss})",
+                self.pos.epoch,
+                self.pos.step + 1,
             )
-            self.pos = Position(epoch + 1, 0, self.pos.step)
-            self.hidden = None
-            self.save_checkpoint(best=improved)
-            faults.point("epoch_end")
-            log.info(
-                "epoch %d/%d  train ppl %.2f  val ppl %.2f%s  lr %.4g  %.0f tok/s  %.0f s",
-                epoch + 1,
-                t.max_epochs,
-                record["train/ppl"],
-                val_ppl,
-                " (best)" if improved else "",
-                lr,
-                record["train/tokens_per_s"],
-                self.wall_s,
-            )
-            yield record
-        self.wall_s = wall_base + time.monotonic() - wall0
+        # detached copies: no graph, and not views that would keep (and checkpoint) whole (T, B, H) tensors
+        self.hidden = (
+            [tuple(s.detach().clone() for s in layer) for layer in state] if self.mode == "stream" else None
+        )
+        self.pos.batch += 1
+        self.pos.step += 1
+        self.epoch_sums["nll"] += nll
+        self.epoch_sums["tokens"] += ntok
+        self.epoch_sums["seconds"] += dt
+        self.train_time["seconds"] += dt
+        self.train_time["tokens"] += ntok
+        self._window["tokens"] += ntok
+
+    def _log_step(self, loss: float, gnorm, ntok: int, bar) -> None:
+        """Every log_every_n_steps steps and at the end of the epoch: the step's numbers to the tracker."""
+        if not (self.pos.step % self.cfg.logger.log_every_n_steps == 0 or self.pos.batch == self.n_train):
+            return
+        now = time.perf_counter()
+        tps = self._window["tokens"] / max(now - self._window["t0"], 1e-9)
+        self._window = {"tokens": 0, "t0": now}
+        lr = self.current_lr()
+        self.tracker.log(
+            {
+                "train/loss": loss,
+                "train/ppl": ppl(loss),
+                "train/lr": lr,
+                "train/grad_norm": float(gnorm),
+                "train/tokens_per_s": tps,
+                "epoch": self.pos.epoch + (self.pos.batch - 1) / self.n_train,
+            },
+            step=self.pos.step,
+        )
+        bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{ppl(loss):.1f}", lr=f"{lr:.3g}", tok_s=f"{tps:,.0f}")
+
+    def _periodic_checkpoint(self) -> None:
+        t = self.t
+        every_s = t.checkpoint_every_min * 60 if t.checkpoint_every_min else None
+        if (t.checkpoint_every_steps and self.pos.step % t.checkpoint_every_steps == 0) or (
+            every_s and time.monotonic() - self._last_ckpt_time > every_s
+        ):
+            self._update_wall()
+            self.save_checkpoint()
+
+    def _end_epoch(self, stop: StopSignals) -> dict:
+        """Validate, step the schedule, record the epoch, checkpoint (best.pt if it improved)."""
+        epoch = self.pos.epoch
+        try:
+            val_nll, val_tok = self.evaluate(self.valid_batches, "valid", stop)
+        except _StopDuringEvaluation:
+            # the checkpoint's position (batch == number of batches) makes the resumed run validate first
+            raise self._interrupt(stop, "received %s during validation: stopping") from None
+        val_ppl = ppl(val_nll / val_tok)
+        lr = self.current_lr()
+        with warnings.catch_warnings():
+            # resumed between the last step of an epoch and its validation: no optimizer.step() yet in
+            # this process, which torch warns about; the schedule is per epoch and stays right
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(val_ppl)
+            else:
+                self.scheduler.step()
+        improved = val_ppl < self.best_val
+        if improved:
+            self.best_val, self.best_epoch = val_ppl, epoch
+        train_loss = self.epoch_sums["nll"] / max(self.epoch_sums["tokens"], 1)
+        self._update_wall()
+        record = {
+            "epoch": epoch + 1,
+            "step": self.pos.step,
+            "train/loss": train_loss,
+            "train/ppl": ppl(train_loss),
+            "train/tokens": self.epoch_sums["tokens"],  # the epoch's real (unpadded) targets
+            "val/ppl": val_ppl,
+            "lr": lr,
+            "train/tokens_per_s": self.epoch_sums["tokens"] / max(self.epoch_sums["seconds"], 1e-9),
+            "elapsed_s": self.wall_s,
+        }
+        self.history.append(record)
+        self.tracker.log(
+            {"val/ppl": val_ppl, "train/epoch_ppl": record["train/ppl"], "epoch": epoch + 1},
+            step=self.pos.step,
+        )
+        self.pos = Position(epoch + 1, 0, self.pos.step)
+        self.hidden = None
+        self.save_checkpoint(best=improved)
+        faults.point("epoch_end")
+        log.info(
+            "epoch %d/%d  train ppl %.2f  val ppl %.2f%s  lr %.4g  %.0f tok/s  %.0f s",
+            epoch + 1,
+            self.t.max_epochs,
+            record["train/ppl"],
+            val_ppl,
+            " (best)" if improved else "",
+            lr,
+            record["train/tokens_per_s"],
+            self.wall_s,
+        )
+        return record
 
     def test(self, stop=None) -> dict:
         """Evaluate the best-valid checkpoint on valid and test. Stopped by a signal, the run resumes from its
