@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import cli
+
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
 CORES = ("nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[python]")
@@ -144,8 +146,8 @@ def bench_data(ptb_dir: str | None) -> dict | None:
         code = (
             "import time, json, sys; t0 = time.perf_counter(); import datasets; from dglstm_lm.data import prepare;"
             "t1 = time.perf_counter();"
-            f"prepare(data_dir={ptb_dir!r}, root={root!r}, sha256={PTB_SHA256!r}); t2 = time.perf_counter();"
-            "print(json.dumps({'import_s': t1 - t0, 'prepare_s': t2 - t1}))"
+            f"c = prepare(data_dir={ptb_dir!r}, root={root!r}, sha256={PTB_SHA256!r}); t2 = time.perf_counter();"
+            "print(json.dumps({'import_s': t1 - t0, 'prepare_s': t2 - t1, 'check_s': c.check_s}))"
         )
         runs = [
             json.loads(
@@ -158,6 +160,8 @@ def bench_data(ptb_dir: str | None) -> dict | None:
     return {
         "cold_s": runs[0]["prepare_s"],
         "cached_s": min(r["prepare_s"] for r in runs[1:]),
+        # of which: checking the cache against its manifest (files, counts, digests, id range)
+        "check_s": min(r["check_s"] for r in runs[1:]),
         "import_s": runs[1]["import_s"],
     }
 
@@ -251,6 +255,7 @@ def machine() -> dict:
     return info
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
@@ -263,6 +268,10 @@ def main(argv=None) -> int:
     p.add_argument("--ptb-dir", default=None)
     p.add_argument("--out", default="outputs/bench")
     args = p.parse_args(argv)
+    from .rundir import check_writable
+
+    out = Path(args.out)
+    check_writable(out)  # before minutes of measuring: a full disk or a read-only folder is one line now
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rounds = 1 if args.quick else args.rounds
@@ -312,7 +321,8 @@ def main(argv=None) -> int:
     data = None if args.quick else bench_data(args.ptb_dir)
     if data:
         print(
-            f"data: PTB prepared in {data['cold_s']:.2f} s cold, {data['cached_s']:.2f} s from the cache (imports {data['import_s']:.2f} s)"
+            f"data: PTB prepared in {data['cold_s']:.2f} s cold, {data['cached_s']:.2f} s from the cache "
+            f"(of which {data['check_s']:.3f} s checking it; imports {data['import_s']:.2f} s)"
         )
     trainer = bench_trainer(args.ptb_dir, "dglstm", 20 if args.quick else 150, device)
     if trainer:
@@ -320,7 +330,6 @@ def main(argv=None) -> int:
             f"trainer: {trainer['model']} bptt {trainer['bptt']}: {trainer['trainer_tokens_per_s']:,.0f} tok/s in the trainer's loop,"
             f" {trainer['bare_tokens_per_s']:,.0f} bare ({trainer['ratio']:.3f}x)"
         )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from .checkpoint import atomic_write_bytes
 

@@ -22,7 +22,19 @@ def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
             )
         except (OSError, ValueError):
             rows.append((str(metrics_file.parent.relative_to(sweep_dir)), {"status": "unreadable"}))
-    return rows
+    # a job refused because another run holds its directory, before that run wrote any metrics
+    from .rundir import LOCK_NAME, describe
+
+    for lock in sorted(Path(sweep_dir).glob(f"**/{LOCK_NAME}")):
+        if not (lock.parent / "metrics.json").exists():
+            try:
+                holder = describe(json.loads(lock.read_text()))
+            except (OSError, ValueError, AttributeError):
+                holder = "unknown"
+            rows.append(
+                (str(lock.parent.relative_to(sweep_dir)), {"status": "in use", "error": f"held by {holder}"})
+            )
+    return sorted(rows, key=lambda r: r[0])
 
 
 class SweepSummary(Callback):

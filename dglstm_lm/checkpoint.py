@@ -32,6 +32,25 @@ log = logging.getLogger(__name__)
 FORMAT = "dglstm-lm/1"
 LAST, BEST = "last.pt", "best.pt"
 
+# What the code reads from a checkpoint: to build the model and evaluate or sample (MODEL_KEYS), and to
+# resume training (RESUME_KEYS). A checkpoint that loads but lacks one is refused on load, naming it.
+MODEL_KEYS = ("model", "config", "vocab", "epoch", "step")
+RESUME_KEYS = (
+    *MODEL_KEYS,
+    "optimizer",
+    "scheduler",
+    "batch",
+    "hidden",
+    "epoch_sums",
+    "best_val",
+    "best_epoch",
+    "history",
+    "wall_s",
+    "train_time",
+    "rng",
+)
+_KEY_TYPES = {"model": dict, "config": dict, "vocab": list, "optimizer": dict, "history": list}
+
 
 def previous_of(path: Path) -> Path:
     return path.with_name(f"{path.stem}-previous{path.suffix}")
@@ -123,11 +142,13 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None, 
         if also and fault_point:
             faults.point(f"{fault_point}_linked")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write() names no file: say which one
         raise
     _fsync_dir(path.parent)
 
@@ -151,8 +172,9 @@ def save(state: dict, path: Path, keep_previous: bool = True, also=()) -> None:
         ) from None
 
 
-def load(path: Path, map_location="cpu") -> dict:
-    """Load and verify a checkpoint; a missing, truncated or corrupted file is a CheckpointError."""
+def load(path: Path, map_location="cpu", require=()) -> dict:
+    """Load and verify a checkpoint; a missing, truncated or corrupted file is a CheckpointError, and so is
+    one without every key in `require` (e.g. MODEL_KEYS)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -167,7 +189,24 @@ def load(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a dglstm-lm checkpoint")
     if state.get("digest") != digest(state):
         raise CheckpointError(f"checkpoint {path} failed its checksum (corrupted)")
+    check_keys(state, require, path)
     return state
+
+
+def check_keys(state: dict, keys, path) -> None:
+    """CheckpointError, naming them, if `state` lacks any of `keys` (or holds one of the wrong kind)."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(repr(k) for k in missing)}, which this version of dglstm-lm "
+            "needs (written by another version, or edited)"
+        )
+    wrong = [k for k in keys if k in _KEY_TYPES and not isinstance(state[k], _KEY_TYPES[k])]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"checkpoint {path}: {k!r} is a {type(state[k]).__name__}, not a {_KEY_TYPES[k].__name__}"
+        )
 
 
 def resolve(target: str | Path, prefer: str = LAST) -> Path:

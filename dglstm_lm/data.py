@@ -11,16 +11,24 @@ Tokenisation: split each line on whitespace and append one <eos>; the vocabulary
 test words outside it become <unk> and are counted. The result is cached as Arrow files plus vocab.json under
 <data root>/cache/<name>-<hash of the three files>/, written to a temporary folder and renamed into place, so a
 crash or a second process never leaves or reads a half-written cache.
+
+The cache records what it holds in manifest.json, written last: every file with its size and BLAKE2b digest,
+the vocabulary size, and per split the token, sentence and OOV counts and a digest of the token ids. Every
+load checks all of it, and that every id lies inside the vocabulary (~0.05 s on PTB). A cache that fails the
+check (damaged, cut short, half-copied, with a file missing or one too many) is moved aside to
+<name>-<hash>.damaged-<time>/ beside it, never deleted, and rebuilt from the text, with one log line saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -32,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError, UserError, cli
+from . import faults
+from .errors import DataError, UserError, cli, write_error_reason
+from .rundir import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +50,8 @@ SPLITS = ("train", "valid", "test")
 FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 EOS, UNK = "<eos>", "<unk>"
-CACHE_FORMAT = 1  # bump when tokenisation or the cache layout changes
+CACHE_FORMAT = 2  # bump when tokenisation or the cache layout changes (2: manifest.json)
+MANIFEST = "manifest.json"
 PAD_TARGET = -100  # ignored by cross_entropy: padding never counts in the loss or the perplexity
 
 
@@ -224,6 +235,7 @@ class Corpus:
     source: Path
     cache: Path
     sha256: dict[str, str]
+    check_s: float | None = None  # seconds spent checking the cache against its manifest (None: just built)
 
     def stats(self) -> dict:
         return {
@@ -242,63 +254,215 @@ def _quiet_datasets():
     datasets.logging.set_verbosity_error()
 
 
-def _build_cache(source: Path, final: Path) -> None:
-    """Tokenise the three files with `datasets` into a temporary folder, then rename it to `final`."""
-    from datasets import DatasetDict, load_dataset
+class CacheDamaged(Exception):
+    """The cache on disk is not what its manifest says it holds (the message says how)."""
 
-    _quiet_datasets()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        raw = load_dataset(
-            "text",
-            data_files={split: str(source / FILES[split]) for split in SPLITS},
-            cache_dir=str(tmp / "hf"),
-        )
-        counts = Counter()
-        for line in raw["train"]["text"]:
-            counts.update(line.split())
-        counts[EOS] = raw["train"].num_rows
-        words = [EOS] + sorted((w for w in counts if w != EOS), key=lambda w: (-counts[w], w))
-        vocab = Vocab(words)
-        index, unk = vocab.index, vocab.unk
-        if unk is None:
-            # A corpus without <unk> (not PTB) still needs an id for valid/test words that train lacks.
-            for split in ("valid", "test"):
-                if any(w not in index for line in raw[split]["text"] for w in line.split()):
-                    vocab = Vocab(words + [UNK])
-                    index, unk = vocab.index, vocab.unk
-                    break
-        eos = vocab.eos
 
-        def tokenise(batch):
-            ids, oov = [], []
-            for line in batch["text"]:
-                toks = line.split()
-                ids.append([index.get(w, unk) for w in toks] + [eos])
-                oov.append(sum(w not in index for w in toks))
-            return {"ids": ids, "oov": oov}
+def _digest_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-        tokenised = DatasetDict(
-            {
-                split: raw[split].map(tokenise, batched=True, batch_size=4096, remove_columns=["text"])
-                for split in SPLITS
+
+def _ids_digest(split: Split) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(split.ids, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(split.offsets, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file below `folder` (its manifest excepted) → its size; paths relative, with '/'."""
+    sizes = {}
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                sizes[rel] = path.lstat().st_size
+    return sizes
+
+
+def _write_manifest(folder: Path, source_sums: dict[str, str]) -> None:
+    """Record what the cache in `folder` holds, read back from the files just written. Written last, through
+    a temporary name: a cache without a manifest is incomplete."""
+    vocab, splits = _load_cache(folder)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "source_sha256": source_sums,
+        "vocab_size": len(vocab),
+        "splits": {
+            name: {
+                "tokens": s.num_tokens,
+                "sentences": s.num_sentences,
+                "oov": s.oov,
+                "ids_blake2b": _ids_digest(s),
             }
-        )
-        tokenised.save_to_disk(str(tmp / "arrow"))
-        shutil.rmtree(tmp / "hf", ignore_errors=True)
-        (tmp / "vocab.json").write_text(
-            json.dumps({"format": CACHE_FORMAT, "words": vocab.words}, ensure_ascii=False)
-        )
+            for name, s in splits.items()
+        },
+        "files": {
+            rel: [size, _digest_file(folder / rel)] for rel, size in sorted(_file_sizes(folder).items())
+        },
+    }
+    tmp = folder / f".{MANIFEST}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def check_cache(cache: Path) -> tuple[Vocab, dict[str, Split]]:
+    """Load the cache and check it against its manifest: the files (names, sizes, digests), then what they
+    decode to (vocabulary size; per split the counts and the digest of the ids), and that every id is inside
+    the vocabulary. Raises CacheDamaged naming the first difference."""
+    try:
+        manifest = json.loads((cache / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CacheDamaged(f"it has no {MANIFEST} (an interrupted or incomplete preparation)") from None
+    except (OSError, ValueError) as exc:
+        raise CacheDamaged(f"its {MANIFEST} is unreadable ({exc})") from None
+    try:
+        if manifest.get("format") != CACHE_FORMAT:
+            raise CacheDamaged(f"its {MANIFEST} is of format {manifest.get('format')!r}, not {CACHE_FORMAT}")
+        expected = {rel: (int(size), str(dig)) for rel, (size, dig) in manifest["files"].items()}
+        vocab_size = int(manifest["vocab_size"])
+        split_info = {name: dict(manifest["splits"][name]) for name in SPLITS}
+    except CacheDamaged:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CacheDamaged(f"its {MANIFEST} is malformed") from None
+    present = _file_sizes(cache)
+    missing = sorted(set(expected) - set(present))
+    if missing:
+        more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
+        raise CacheDamaged(f"{missing[0]} is missing{more}")
+    extra = sorted(set(present) - set(expected))
+    if extra:
+        raise CacheDamaged(f"{extra[0]} is not part of it")
+    for rel, (size, dig) in expected.items():
+        if present[rel] != size:
+            raise CacheDamaged(f"{rel} has {present[rel]:,} bytes, the manifest says {size:,}")
+        if _digest_file(cache / rel) != dig:
+            raise CacheDamaged(f"{rel} has changed since it was written (digest mismatch)")
+    try:
+        vocab, splits = _load_cache(cache)
+    except Exception as exc:  # whatever `datasets` or json make of damaged files
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise CacheDamaged(f"it cannot be read ({type(exc).__name__}: {first})") from None
+    if len(vocab) != vocab_size:
+        raise CacheDamaged(f"vocab.json holds {len(vocab):,} words, the manifest says {vocab_size:,}")
+    for name, split in splits.items():
+        info = split_info[name]
+        got = {"tokens": split.num_tokens, "sentences": split.num_sentences, "oov": split.oov}
+        for key, value in got.items():
+            if info.get(key) != value:
+                raise CacheDamaged(f"the {name} split has {value:,} {key}, the manifest says {info.get(key)}")
+        if _ids_digest(split) != info.get("ids_blake2b"):
+            raise CacheDamaged(f"the token ids of the {name} split differ from those recorded")
+        if split.num_tokens and (int(split.ids.min()) < 0 or int(split.ids.max()) >= len(vocab)):
+            bad = int(split.ids.max()) if int(split.ids.max()) >= len(vocab) else int(split.ids.min())
+            raise CacheDamaged(
+                f"the {name} split holds token id {bad}, outside the vocabulary of {len(vocab):,} words"
+            )
+    return vocab, splits
+
+
+def _tmp_prefix(final: Path) -> str:
+    """Temporary folders are named after their writer, so one left by a killed process can be recognised."""
+    return f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Temporary folders of a preparation that was killed (a dead process of this host) are garbage."""
+    if not final.parent.is_dir():
+        return
+    lead, host = f".{final.name}.tmp-", socket.gethostname()
+    for p in final.parent.glob(f"{lead}*"):
+        try:
+            owner, pid, _ = p.name[len(lead) :].rsplit("-", 2)
+            pid = int(pid)
+        except ValueError:
+            continue
+        if owner == host and pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, the temporary folder of a preparation that was killed", p)
+
+
+def _build_cache(source: Path, final: Path, source_sums: dict[str, str] | None = None) -> None:
+    """Tokenise the three files with `datasets` into a temporary folder, then rename it to `final`."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
+    except OSError as exc:
+        raise DataError(f"could not write {final.parent}: {write_error_reason(exc)}") from None
+    try:
+        _tokenise_into(source, tmp)
+        faults.point("cache_write")  # tests: killed with the data written but not the manifest
+        _write_manifest(tmp, dict(source_sums or {}))
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / "vocab.json").is_file():
+            if not (final / MANIFEST).is_file():
                 raise
             # Another process built the same cache first; its copy is identical.
+    except OSError as exc:
+        if exc.errno is None and "disk space" in str(exc).lower():  # `datasets` checks the room itself
+            exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise DataError(f"could not write the data cache {final}: {write_error_reason(exc)}") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenise_into(source: Path, tmp: Path) -> None:
+    from datasets import DatasetDict, load_dataset
+
+    _quiet_datasets()
+    raw = load_dataset(
+        "text",
+        data_files={split: str(source / FILES[split]) for split in SPLITS},
+        cache_dir=str(tmp / "hf"),
+    )
+    counts = Counter()
+    for line in raw["train"]["text"]:
+        counts.update(line.split())
+    counts[EOS] = raw["train"].num_rows
+    words = [EOS] + sorted((w for w in counts if w != EOS), key=lambda w: (-counts[w], w))
+    vocab = Vocab(words)
+    index, unk = vocab.index, vocab.unk
+    if unk is None:
+        # A corpus without <unk> (not PTB) still needs an id for valid/test words that train lacks.
+        for split in ("valid", "test"):
+            if any(w not in index for line in raw[split]["text"] for w in line.split()):
+                vocab = Vocab(words + [UNK])
+                index, unk = vocab.index, vocab.unk
+                break
+    eos = vocab.eos
+
+    def tokenise(batch):
+        ids, oov = [], []
+        for line in batch["text"]:
+            toks = line.split()
+            ids.append([index.get(w, unk) for w in toks] + [eos])
+            oov.append(sum(w not in index for w in toks))
+        return {"ids": ids, "oov": oov}
+
+    tokenised = DatasetDict(
+        {
+            split: raw[split].map(tokenise, batched=True, batch_size=4096, remove_columns=["text"])
+            for split in SPLITS
+        }
+    )
+    tokenised.save_to_disk(str(tmp / "arrow"))
+    shutil.rmtree(tmp / "hf", ignore_errors=True)
+    (tmp / "vocab.json").write_text(
+        json.dumps({"format": CACHE_FORMAT, "words": vocab.words}, ensure_ascii=False)
+    )
 
 
 def _load_cache(cache: Path) -> tuple[Vocab, dict[str, Split]]:
@@ -318,6 +482,18 @@ def _load_cache(cache: Path) -> tuple[Vocab, dict[str, Split]]:
     return Vocab(meta["words"]), splits
 
 
+def _set_aside(cache: Path) -> Path | None:
+    """Move a damaged cache out of the way (kept for inspection): <cache>.damaged-<time>[-n]. None if it is
+    gone already (another process moved it)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = cache.with_name(f"{cache.name}.damaged-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = cache.with_name(f"{cache.name}.damaged-{stamp}-{n}")
+    os.rename(cache, aside)
+    return aside
+
+
 def prepare(
     data_dir: str | None = None,
     root: str | Path = "data",
@@ -329,7 +505,8 @@ def prepare(
     hub_url: str = "",
     raw_url: str = "",
 ) -> Corpus:
-    """Locate, verify, tokenise (or load from the cache) and return the corpus."""
+    """Locate, verify, tokenise (or load from the cache, checked against its manifest) and return the
+    corpus. A cache that fails its check is moved aside and rebuilt."""
     root = Path(root)
     sums_expected = dict(sha256) if (verify_checksums and sha256) else None
     if verify_checksums and not sha256:
@@ -337,14 +514,57 @@ def prepare(
     source, sums = locate(data_dir, root, download_enabled, sources, hub_url, raw_url, sums_expected)
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, [sums[s] for s in SPLITS]]).encode()).hexdigest()[:16]
     cache = root / "cache" / f"{name}-{key}"
-    if not (cache / "vocab.json").is_file():
+    _remove_stale_temporaries(cache)
+    loaded, check_s = None, None
+    if os.path.lexists(cache):
+        t0 = time.perf_counter()
+        try:
+            before = os.lstat(cache).st_ino
+            loaded = check_cache(cache)
+            check_s = time.perf_counter() - t0
+        except CacheDamaged as exc:
+            reason = str(exc)
+            try:
+                # only the folder that was checked (not one another process has just put in its place)
+                aside = _set_aside(cache) if os.lstat(cache).st_ino == before else None
+            except FileNotFoundError:
+                aside = None  # another process moved it aside already
+            except OSError as err:
+                raise DataError(
+                    f"the data cache {cache} failed its check ({reason}) and could not be moved aside: "
+                    f"{write_error_reason(err)}"
+                ) from None
+            where = f"moved it to {aside}" if aside else "another process moved it aside"
+            log.warning(
+                "the data cache %s failed its check (%s); %s; rebuilding it from %s",
+                cache,
+                reason,
+                where,
+                source,
+            )
+            try:
+                _build_cache(source, cache, sums)
+            except (DataError, OSError) as err:
+                why = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+                raise DataError(
+                    f"the data cache {cache} failed its check ({reason}; {where}) and cannot be rebuilt "
+                    f"from {source}: {why}"
+                ) from None
+    else:
         log.info("tokenising %s into %s", source, cache)
-        _build_cache(source, cache)
-    vocab, splits = _load_cache(cache)
+        _build_cache(source, cache, sums)
+    if loaded is None:
+        try:
+            loaded = check_cache(cache)
+        except CacheDamaged as exc:
+            raise DataError(
+                f"the data cache {cache}, just built from {source}, fails its check: {exc}"
+            ) from None
+    vocab, splits = loaded
     for split_name, split in splits.items():
         if split.num_tokens == 0:
             raise DataError(f"{source / FILES[split_name]} holds no tokens")
-    return Corpus(vocab, splits, source, cache, sums)
+    return Corpus(vocab, splits, source, cache, sums, check_s)
 
 
 def prepare_from_config(cfg) -> Corpus:

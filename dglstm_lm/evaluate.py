@@ -19,7 +19,7 @@ def load_model(path, device="cpu"):
     """(model, config, state) from a checkpoint file or run directory."""
     from .models import build_model
 
-    state = ckpt.load(ckpt.resolve(path), map_location=device)
+    state = ckpt.load(ckpt.resolve(path), map_location=device, require=ckpt.MODEL_KEYS)
     cfg = config_from_dict(state["config"])
     if hasattr(cfg.model, "backend"):
         cfg.model.backend = "auto"  # the fastest loop for this device: every backend computes the same model

@@ -6,6 +6,7 @@ DGLSTM_FAULT=<point>:<n> kills this process with SIGKILL the n-th time execution
   checkpoint_write_linked  after best.pt points at a new checkpoint, before last.pt is replaced by it
   eval_batch        during an evaluation
   epoch_end         between epochs (after the epoch's checkpoint, before the next epoch)
+  cache_write       preparing the data cache: its files written, its manifest not yet
 Unset (always, outside the tests) it costs one dictionary lookup.
 """
 

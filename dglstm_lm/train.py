@@ -5,7 +5,9 @@
 
 Every run writes into its own directory: Hydra's .hydra/, train.log, metrics.json (rewritten atomically after
 every epoch; `status` says running / completed / diverged / interrupted / failed), history.jsonl (one line per
-epoch), checkpoints/{last,best}.pt and, with logger=wandb, wandb/.
+epoch), checkpoints/{last,best}.pt and, with logger=wandb, wandb/. A run holds its directory's lock file,
+run.lock (dglstm_lm/rundir.py), from before the first file is written until it ends: a second run into the same
+directory is refused and writes nothing there.
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import checkpoint as ckpt
+from . import rundir
 from .config import compose, flatten, resolved_container, validate, with_defaults
-from .errors import CheckpointError, ConfigError, UserError, report_and_exit
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    RunDirRefused,
+    UserError,
+    find_write_error,
+    output_error,
+    report_and_exit,
+    write_error_reason,
+)
 
 log = logging.getLogger("dglstm_lm.train")
 
@@ -114,6 +126,21 @@ def _free(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
 
 
+def check_same_run(run_dir: Path, config_dict: dict) -> None:
+    """A directory that holds a run (a config.json beside a checkpoint or a metrics.json) may only be
+    continued by the same computation (a requeued job, a re-run sweep): else RunDirRefused, naming the keys."""
+    stored = _read_json(run_dir / "config.json")
+    last = run_dir / "checkpoints" / ckpt.LAST
+    has_checkpoint = last.exists() or ckpt.previous_of(last).exists()
+    if stored is not None and (has_checkpoint or read_metrics(run_dir)):
+        diffs = [k for k in config_differences(stored, config_dict) if not _free(k)]
+        if diffs:
+            raise RunDirRefused(
+                f"{run_dir} already holds a run with another config (differs in {', '.join(diffs[:5])}); "
+                "use another hydra.sweep.dir / hydra.run.dir"
+            )
+
+
 def code_version() -> str:
     """The commit of this checkout (+dirty with local changes), else the package version."""
     import subprocess
@@ -201,11 +228,25 @@ def train(
 
     obj = validate(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _file_log_handler(run_dir)
     config_dict = resolved_container(cfg)
     config_dict.pop("hydra", None)
     t = obj.trainer
+    # Whose directory is it? Asked before anything is written there, the lock included: a run refused here
+    # (another live run holds it, or it holds a run of another config) changes nothing in it.
+    rundir.check_free(run_dir)
+    if not t.resume and t.auto_resume:
+        check_same_run(run_dir, config_dict)
+    locked_here = not rundir.holds(run_dir)
+    try:
+        rundir.acquire(run_dir, log_takeover=False)
+        handler = _file_log_handler(run_dir)
+    except OSError as exc:
+        if locked_here:
+            rundir.release(run_dir)
+        raise output_error(exc, run_dir) from None
+    note = rundir.take_note(run_dir)
+    if note:
+        log.warning("%s", note)
     metrics_path, history_path = run_dir / "metrics.json", run_dir / "history.jsonl"
     tracker = None
     try:
@@ -218,14 +259,8 @@ def train(
             stored = _read_json(run_dir / "config.json")
             last = run_dir / "checkpoints" / ckpt.LAST
             has_checkpoint = last.exists() or ckpt.previous_of(last).exists()
-            if stored is not None and (has_checkpoint or previous):
-                # continuing on its own (a requeued job, a re-run sweep) is only right for the same computation
-                diffs = [k for k in config_differences(stored, config_dict) if not _free(k)]
-                if diffs:
-                    raise UserError(
-                        f"{run_dir} already holds a run with another config (differs in {', '.join(diffs[:5])}); "
-                        "use another hydra.sweep.dir / hydra.run.dir"
-                    )
+            # continuing on its own (a requeued job, a re-run sweep) is only right for the same computation
+            check_same_run(run_dir, config_dict)
             done = previous is not None and previous.get("status") == "completed"
             if done and (stored is None or flatten(stored).get("trainer.max_epochs") == t.max_epochs):
                 log.info(
@@ -237,6 +272,7 @@ def train(
             if has_checkpoint:  # unfinished, or finished with fewer epochs than now asked for
                 resume_path, resume_state = ckpt.load_for_resume(last)
         if resume_state is not None:
+            ckpt.check_keys(resume_state, ckpt.RESUME_KEYS, resume_path)
             diffs = config_differences(resume_state["config"], config_dict)
             old, new = flatten(with_defaults(resume_state["config"])), flatten(config_dict)
 
@@ -286,7 +322,7 @@ def train(
         model = build_model(len(corpus.vocab), obj.model).to(device)
         num_params = count_parameters(model)
         if t.init_from and resume_state is None:  # resuming, the checkpoint's weights replace these anyway
-            init_state = ckpt.load(ckpt.resolve(t.init_from, prefer=ckpt.BEST))
+            init_state = ckpt.load(ckpt.resolve(t.init_from, prefer=ckpt.BEST), require=("model",))
             try:
                 missing = model.init_from(init_state["model"])
             except ValueError as exc:
@@ -411,19 +447,30 @@ def train(
         )
         return result
     except BaseException as exc:
+        plain = isinstance(exc, Exception) and not isinstance(exc, (UserError, Interrupted, Diverged))
+        cause = find_write_error(exc) if plain else None
+        if cause is not None:  # a full disk or an unwritable folder: one line that names the file
+            exc = output_error(cause)
         if not isinstance(exc, (Interrupted, DivergedError)):
             _record_failure(run_dir, cfg, exc)
         if tracker is not None:
             tracker.finish(exit_code=1)  # never leave a W&B run open for the next job of a sweep
+        if cause is not None:
+            raise exc from None
         raise
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if locked_here:
+            rundir.release(run_dir)
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
-    """A job that failed before or during training still leaves a metrics.json saying why."""
+    """A job that failed before or during training still leaves a metrics.json saying why (not one refused
+    because the directory holds another run: that run's record stays as it is)."""
+    if isinstance(exc, RunDirRefused):
+        return
     previous = read_metrics(run_dir) or {}
     if previous.get("status") in ("diverged", "interrupted", "completed"):
         return
@@ -476,11 +523,26 @@ def _task_overrides() -> list[str]:
 
 
 def _hydra_task(cfg: DictConfig):
-    from .trainer import Interrupted
-
     name, group, multirun, run_dir = _run_name_and_group()
     try:
+        return _run_job(cfg, name, group, multirun, run_dir)
+    finally:
+        # the job is over: its directory is free again (also for a joblib worker's next job)
+        rundir.release(run_dir)
+        _REFUSED_DIRS.discard(str(run_dir))
+
+
+def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_dir: Path):
+    from .trainer import Interrupted
+
+    try:
         metrics = train(cfg, run_dir, run_name=name, group=group, overrides=_task_overrides())
+    except RunDirRefused as exc:
+        # The directory is another run's: nothing goes into its train.log or metrics.json.
+        if not multirun:
+            report_and_exit(exc)
+        print(f"error: job refused: {exc}", file=sys.stderr, flush=True)
+        return None
     except Interrupted as exc:
         hint = f"make train trainer.resume={run_dir}"
         log.warning(
@@ -493,6 +555,7 @@ def _hydra_task(cfg: DictConfig):
             print(f"stopped; checkpoint saved. Resume with:  {hint}", file=sys.stderr)
         # Our handlers are gone again: hand the signal on to the one they replaced. Under submitit that is
         # its SIGUSR2 handler (SLURM's pre-timeout signal), which requeues the job and exits.
+        rundir.release(run_dir)  # before submitit's handler, which requeues the job and exits
         previous = signal.getsignal(exc.signum)
         if exc.signum == getattr(signal, "SIGUSR2", None) and callable(previous):
             previous(exc.signum, None)
@@ -635,9 +698,11 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             )
     base = compose([o.input_line for o in fixed] + firsts, return_hydra_config=True)
     to_object(compose([o.input_line for o in fixed] + firsts))
-    Path(OmegaConf.select(base, "paths.output_dir")).mkdir(
-        parents=True, exist_ok=True
-    )  # e.g. Optuna's sqlite
+    output_dir = Path(OmegaConf.select(base, "paths.output_dir"))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)  # e.g. Optuna's sqlite
+    except OSError as exc:
+        raise output_error(exc, output_dir) from None
 
     if sweeps:
         # Name job directories after what varies: the keys given once stay out of the name
@@ -663,6 +728,132 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
+_REFUSED_DIRS: set[str] = (
+    set()
+)  # job directories whose .hydra/ is not written: they hold another config's run
+_SAFE_PATH_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./-+:@%~")
+
+
+def _override_value(path: str) -> str:
+    """A path as the value of a Hydra override: quoted unless it is made of plain characters only."""
+    if path and set(path) <= _SAFE_PATH_CHARS:
+        return path
+    return "'" + path.replace("'", "\\'") + "'"
+
+
+def claim_output(argv: list[str]) -> list[str]:
+    """Before Hydra writes anything (it writes .hydra/ into the run directory before any of our code runs):
+    resolve the run's directory (a sweep's, for --multirun), check that it can be written and has room, and
+    for a single run take its lock (rundir.py) and refuse a directory that holds a run of another config.
+    Returns argv with that directory pinned (`${now:}` and `${unique_dir:}` are resolved once, here)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.split("=")[0] in _PASSTHROUGH_FLAGS | _CONFIG_FLAGS for a in argv):
+        return argv
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        chosen = []
+        for o in parsed:
+            if not o.is_sweep_override():
+                chosen.append(o.input_line)
+                continue
+            try:  # the directory of a sweep never depends on the swept values: any one of them will do
+                chosen.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+            except Exception:
+                continue
+        hcfg = compose(chosen, return_hydra_config=True)
+        value = OmegaConf.select(hcfg, key, throw_on_resolution_failure=True)
+    except Exception as exc:
+        cause = find_write_error(exc)
+        if cause is not None:  # e.g. ${unique_dir:...} under a read-only or full paths.output_dir
+            raise output_error(cause) from None
+        return argv  # an interpolation only Hydra can resolve: the job takes its directory's lock itself
+    if not value:
+        return argv
+    target = Path(str(value))
+    if multirun:
+        rundir.check_writable(target)
+    else:
+        rundir.check_writable(target, probe=False)  # the lock file is the probe
+        rundir.check_free(target)  # a live holder first: it is what the user needs to know
+        try:
+            if not OmegaConf.select(hcfg, "trainer.resume") and OmegaConf.select(hcfg, "trainer.auto_resume"):
+                task = hcfg.copy()
+                with open_dict(task):
+                    del task["hydra"]
+                check_same_run(target, resolved_container(task))
+        except RunDirRefused:
+            raise
+        except Exception:
+            pass  # anything else is for train() to find and report, inside Hydra
+        try:
+            rundir.acquire(target, log_takeover=False)
+        except OSError as exc:
+            raise output_error(exc, target) from None
+    given = [a for a in argv if a.split("=", 1)[0] == key]
+    if given and "${" not in given[-1]:
+        return argv  # as given: Hydra resolves it to the same path
+    return [a for a in argv if a.split("=", 1)[0] != key] + [f"{key}={_override_value(str(target))}"]
+
+
+def _patch_hydra_config_writes() -> None:
+    """Hydra writes .hydra/{config,hydra,overrides}.yaml into a job's directory before the task runs: in
+    place (a disk that fills up leaves them cut short) and whoever else holds the directory. Here they are
+    written atomically, after taking the directory's lock; a job whose directory another run holds, or holds
+    a run of another config, writes none of them (and is then refused by train()). A file that cannot be
+    written is logged, not raised: the job then fails on its own first write, with one line, and the other
+    jobs of a sweep go on."""
+    try:
+        from hydra.core import utils as hydra_utils
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(hydra_utils, "_save_config", None)
+    if original is None or getattr(original, "_dglstm_lm", False):
+        return
+
+    def _save_config(cfg, filename: str, output_dir) -> None:
+        output_dir = Path(output_dir)
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+        except Exception:
+            run_dir = output_dir.parent
+        if str(run_dir) in _REFUSED_DIRS:
+            return
+        try:
+            rundir.check_free(run_dir)  # reads only: a refused job changes nothing in the directory
+            if filename == "config.yaml":  # the job's own config, written first: is it another run's folder?
+                try:
+                    if not OmegaConf.select(cfg, "trainer.resume") and OmegaConf.select(
+                        cfg, "trainer.auto_resume"
+                    ):
+                        check_same_run(run_dir, resolved_container(cfg))
+                except RunDirRefused:
+                    raise
+                except Exception:
+                    pass
+            rundir.acquire(run_dir, log_takeover=False)
+        except RunDirRefused:
+            _REFUSED_DIRS.add(str(run_dir))  # train() refuses the job, saying why
+            return
+        except OSError:
+            pass
+        try:
+            ckpt.atomic_write_bytes(output_dir / filename, OmegaConf.to_yaml(cfg).encode())
+        except OSError as exc:
+            log.error("could not write %s: %s", output_dir / filename, write_error_reason(exc))
+
+    _save_config._dglstm_lm = True
+    hydra_utils._save_config = _save_config
+
+
+_patch_hydra_config_writes()
+
+
 def main() -> None:
     from . import callbacks
 
@@ -671,6 +862,7 @@ def main() -> None:
 
     try:
         argv, env = preflight(sys.argv[1:])
+        argv = claim_output(argv)
     except UserError as exc:
         report_and_exit(exc)
     sys.argv = [sys.argv[0], *argv]
@@ -680,9 +872,16 @@ def main() -> None:
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        rundir.release_all()
     if callbacks.FAILED_JOBS:
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    # The task Hydra runs is then `dglstm_lm.train._hydra_task`, not a function of `__main__`: a sweep's
+    # workers (joblib, submitit) import this module by name when they unpickle it, and so run with the atomic,
+    # lock-aware writes of Hydra's .hydra/ files (_patch_hydra_config_writes) before the job's first write.
+    from dglstm_lm.train import main as _main
+
+    _main()

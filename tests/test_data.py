@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +330,7 @@ def test_interrupted_preparation_leaves_no_half_written_cache(tiny_dir, tmp_path
         raise RuntimeError("disk went away")
 
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk went away"):
         prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
     assert cache_entries(root) == []
     monkeypatch.undo()
@@ -366,3 +369,133 @@ def test_project_root_has_no_ptb_copy():
 
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert not any(Path(p).name in FILES.values() for p in tracked)
+
+
+# ------------------------------------------------------------------------------------------ a damaged cache
+def _vocab_cut_short(cache: Path) -> None:
+    meta = json.loads((cache / "vocab.json").read_text())
+    meta["words"] = meta["words"][: len(meta["words"]) // 2]  # still valid JSON, fewer words
+    (cache / "vocab.json").write_text(json.dumps(meta))
+
+
+def _arrow_file(cache: Path, split: str = "train") -> Path:
+    (path,) = (cache / "arrow" / split).glob("*.arrow")
+    return path
+
+
+def _bytes_changed(cache: Path) -> None:
+    path = _arrow_file(cache)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x5A  # same size, one byte different
+    path.write_bytes(bytes(data))
+
+
+def _ids_out_of_range(cache: Path) -> None:
+    """A vocabulary cut short with a manifest rewritten to match it: only the range check is left to see
+    that the ids point past the end of the vocabulary."""
+    import dglstm_lm.data as data
+
+    _vocab_cut_short(cache)
+    manifest = json.loads((cache / data.MANIFEST).read_text())
+    manifest["vocab_size"] = len(json.loads((cache / "vocab.json").read_text())["words"])
+    size = (cache / "vocab.json").stat().st_size
+    manifest["files"]["vocab.json"] = [size, data._digest_file(cache / "vocab.json")]
+    (cache / data.MANIFEST).write_text(json.dumps(manifest))
+
+
+def _half_copied(cache: Path) -> None:
+    """A cache folder without its manifest: a copy cut short, or one made by a preparation that was killed."""
+    (cache / "manifest.json").unlink()
+    _arrow_file(cache, "test").unlink()
+
+
+DAMAGED_CACHE = {
+    "vocab.json cut short": (_vocab_cut_short, "vocab.json has"),
+    "bytes of an Arrow file changed": (_bytes_changed, "has changed since it was written"),
+    "arrow/ deleted": (lambda c: shutil.rmtree(c / "arrow"), "arrow/dataset_dict.json is missing"),
+    "an extra file": (
+        lambda c: (c / "arrow" / "train" / "notes.txt").write_text("x"),
+        "notes.txt is not part",
+    ),
+    "no manifest (half-copied)": (_half_copied, "has no manifest.json"),
+    "manifest not JSON": (lambda c: (c / "manifest.json").write_text("{"), "manifest.json is unreadable"),
+    "ids outside the vocabulary": (_ids_out_of_range, "outside the vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_CACHE))
+def test_damaged_cache_is_moved_aside_and_rebuilt(case, tiny_dir, tmp_path, caplog):
+    damage, reason = DAMAGED_CACHE[case]
+    root = tmp_path / "root"
+    good = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    assert good.check_s is None  # just built: checked once, as it is written
+    damage(good.cache)
+    with caplog.at_level("WARNING", logger="dglstm_lm.data"):
+        again = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    lines = [r.getMessage() for r in caplog.records if "failed its check" in r.getMessage()]
+    assert len(lines) == 1 and reason in lines[0], caplog.text  # one log line, saying what and where
+    (aside,) = [p for p in (root / "cache").iterdir() if ".damaged-" in p.name]
+    assert f"moved it to {aside}" in lines[0]
+    assert aside.name.startswith(good.cache.name) and any(aside.rglob("*"))  # kept, not deleted
+    assert again.cache == good.cache and again.vocab.words == good.vocab.words
+    for s in ("train", "valid", "test"):
+        assert np.array_equal(again.splits[s].ids, good.splits[s].ids)
+    checked = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)  # the rebuilt one passes
+    assert checked.check_s is not None and checked.vocab.words == good.vocab.words
+
+
+def test_a_preparation_killed_half_way_leaves_a_folder_that_is_cleaned_up(tiny_dir, tmp_path, caplog):
+    root = tmp_path / "root"
+    code = (
+        "import sys; from dglstm_lm.data import prepare;"
+        "prepare(data_dir=sys.argv[1], root=sys.argv[2], verify_checksums=False)"
+    )
+    r = subprocess.run(
+        [PY, "-c", code, str(tiny_dir), str(root)],
+        cwd=ROOT,
+        env=dict(os.environ, DGLSTM_FAULT="cache_write:1"),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == -9, r.stderr[-2000:]  # killed with the Arrow files written, not the manifest
+    (half,) = (root / "cache").iterdir()
+    assert half.name.startswith(".") and ".tmp-" in half.name and (half / "arrow").is_dir()
+    with caplog.at_level("INFO", logger="dglstm_lm.data"):
+        corpus = prepare(data_dir=str(tiny_dir), root=root, verify_checksums=False)
+    assert f"removed {half}, the temporary folder of a preparation that was killed" in caplog.text
+    assert cache_entries(root) == [corpus.cache.name]
+    assert corpus.splits["train"].num_tokens == sum(len(s.split()) + 1 for s in TINY_TRAIN)
+
+
+def test_a_damaged_cache_without_its_source_is_one_line_naming_both(tiny_dir, tmp_path, monkeypatch):
+    import dglstm_lm.data as data
+
+    root = tmp_path / "root"
+    corpus = prepare(
+        data_dir=str(_copy_tiny(tiny_dir, tmp_path / "corpus")), root=root, verify_checksums=False
+    )
+    _bytes_changed(corpus.cache)
+    # the text is gone by the time the cache has to be rebuilt from it
+    found = data.locate(str(tmp_path / "corpus"), root, False, [], "", "", None)
+    shutil.rmtree(tmp_path / "corpus")
+    monkeypatch.setattr(data, "locate", lambda *a, **k: found)
+    with pytest.raises(DataError) as exc:
+        prepare(data_dir=str(tmp_path / "corpus"), root=root, verify_checksums=False)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert f"the data cache {corpus.cache} failed its check" in msg and "moved it to" in msg
+    assert f"cannot be rebuilt from {tmp_path / 'corpus'}" in msg
+
+
+def test_cache_check_reads_the_manifest_written_last(tiny_dir, tmp_path):
+    import dglstm_lm.data as data
+
+    corpus = prepare(data_dir=str(tiny_dir), root=tmp_path, verify_checksums=False)
+    manifest = json.loads((corpus.cache / data.MANIFEST).read_text())
+    assert manifest["vocab_size"] == len(corpus.vocab)
+    assert {s: manifest["splits"][s]["tokens"] for s in ("train", "valid", "test")} == {
+        s: corpus.splits[s].num_tokens for s in ("train", "valid", "test")
+    }
+    assert set(manifest["files"]) >= {"vocab.json", "arrow/dataset_dict.json"}
+    vocab, splits = data.check_cache(corpus.cache)
+    assert vocab.words == corpus.vocab.words

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from dglstm_lm import checkpoint as ckpt
+from dglstm_lm import rundir
 from dglstm_lm.config import compose
-from dglstm_lm.errors import CheckpointError
+from dglstm_lm.errors import CheckpointError, UserError
 from dglstm_lm.train import train
 
 from .conftest import CI, PY, ROOT, run_cli
@@ -515,7 +517,32 @@ BAD_INPUT = [
         "unknown option model=gru",
     ),
     ("report of a missing dir", lambda t, p, r, g: ["report", f"dir={t}/nowhere"], "does not exist"),
+    (
+        "checkpoint without its vocabulary (eval)",
+        lambda t, p, r, g: ["eval", f"ckpt={_without(t, g, 'vocab')}"],
+        "lacks 'vocab', which this version of dglstm-lm needs",
+    ),
+    (
+        "checkpoint without its optimizer state (resume)",
+        lambda t, p, r, g: [
+            "train",
+            "model=lstm",
+            f"trainer.resume={_without(t, g, 'optimizer')}",
+            f"data.dir={p}",
+        ],
+        "lacks 'optimizer'",
+    ),
 ]
+
+
+def _without(tmp: Path, good: Path, key: str) -> Path:
+    """A checkpoint that loads and passes its checksum, but lacks `key`."""
+    state = ckpt.load(good / "checkpoints" / "last.pt")
+    del state[key], state["digest"]
+    path = tmp / f"without-{key}" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    ckpt.save(state, path, keep_previous=False)
+    return path
 
 
 def _corrupt(tmp: Path, good: Path) -> Path:
@@ -585,3 +612,620 @@ def test_wandb_api_key_never_written(tmp_path, ptb_dir, ptb_root):
     for p in run_dir.rglob("*.pt"):
         state = ckpt.load(p)
         assert secret not in json.dumps(state["config"])
+
+
+# ------------------------------------------------------------------------------------------ one run per directory
+def _snapshot(folder: Path) -> dict:
+    """Every file and folder below `folder` (itself included): content digest, size, mtime."""
+    import hashlib
+
+    snap = {}
+    for p in sorted([folder, *folder.rglob("*")]):
+        st = p.lstat()
+        if p.is_file():
+            snap[str(p.relative_to(folder))] = (
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
+        else:
+            snap[str(p.relative_to(folder)) + "/"] = st.st_mtime_ns
+    return snap
+
+
+def _live_process():
+    """A live process of this host that is not a run: a lock naming it is held."""
+    return subprocess.Popen(["sleep", "600"])
+
+
+def _dead_pid() -> int:
+    r = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(r.stdout)
+
+
+def _write_lock(run_dir: Path, **info) -> Path:
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "pid": 1,
+        "host": socket.gethostname(),
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "token": "t",
+        **info,
+    }
+    lock = run_dir / rundir.LOCK_NAME
+    lock.write_text(json.dumps(info))
+    return lock
+
+
+def test_lock_is_exclusive_reentrant_and_released(tmp_path):
+    run_dir = tmp_path / "run"
+    assert rundir.acquire(run_dir) is None
+    lock = run_dir / "run.lock"
+    info = json.loads(lock.read_text())
+    assert info["pid"] == os.getpid() and info["host"] and info["started_at"]
+    assert rundir.acquire(run_dir) is None and rundir.holds(run_dir)  # the same process: re-entrant
+    rundir.release(run_dir)
+    assert not lock.exists() and not rundir.holds(run_dir)
+    # a lock that is no longer ours (replaced by another run's) is left alone on release
+    rundir.acquire(run_dir)
+    lock.write_text(json.dumps(dict(info, token="someone else")))
+    rundir.release(run_dir)
+    assert lock.exists()
+
+
+def test_lock_of_a_live_process_refuses_and_writes_nothing(tmp_path):
+    holder = _live_process()
+    try:
+        run_dir = tmp_path / "run"
+        _write_lock(run_dir, pid=holder.pid)
+        before = _snapshot(run_dir)
+        with pytest.raises(
+            rundir.RunDirInUse, match=rf"{run_dir} is in use by another run \(pid {holder.pid} on "
+        ):
+            rundir.acquire(run_dir)
+        assert _snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_another_host_is_held_and_the_error_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    lock = _write_lock(run_dir, pid=_dead_pid(), host="elsewhere-node-7")
+    with pytest.raises(rundir.RunDirInUse) as exc:
+        rundir.acquire(run_dir)
+    msg = str(exc.value)
+    assert "pid" in msg and "on elsewhere-node-7" in msg and "another host" in msg and str(lock) in msg
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dead pid",
+        "pid reused by a later process",
+        "empty (killed as it started)",
+        "earlier run of a requeued SLURM job",
+    ],
+)
+def test_stale_lock_is_taken_over_with_a_log_line(case, tmp_path, caplog, monkeypatch):
+    run_dir = tmp_path / "run"
+    holder = None
+    if case == "dead pid":
+        _write_lock(run_dir, pid=_dead_pid())
+    elif case == "pid reused by a later process":
+        holder = _live_process()
+        _write_lock(run_dir, pid=holder.pid, pid_start="1")  # the pid's process started at another time
+    elif case == "empty (killed as it started)":
+        run_dir.mkdir()
+        (run_dir / "run.lock").write_bytes(b"")
+        os.utime(run_dir / "run.lock", (time.time() - 60, time.time() - 60))
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        _write_lock(run_dir, pid=_dead_pid(), host="node-a", slurm_job_id="4242", slurm_restart_count="0")
+    try:
+        with caplog.at_level("WARNING", logger="dglstm_lm.rundir"):
+            note = rundir.acquire(run_dir)
+        assert note and note.startswith(f"took over the lock of {run_dir}:") and note in caplog.text
+        assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
+        assert [p.name for p in run_dir.iterdir()] == ["run.lock"]
+    finally:
+        rundir.release(run_dir)
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+
+
+def test_same_slurm_job_without_a_requeue_is_not_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    run_dir = tmp_path / "run"
+    _write_lock(run_dir, pid=123, host="node-a", slurm_job_id="4242", slurm_restart_count="0")
+    with pytest.raises(rundir.RunDirInUse, match="another host"):
+        rundir.acquire(run_dir)
+
+
+def test_train_releases_its_lock_on_success_and_on_failure(tmp_path, ptb_dir, ptb_root, caplog):
+    run_dir = tmp_path / "run"
+    _write_lock(run_dir, pid=_dead_pid())  # left by a run that was killed
+    with pytest.raises(UserError, match="larger than the data"):
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm", "trainer.bptt=1000000"), run_dir)
+    assert "took over the lock" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "run.lock").exists()
+    m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm", "trainer.max_epochs=1"), run_dir)
+    assert m["status"] == "completed" and not (run_dir / "run.lock").exists()
+
+
+def test_train_into_a_held_directory_is_refused_and_records_nothing(tmp_path, ptb_dir, ptb_root):
+    holder = _live_process()
+    try:
+        run_dir = tmp_path / "run"
+        _write_lock(run_dir, pid=holder.pid)
+        (run_dir / "metrics.json").write_text(json.dumps({"status": "running", "step": 7}))
+        before = _snapshot(run_dir)
+        with pytest.raises(rundir.RunDirInUse, match="is in use by another run"):
+            train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm"), run_dir)
+        assert _snapshot(run_dir) == before  # the live run's metrics.json is not rewritten as failed
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _train_argv(tmp_path, ptb_dir, ptb_root, run_dir, *extra):
+    return [
+        PY,
+        "-m",
+        "dglstm_lm.train",
+        "experiment=smoke",
+        "model=dglstm",
+        "logger=none",
+        "trainer.checkpoint_every_steps=5",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.data_dir={ptb_root}",
+        f"data.dir={ptb_dir}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def _one_error_line(r) -> str:
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(ours) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return ours[0]
+
+
+@pytest.mark.slow
+def test_two_runs_started_one_second_apart_into_one_folder(tmp_path, ptb_dir, ptb_root):
+    """The first run holds the folder from before its first file until it ends; the second (seed=2), started
+    a second later, is refused with the holder's pid, again mid-epoch (first run frozen, so that the folder
+    can be compared file by file: nothing changed), and so is a resume from a second terminal. The first run
+    ends with its own results; a run of another config after it is refused too, and writes nothing."""
+    run_dir = tmp_path / "X"
+    env = dict(os.environ, CI="true")
+    first = subprocess.Popen(
+        _train_argv(tmp_path, ptb_dir, ptb_root, run_dir),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)
+        second = run_cli(_train_argv(tmp_path, ptb_dir, ptb_root, run_dir, "seed=2"))
+        line = _one_error_line(second)
+        assert f"{run_dir} is in use by another run (pid {first.pid} on " in line, line
+
+        def mid_epoch():
+            m = _read(run_dir / "metrics.json")
+            return (
+                m is not None and m["status"] == "running" and (run_dir / "checkpoints" / "last.pt").exists()
+            )
+
+        deadline = time.monotonic() + 300
+        while not mid_epoch() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before it could be frozen mid-epoch"
+        first.send_signal(signal.SIGSTOP)
+        try:
+            before = _snapshot(run_dir)
+            for extra in (["seed=2"], [f"trainer.resume={run_dir}"]):
+                again = run_cli(_train_argv(tmp_path, ptb_dir, ptb_root, run_dir, *extra))
+                assert "is in use by another run" in _one_error_line(again)
+                assert _snapshot(run_dir) == before
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-2000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["seed"] == 1 and m["epochs_completed"] == 2
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 1
+    assert "seed: 1" in (run_dir / ".hydra" / "config.yaml").read_text()
+    for name in ("last.pt", "best.pt", "last-previous.pt"):
+        assert ckpt.load(run_dir / "checkpoints" / name)["config"]["seed"] == 1, name
+    assert "error" not in (run_dir / "train.log").read_text().lower()
+    assert not (run_dir / "run.lock").exists()
+
+    # finished: a run of another config into it is refused on its config, and writes nothing either
+    before = _snapshot(run_dir)
+    after_it = run_cli(_train_argv(tmp_path, ptb_dir, ptb_root, run_dir, "seed=2"))
+    assert "already holds a run with another config (differs in seed)" in _one_error_line(after_it)
+    assert _snapshot(run_dir) == before
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sweep_job_whose_directory_is_held_is_refused_and_writes_nothing(
+    launcher, tmp_path, ptb_dir, ptb_root
+):
+    sweep_dir = tmp_path / "sweep"
+    held = sweep_dir / "model=lstm"
+    holder = _live_process()
+    try:
+        _write_lock(held, pid=holder.pid)
+        (held / "train.log").write_text("the holder's log\n")
+        before = _snapshot(held)
+        r = run_cli(
+            [
+                PY,
+                "-m",
+                "dglstm_lm.train",
+                "--multirun",
+                *([f"hydra/launcher={launcher}"] if launcher != "basic" else []),
+                "experiment=smoke",
+                "logger=none",
+                "model=lstm,rnn",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=3",
+                "trainer.limit_eval_batches=2",
+                f"paths.output_dir={tmp_path / 'out'}",
+                f"paths.data_dir={ptb_root}",
+                f"data.dir={ptb_dir}",
+                f"hydra.sweep.dir={sweep_dir}",
+            ]
+        )
+        assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+        assert f"job refused: {held} is in use by another run (pid {holder.pid}" in r.stderr
+        assert "in use      model=lstm" in r.stdout and "1 of 2 jobs did not complete" in r.stdout
+        assert _snapshot(held) == before  # not even Hydra's .hydra/ went in
+    finally:
+        holder.kill()
+        holder.wait()
+    m = json.loads((sweep_dir / "model=rnn" / "metrics.json").read_text())
+    assert m["status"] == "completed"
+    assert not (sweep_dir / "model=rnn" / "run.lock").exists()  # a job's lock goes with it
+
+
+# ------------------------------------------------------------------------------------------ bad state, table-driven
+# Damage to what a run starts from, and outputs that cannot be written: each row ends as the issue asks:
+# a rebuilt cache and a correct run, or one line of error (never a traceback, never a half-written file).
+TINY_TRAIN = ["experiment=smoke", "model=lstm", "logger=none", "trainer.max_epochs=1"]
+TINY_TRAIN += ["trainer.limit_train_batches=3", "trainer.limit_eval_batches=2"]
+
+
+def _cache_of(root: Path) -> Path:
+    (cache,) = [c for c in (root / "cache").iterdir() if c.name.startswith("ptb-") and "." not in c.name]
+    return cache
+
+
+def _data_copy(t: Path, ptb_root: Path) -> Path:
+    root = t / "data"
+    shutil.copytree(ptb_root, root)
+    return root
+
+
+def _damage_vocab(cache: Path):
+    meta = json.loads((cache / "vocab.json").read_text())
+    meta["words"] = meta["words"][:5000]  # a valid JSON list with fewer words
+    (cache / "vocab.json").write_text(json.dumps(meta))
+
+
+def _damage_bytes(cache: Path):
+    (arrow,) = (cache / "arrow" / "valid").glob("*.arrow")
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = bytes(8)
+    arrow.write_bytes(bytes(data))
+
+
+def _killed_make_data(t: Path, ptb_dir: Path) -> Path:
+    root = t / "data"
+    r = run_cli(
+        [PY, "-m", "dglstm_lm.data", f"paths.data_dir={root}"],
+        env={"PTB_DIR": str(ptb_dir), "DGLSTM_FAULT": "cache_write:1"},
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert [p.name for p in (root / "cache").iterdir() if ".tmp-" in p.name]  # the half-written folder
+    return root
+
+
+DAMAGED = [
+    # (id, damage (cache) or None, reason in the log line, command)
+    ("vocab.json cut short", _damage_vocab, "vocab.json has 5", "train"),
+    ("bytes of an Arrow file changed", _damage_bytes, "has changed since it was written", "train"),
+    ("arrow/ deleted", lambda c: shutil.rmtree(c / "arrow"), "is missing", "data"),
+    (
+        "an extra file",
+        lambda c: (c / "arrow" / "stray.arrow").write_bytes(b"x"),
+        "stray.arrow is not part",
+        "train",
+    ),
+    ("no manifest", lambda c: (c / "manifest.json").unlink(), "has no manifest.json", "train"),
+    (
+        "half-written folder of a killed make data",
+        None,
+        "the temporary folder of a preparation that was killed",
+        "train",
+    ),
+]
+
+
+def _tiny_train_cli(t: Path, ptb_dir: Path, data_root: Path, run_dir: Path):
+    return run_cli(
+        [
+            "make",
+            "-s",
+            "train",
+            *TINY_TRAIN,
+            f"paths.output_dir={t / 'out'}",
+            f"paths.data_dir={data_root}",
+            f"data.dir={ptb_dir}",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def intact_run(tmp_path_factory, ptb_dir, ptb_root):
+    t = tmp_path_factory.mktemp("intact")
+    r = _tiny_train_cli(t, ptb_dir, _data_copy(t, ptb_root), t / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((t / "run" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_damaged_cache_is_rebuilt_and_the_run_is_correct(case, tmp_path, ptb_dir, ptb_root, intact_run):
+    _, damage, reason, command = case
+    if damage is None:
+        root = _killed_make_data(tmp_path, ptb_dir)
+    else:
+        root = _data_copy(tmp_path, ptb_root)
+        damage(_cache_of(root))
+    if command == "data":
+        r = run_cli(["make", "-s", "data", f"paths.data_dir={root}"], env={"PTB_DIR": str(ptb_dir)})
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "929,589" in r.stdout and "vocabulary 10,000" in r.stdout
+        log = r.stderr
+    else:
+        run_dir = tmp_path / "run"
+        r = _tiny_train_cli(tmp_path, ptb_dir, root, run_dir)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert strip_time(json.loads((run_dir / "metrics.json").read_text())) == strip_time(intact_run)
+        log = (run_dir / "train.log").read_text()
+    lines = [line for line in log.splitlines() if reason in line]
+    assert len(lines) == 1, log[-3000:]
+    if damage is not None:  # moved aside (kept), and the log line says where
+        (aside,) = [p for p in (root / "cache").iterdir() if ".damaged-" in p.name]
+        assert "failed its check" in lines[0] and f"moved it to {aside}" in lines[0]
+    assert not [p for p in (root / "cache").iterdir() if ".tmp-" in p.name]
+    from dglstm_lm.data import check_cache
+
+    check_cache(_cache_of(root))  # what is there now passes
+
+
+@pytest.fixture(scope="module")
+def unwritable(tmp_path_factory):
+    """A read-only folder (a read-only bind mount) and a full disk (a small tmpfs, filled up)."""
+    _needs_root()
+    base = tmp_path_factory.mktemp("unwritable")
+    ro, full = base / "ro", base / "full"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    _mount_tmpfs(full, "512k")
+    try:
+        with open(full / "filler", "wb") as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+    except OSError:
+        pass
+    try:
+        yield ro, full
+    finally:
+        _umount(ro)
+        _umount(full)
+
+
+def _with_data_root(t: Path, good: Path, root: Path) -> Path:
+    """The good run's checkpoint, its data cache to be found (built) under `root`."""
+    state = ckpt.load(good / "checkpoints" / "best.pt")
+    state["config"]["data"]["root"] = str(root)
+    del state["digest"]
+    path = t / "moved" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    ckpt.save(state, path, keep_previous=False)
+    return path
+
+
+RO, FULL = "Read-only file system", "No space left on device (disk full)"
+UNWRITABLE = [
+    # (id, argv builder (tmp, ptb_root, good_run, ro, full), expected fragments ({ro}, {f}: the two folders)
+    (
+        "train: read-only hydra.run.dir",
+        lambda t, r, g, ro, f: ["train", f"hydra.run.dir={ro}/run"],
+        ["{ro}/run: {RO}"],
+    ),
+    (
+        "train: read-only paths.output_dir",
+        lambda t, r, g, ro, f: ["train", f"paths.output_dir={ro}/out"],
+        ["{ro}/out", RO],
+    ),
+    (
+        "train: disk full at the start",
+        lambda t, r, g, ro, f: ["train", f"paths.output_dir={f}/out"],
+        ["{f}/out/runs/", FULL],
+    ),
+    (
+        "train: hydra.run.dir on a full disk",
+        lambda t, r, g, ro, f: ["train", f"hydra.run.dir={f}/run"],
+        ["{f}/run: {FULL}"],
+    ),
+    (
+        "train: data cache on a full disk",
+        lambda t, r, g, ro, f: ["train", f"paths.data_dir={f}/data", f"hydra.run.dir={t}/run"],
+        ["could not write the data cache {f}/data/cache/ptb-", FULL],
+    ),
+    (
+        "sweep: read-only paths.output_dir",
+        lambda t, r, g, ro, f: ["sweep", "model=lstm,rnn", f"paths.output_dir={ro}/out"],
+        ["{ro}/out", RO],
+    ),
+    (
+        "sweep: read-only hydra.sweep.dir",
+        lambda t, r, g, ro, f: ["sweep", "model=lstm,rnn", f"hydra.sweep.dir={ro}/sweep"],
+        ["{ro}/sweep: {RO}"],
+    ),
+    (
+        "sweep: disk full at the start",
+        lambda t, r, g, ro, f: ["sweep", "model=lstm,rnn", f"paths.output_dir={f}/out"],
+        ["{f}/out/multirun/", FULL],
+    ),
+    (
+        "report: read-only output folder",
+        lambda t, r, g, ro, f: ["report", f"dir={g}", f"ARGS=--out {ro}/report --wandb-mode disabled"],
+        ["{ro}/report", RO],
+    ),
+    (
+        "report: disk full",
+        lambda t, r, g, ro, f: ["report", f"dir={g}", f"ARGS=--out {f}/report --wandb-mode disabled"],
+        ["{f}/report", FULL],
+    ),
+    (
+        "bench: read-only output folder",
+        lambda t, r, g, ro, f: ["bench", f"ARGS=--quick --out {ro}/bench"],
+        ["{ro}/bench: {RO}"],
+    ),
+    (
+        "bench: disk full",
+        lambda t, r, g, ro, f: ["bench", f"ARGS=--quick --out {f}/bench"],
+        ["{f}/bench: {FULL}"],
+    ),
+    (
+        "eval: data cache on a read-only disk",
+        lambda t, r, g, ro, f: ["eval", f"ckpt={_with_data_root(t, g, ro / 'data')}"],
+        ["{ro}/data/cache: {RO}"],
+    ),
+    (
+        "eval: data cache on a full disk",
+        lambda t, r, g, ro, f: ["eval", f"ckpt={_with_data_root(t, g, f / 'data')}"],
+        ["the data cache {f}/data/cache/ptb-", FULL],
+    ),
+    (
+        "data: read-only data folder",
+        lambda t, r, g, ro, f: ["data", f"paths.data_dir={ro}/data"],
+        ["{ro}/data/cache: {RO}"],
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", UNWRITABLE, ids=[c[0] for c in UNWRITABLE])
+def test_unwritable_output_is_one_line_and_leaves_no_half_written_file(
+    case, tmp_path, ptb_dir, ptb_root, good_run, unwritable
+):
+    _, build, expected = case
+    ro, full = unwritable
+    argv = build(tmp_path, ptb_root, good_run, ro, full)
+    target, overrides = argv[0], argv[1:]
+    if target in ("train", "sweep"):
+        given = {o.split("=", 1)[0] for o in overrides}
+        defaults = {
+            "paths.output_dir": tmp_path / "out",
+            "paths.data_dir": ptb_root,
+            "data.dir": ptb_dir,
+        }
+        overrides = [
+            *TINY_TRAIN[:1],
+            "logger=none",
+            *[f"{k}={v}" for k, v in defaults.items() if k not in given],
+            *overrides,
+        ]
+    r = run_cli(["make", "-s", target, *overrides], env={"PTB_DIR": str(ptb_dir)})
+    line = _one_error_line(r)
+    assert line.startswith("error: could not write "), line
+    for fragment in expected:
+        assert fragment.format(ro=ro, f=full, RO=RO, FULL=FULL) in line, line
+    # nothing half-written: the full disk holds its filler and (empty) folders only
+    assert [p.name for p in full.rglob("*") if not p.is_dir()] == ["filler"]
+
+
+def test_a_write_that_fails_inside_a_run_is_one_line_naming_the_file(
+    tmp_path, ptb_dir, ptb_root, monkeypatch
+):
+    import errno
+
+    import dglstm_lm.train as train_module
+
+    def full(path, history):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(train_module, "write_history", full)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as exc:
+        train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm"), run_dir)
+    assert (
+        str(exc.value) == f"could not write {run_dir / 'history.jsonl'}: No space left on device (disk full)"
+    )
+    assert not (run_dir / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_sweep_rerun_with_another_config_changes_nothing_in_its_jobs(tmp_path, ptb_dir, ptb_root):
+    """A sweep re-run into its directory with a fixed value changed: every job is refused, naming the key,
+    and none of its directories is touched (not even Hydra's .hydra/ files)."""
+    sweep_dir = tmp_path / "sweep"
+
+    def sweep(*extra):
+        return run_cli(
+            [
+                PY,
+                "-m",
+                "dglstm_lm.train",
+                "--multirun",
+                "experiment=smoke",
+                "logger=none",
+                "model=lstm,rnn",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=3",
+                "trainer.limit_eval_batches=2",
+                f"paths.output_dir={tmp_path / 'out'}",
+                f"paths.data_dir={ptb_root}",
+                f"data.dir={ptb_dir}",
+                f"hydra.sweep.dir={sweep_dir}",
+                *extra,
+            ]
+        )
+
+    first = sweep()
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {job: _snapshot(sweep_dir / job) for job in ("model=lstm", "model=rnn")}
+    again = sweep("seed=2")
+    for job in before:
+        assert (
+            f"job refused: {sweep_dir / job} already holds a run with another config (differs in seed)"
+            in again.stderr
+        )
+        assert _snapshot(sweep_dir / job) == before[job], job

@@ -193,6 +193,7 @@ def test_preempted_job_resumes_without_losing_or_repeating_epochs(
     assert "stopped by SIGTERM" in log if how == "scontrol requeue" else "stopped by SIGUSR2" in log
     history = read_history(job_dir)
     assert [r["epoch"] for r in history] == [1, 2, 3]  # none lost, none repeated
+    assert not (job_dir / "run.lock").exists()  # held by each incarnation of the job in turn, then released
     metrics = json.loads((job_dir / "metrics.json").read_text())
     ref_metrics, ref_history = uninterrupted
     assert strip_time(metrics) == strip_time(ref_metrics)

@@ -73,6 +73,7 @@ def test_basic_launcher_grid_with_one_wandb_group(tmp_path, ptb_dir, ptb_root):
     groups = set().union(*(wandb_groups(sweep_dir / n) for n in found))
     assert groups == {f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"}
     assert "4 jobs" in r.stdout and "completed" in r.stdout
+    assert not list(sweep_dir.rglob("run.lock"))  # each job held its directory while it ran, and let go
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_with_split_threads(tmp_path, ptb_dir, ptb_root):
@@ -89,6 +90,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_split_threads(tmp_path, ptb_
     found = jobs(sweep_dir)
     assert set(found) == {"model=rnn", "model=stacked_lstm"}
     assert all(m["status"] == "completed" for m in found.values())
+    assert not list(sweep_dir.rglob("run.lock"))  # released by the workers, which live on after their jobs
     import os
 
     cores = len(os.sched_getaffinity(0))
