@@ -27,9 +27,13 @@ OVERRIDES := $(strip $(foreach o,$(_ASSIGNMENTS),$(if $(call _is_make_var,$(o)),
 QUOTED := $(foreach o,$(OVERRIDES),'$(subst _SP_,$(_space),$(subst ','\'',$(o)))')
 # Hydra reads these as overrides; `make` must not also export them into the environment.
 unexport $(foreach o,$(_ASSIGNMENTS),$(firstword $(subst =, ,$(o))))
+# `make compare`'s own variables; its other assignments are Hydra overrides for all its stages.
+COMPARE_VARS := models trials seeds proxy experiment space dir
+_is_compare_var = $(filter $(COMPARE_VARS),$(firstword $(subst =, ,$(1))))
+COMPARE_QUOTED := $(foreach o,$(OVERRIDES),$(if $(call _is_compare_var,$(o)),,'$(subst _SP_,$(_space),$(subst ','\'',$(o)))'))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train sweep search eval generate bench report test test-fast lint format slurm-up slurm-down clean
+.PHONY: help setup data train sweep search compare eval generate bench bench-gpu report test test-fast lint format slurm-up slurm-down clean
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +57,9 @@ sweep:  ## Hydra multirun over any grid, e.g. model=lstm,stacked_lstm,dglstm see
 search:  ## Optuna hyper-parameter search (conf/hparams_search/), e.g. hparams_search=dglstm_lr
 	$(PY) -m dglstm_lm.train --multirun $(if $(filter hparams_search=%,$(OVERRIDES)),,hparams_search=dglstm_lr) $(QUOTED)
 
+compare:  ## equal-budget tuned comparison: models=a,b trials=20 seeds=1,2,3 [proxy= experiment= space= dir=]
+	$(PY) -m dglstm_lm.compare $(foreach v,$(COMPARE_VARS),$(if $($(v)),--$(v) '$($(v))')) $(ARGS) $(COMPARE_QUOTED)
+
 eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt
 	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(if $(filter-out 0 false no,$(full)),--full) $(ARGS)
 
@@ -63,8 +70,11 @@ generate:  ## sample text: make generate ckpt=... [temperature=1.0 length=50 see
 bench:  ## throughput and memory of every core against nn.LSTM; data preparation speed -> outputs/bench/
 	$(PY) -m dglstm_lm.bench $(ARGS)
 
-report:  ## perplexity tables and figures from outputs/ (or dir=<run or sweep dir>) -> outputs/report/
-	$(PY) -m dglstm_lm.report $(if $(dir),--dir '$(dir)') $(ARGS)
+bench-gpu:  ## on CUDA (~8 min): cuDNN LSTM, stacked, DGLSTM (triton, graphs, python), fp32/bf16, e2e smoke + resume
+	$(PY) -m dglstm_lm.bench_gpu $(ARGS)
+
+report:  ## perplexity tables and figures from outputs/ (or dir=<run or sweep dir>, baseline=<row>) -> outputs/report/
+	$(PY) -m dglstm_lm.report $(if $(dir),--dir '$(dir)') $(if $(baseline),--baseline '$(baseline)') $(ARGS)
 
 test:  ## the whole test suite, slow end-to-end tests included (what CI runs)
 	$(PY) -m pytest -m 'slow or not slow' $(ARGS)

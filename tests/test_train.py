@@ -21,6 +21,8 @@ from dglstm_lm.trainer import Interrupted, Trainer
 
 from .conftest import PY, ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # every test here trains on real PTB (seconds to a minute each)
+
 TIME_KEYS = {
     "train/tokens_per_s",
     "elapsed_s",
@@ -326,7 +328,6 @@ def _wait_for(path: Path, predicate, timeout=120):
     return False
 
 
-@pytest.mark.slow
 def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root):
     """`make train`, Ctrl-C mid-epoch, `make train trainer.resume=<run dir>`: same final numbers."""
     common = [
@@ -356,7 +357,7 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     assert f"Resume with:  make train trainer.resume={run_dir}" in err
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "interrupted" and 0 < m["step"] < 80
-    assert not (run_dir / ".lock").exists()  # the stopped run let go of its directory
+    assert not (run_dir / "run.lock").exists()  # the stopped run let go of its directory
     assert "- model=dglstm" in (run_dir / "overrides.yaml").read_text()  # what the resume composes from
 
     # the command the message gave, as it is: the run's own overrides come from its .hydra/
@@ -370,7 +371,6 @@ def test_cli_sigint_then_resume_equals_uninterrupted(tmp_path, ptb_dir, ptb_root
     )
 
 
-@pytest.mark.slow
 def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, ptb_dir, ptb_root):
     out = tmp_path / "out"
     r = run_cli(
@@ -416,7 +416,6 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
     assert gen2.stdout == gen.stdout  # seeded
 
 
-@pytest.mark.slow
 def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     """`make bench` end to end at a toy size (no timing is asserted; the numbers live in the README)."""
     r = run_cli(
@@ -475,7 +474,7 @@ def test_stop_signal_during_evaluation_is_honoured(where, tmp_path, ptb_dir, ptb
     with pytest.raises(Interrupted, match="SIGUSR2" if where == "validation" else "SIGTERM"):
         train(smoke_cfg(tmp_path, ptb_dir, ptb_root), run_dir)
     monkeypatch.undo()
-    assert not (run_dir / ".lock").exists()  # released on the way out of the stopped run
+    assert not (run_dir / "run.lock").exists()  # released on the way out of the stopped run
     state = ckpt.load(run_dir / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"]) == ((0, 6) if where == "validation" else (2, 0))
     resumed = train(smoke_cfg(tmp_path, ptb_dir, ptb_root), run_dir)
