@@ -928,13 +928,21 @@ TINY_TRAIN += ["trainer.limit_train_batches=3", "trainer.limit_eval_batches=2"]
 
 
 def _cache_of(root: Path) -> Path:
-    (cache,) = [c for c in (root / "cache").iterdir() if c.name.startswith("ptb-") and "." not in c.name]
+    """The real PTB's cache (the session's data root also holds the caches of corpora other tests made)."""
+    (cache,) = [
+        c
+        for c in (root / "cache").iterdir()
+        if c.name.startswith("ptb-")
+        and "." not in c.name
+        and json.loads((c / "manifest.json").read_text())["vocab_size"] == 10_000
+    ]
     return cache
 
 
 def _data_copy(t: Path, ptb_root: Path) -> Path:
+    """A private copy of the session's data root, without caches that earlier tests had moved aside."""
     root = t / "data"
-    shutil.copytree(ptb_root, root)
+    shutil.copytree(ptb_root, root, ignore=shutil.ignore_patterns("*.damaged-*"))
     return root
 
 
