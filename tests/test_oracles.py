@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from dglstm_lm.models import build_model
 from dglstm_lm.train import train
 from dglstm_lm.trainer import Interrupted, Trainer, evaluate_batches
 
-from .conftest import PY, write_corpus
-from .test_train import _interrupt_at, read_history, strip_time
+from .conftest import write_corpus
+from .test_train import _interrupt_at, _wandb_records, read_history, strip_time
 
 TINY_LR = "1e-30"  # SGD steps this small leave every weight where it was (far below an ulp of the bias)
 SMALL = ("model.emb_dim=16", "model.hidden_dim=16")
@@ -219,18 +218,6 @@ def test_final_numbers_come_from_the_best_epoch_not_the_last(tmp_path, ptb_dir, 
 
 
 # ------------------------------------------------------------------------------------------ schedules
-def _wandb_history(run_dir: Path) -> list[dict]:
-    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
-    out = subprocess.run(
-        [str(Path(PY).parent / "wandb"), "leet", "inspect", "--json", str(offline)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return [r["history"]["item"] for r in records if r["type"] == "history"]
-
-
 @pytest.mark.slow
 def test_zaremba_schedule_crosses_its_decay_in_history_and_wandb(tmp_path, ptb_dir, ptb_root):
     """lr 2, ×0.5 each epoch after the first: 2, 1, 0.5 — per epoch in history.jsonl, per step in W&B."""
@@ -254,7 +241,9 @@ def test_zaremba_schedule_crosses_its_decay_in_history_and_wandb(tmp_path, ptb_d
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     assert [r["lr"] for r in read_history(run_dir)] == [2.0, 1.0, 0.5]
-    steps = [(h["_step"], h["train/lr"]) for h in _wandb_history(run_dir) if "train/lr" in h]
+    steps = [
+        (h["_step"], h["train/lr"]) for _, items in _wandb_records(run_dir) for h in items if "train/lr" in h
+    ]
     assert steps == [(s, [2.0, 1.0, 0.5][(s - 1) // 3]) for s in range(1, 10)]
 
 
