@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import rundir
 from .errors import UserError, cli
 
 V, B, T = 10_000, 20, 35
@@ -194,9 +195,8 @@ def end_to_end(out: Path, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired:
             rc, tail = None, "timed out"
         rec = {"step": name, "command": " ".join(cmd), "rc": rc, "wall_s": time.monotonic() - t0}
-        metrics = run_dir / "metrics.json"
-        if metrics.is_file():
-            m = json.loads(metrics.read_text())
+        m = rundir.read_metrics(run_dir)
+        if m is not None:
             rec.update(
                 {
                     k: m.get(k)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from . import rundir
+
 log = logging.getLogger("dglstm_lm.sweep")
 
 FAILED_JOBS: list[str] = []  # read by train.main() to exit non-zero when a job of the sweep failed
@@ -15,20 +17,13 @@ FAILED_JOBS: list[str] = []  # read by train.main() to exit non-zero when a job 
 
 def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
     rows = []
-    for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json")):
-        try:
-            rows.append(
-                (str(metrics_file.parent.relative_to(sweep_dir)), json.loads(metrics_file.read_text()))
-            )
-        except (OSError, ValueError):
-            rows.append((str(metrics_file.parent.relative_to(sweep_dir)), {"status": "unreadable"}))
+    for job in rundir.find_metrics(sweep_dir):
+        rows.append((str(job.relative_to(sweep_dir)), rundir.read_metrics(job) or {"status": "unreadable"}))
     # a job refused because another run holds its directory, before that run wrote any metrics
-    from .rundir import LOCK_NAME, describe
-
-    for lock in sorted(Path(sweep_dir).glob(f"**/{LOCK_NAME}")):
-        if not (lock.parent / "metrics.json").exists():
+    for lock in sorted(Path(sweep_dir).glob(f"**/{rundir.LOCK_NAME}")):
+        if not (lock.parent / rundir.METRICS).exists():
             try:
-                holder = describe(json.loads(lock.read_text()))
+                holder = rundir.describe(json.loads(lock.read_text()))
             except (OSError, ValueError, AttributeError):
                 holder = "unknown"
             rows.append(
@@ -52,7 +47,7 @@ class SweepSummary(Callback):
                 else m.get("error", "")
             )
             lines.append(f"  {status:<11} {job}  {ppl}")
-            if status != "completed":
+            if status != rundir.COMPLETED:
                 FAILED_JOBS.append(job)
         if FAILED_JOBS:
             lines.append(

@@ -30,6 +30,7 @@ from .errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMAT = "dglstm-lm/1"
+DIR = "checkpoints"  # a run directory's checkpoints/ (dglstm_lm/rundir.py shows the whole layout)
 LAST, BEST = "last.pt", "best.pt"
 
 # What the code reads from a checkpoint: to build the model and evaluate or sample (MODEL_KEYS), and to
@@ -213,9 +214,9 @@ def resolve(target: str | Path, prefer: str = LAST) -> Path:
     """A checkpoint file, or a run directory (→ its checkpoints/<prefer>, else checkpoints/last.pt)."""
     p = Path(target).expanduser()
     if p.is_dir():
-        if (p / "checkpoints" / prefer).is_file():
-            return p / "checkpoints" / prefer
-        return p / "checkpoints" / LAST
+        if (p / DIR / prefer).is_file():
+            return p / DIR / prefer
+        return p / DIR / LAST
     return p
 
 

@@ -517,24 +517,24 @@ class Compare:
 
     # ---- 3. final
     def final(self, model: str, params: dict) -> list[str]:
+        from . import rundir
         from .config import flatten
-        from .train import read_metrics
 
         p = self.plan
         final_dir = self.dir / "final" / model
         for s in p.seeds:
             run = final_dir / f"seed={s}"
-            try:
-                stored = flatten(json.loads((run / "config.json").read_text()))
-            except (OSError, ValueError):
+            stored = rundir.read_config(run)
+            if stored is None:
                 continue
+            stored = flatten(stored)
             wrong = {k: stored.get(k) for k, v in params.items() if stored.get(k) != v}
             if wrong:
                 raise CompareError(
                     f"{run} was trained with {_fmt_params(wrong)}, not the best trial's {_fmt_params(params)} "
                     "(the search changed since); move it away to train the new best, or use another dir="
                 )
-        status = {s: (read_metrics(final_dir / f"seed={s}") or {}).get("status") for s in p.seeds}
+        status = {s: (rundir.read_metrics(final_dir / f"seed={s}") or {}).get("status") for s in p.seeds}
         todo = [s for s in p.seeds if status[s] != "completed"]
         head = f"[final] {model}"
         if not todo:
@@ -556,7 +556,7 @@ class Compare:
             )
         runs, problems = {}, []
         for s in p.seeds:
-            m = read_metrics(final_dir / f"seed={s}") or {}
+            m = rundir.read_metrics(final_dir / f"seed={s}") or {}
             runs[str(s)] = {
                 "status": m.get("status", "missing"),
                 "val/ppl": m.get("val/ppl"),

@@ -541,7 +541,7 @@ MODEL_SCHEMAS = {
 
 
 def with_defaults(d: dict) -> dict:
-    """A stored config (config.json, a checkpoint's) with the schema's default for every key its version of
+    """A stored config (a run directory's, a checkpoint's) with the schema's default for every key its version of
     the code did not have yet, so that a run from before a new option compares equal to one made after it
     with the option at its default (grouping in reports, resuming)."""
     sections = {

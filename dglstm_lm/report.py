@@ -1,6 +1,6 @@
 """`make report [dir=<run or sweep dir>] [baseline=<row>]`: perplexity tables and figures from the runs under outputs/.
 
-Reads every run directory (one holding config.json or .hydra/config.yaml) and writes outputs/report/:
+Reads every run directory (rundir.find: one holding a run's config, or Hydra's) and writes outputs/report/:
 report.md, report.csv and figures/*.png, and logs the same table and figures to a W&B report run (offline
 by default). Runs are grouped by their resolved config minus the seed and output-only keys:
 
@@ -32,9 +32,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from scipy import stats
 
+from . import rundir
 from .checkpoint import atomic_write_bytes
 from .config import MODEL_NAMES, flatten, with_defaults
 from .errors import UserError, cli
@@ -117,50 +117,17 @@ class Run:
         )
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def load_run(path: Path) -> Run | None:
-    config = _read_json(path / "config.json")
-    if config is None and (path / ".hydra" / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            config = None
-    if not isinstance(config, dict):
+    config = rundir.read_config(path, hydra_fallback=True)
+    if config is None:
         return None
-    history = []
-    try:
-        for line in (path / "history.jsonl").read_text().splitlines():
-            try:
-                history.append(json.loads(line))
-            except ValueError:
-                break  # a line being written: the report never reads half a record
-    except OSError:
-        pass
-    return Run(path, flatten(with_defaults(config)), _read_json(path / "metrics.json"), history)
+    return Run(path, flatten(with_defaults(config)), rundir.read_metrics(path), rundir.read_history(path))
 
 
 def find_runs(root: Path) -> list[Run]:
     if not root.exists():
         raise UserError(f"{root} does not exist")
-    candidates = set()
-    for marker in ("config.json", ".hydra/config.yaml"):
-        for p in root.glob(f"**/{marker}"):
-            run_dir = p.parent if marker == "config.json" else p.parent.parent
-            if any(
-                part in ("report", "bench", ".submitit", "wandb") for part in run_dir.relative_to(root).parts
-            ):
-                continue
-            candidates.add(run_dir)
-    if (root / "config.json").is_file() or (root / ".hydra" / "config.yaml").is_file():
-        candidates.add(root)
-    runs = [r for r in (load_run(p) for p in sorted(candidates)) if r is not None]
-    return runs
+    return [r for r in (load_run(p) for p in rundir.find(root)) if r is not None]
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -188,10 +155,7 @@ def _seed_order(seed) -> tuple:
 
 def _finished_at(run: Run) -> tuple:
     """When a run last wrote its metrics (`updated_at`, else the file's mtime), to find the latest one."""
-    try:
-        mtime = (run.path / "metrics.json").stat().st_mtime
-    except OSError:
-        mtime = 0.0
+    mtime = rundir.metrics_mtime(run.path)
     try:
         stamp = _dt.datetime.fromisoformat(str(run.metrics.get("updated_at"))).timestamp()
     except (TypeError, ValueError):

@@ -1,10 +1,30 @@
-"""One run per run directory: a lock file that a run holds for as long as it writes there.
+"""The run directory: what a run writes where, how each file is written and read back, and its lock.
 
-`<run dir>/run.lock` is created with O_CREAT | O_EXCL before anything else is written into the directory; it
-holds JSON: pid, host, start time, the process's own start time (Linux: /proc/<pid>/stat), the SLURM job id and
-restart count when there is one, and the command. It is removed when the run ends: normally, after an
-exception, after SIGINT/SIGTERM/SIGUSR2 (train.py turns those into exceptions and exits) and at interpreter
-exit. A second run into a held directory is refused with RunDirInUse, naming the holder, and writes nothing.
+One run per directory (`make train`'s outputs/runs/<date>/<time>, a sweep job's <sweep dir>/<job>):
+
+    <run dir>/
+      run.lock          held while a run writes here (below); absent when no run is going
+      config.json       the resolved config the run trains with: what reports group runs by
+      overrides.yaml    the command line's overrides, written once every check has passed: what
+                        `trainer.resume=<run dir>` composes the run from again
+      metrics.json      the run's record, rewritten after every epoch; `status` is one of STATUSES
+      history.jsonl     one JSON line per finished epoch (train/valid numbers, lr, tokens, time)
+      checkpoints/      last.pt (+ last-previous.pt) and best.pt, a hard link to the best epoch's file
+      train.log         the log (Hydra's file handler, or train()'s own outside Hydra)
+      .hydra/           Hydra's config.yaml, overrides.yaml (+ resume-<stamp>/ for each resume)
+      wandb/            with logger=wandb: the W&B run's files (offline or synced)
+
+Every file is replaced atomically (written to a temporary file, fsynced, renamed into place): a reader sees
+the previous version or the new one, never half of one. Readers tolerate a run in progress (a missing file,
+a history line being written) and a run of an older version (a config without newer keys: see
+config.with_defaults); they return None (or []) for what is not there or not readable.
+
+The lock: `<run dir>/run.lock` is created with O_CREAT | O_EXCL before anything else is written into the
+directory; it holds JSON: pid, host, start time, the process's own start time (Linux: /proc/<pid>/stat), the
+SLURM job id and restart count when there is one, and the command. It is removed when the run ends: normally,
+after an exception, after SIGINT/SIGTERM/SIGUSR2 (train.py turns those into exceptions and exits) and at
+interpreter exit. A second run into a held directory is refused with RunDirInUse, naming the holder, and
+writes nothing.
 
 A lock whose holder is gone is stale and taken over, with a log line: a pid of this host that no longer runs
 (or now belongs to another process, started later), or an earlier incarnation of the same SLURM job (a
@@ -27,10 +47,158 @@ import time
 import uuid
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from .errors import OutputError, RunDirInUse, output_error
 
 log = logging.getLogger(__name__)
 
+# ---- the files of a run directory
+CONFIG = "config.json"
+OVERRIDES = "overrides.yaml"
+METRICS = "metrics.json"
+HISTORY = "history.jsonl"
+CHECKPOINTS = ckpt.DIR
+LOG = "train.log"
+HYDRA_CONFIG = ".hydra/config.yaml"
+HYDRA_OVERRIDES = ".hydra/overrides.yaml"
+
+# metrics.json's `status`
+RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED = (
+    "running",
+    "completed",
+    "diverged",
+    "interrupted",
+    "failed",
+)
+STATUSES = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED)
+ENDED = (COMPLETED, DIVERGED, INTERRUPTED)  # a run that stopped on its own terms: its record is final
+
+# Folders below an outputs tree that hold no runs (the report's own output, benchmarks, W&B's and submitit's)
+NOT_RUNS = ("report", "bench", ".submitit", "wandb")
+
+
+def write_json(path: Path, obj) -> None:
+    ckpt.atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_config(run_dir: str | Path, config: dict) -> None:
+    write_json(Path(run_dir) / CONFIG, config)
+
+
+def write_metrics(run_dir: str | Path, metrics: dict) -> None:
+    write_json(Path(run_dir) / METRICS, metrics)
+
+
+def write_history(run_dir: str | Path, records: list[dict]) -> None:
+    ckpt.atomic_write_bytes(Path(run_dir) / HISTORY, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def write_overrides(run_dir: str | Path, overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(OmegaConf.create([str(o) for o in overrides]))
+    ckpt.atomic_write_bytes(Path(run_dir) / OVERRIDES, text.encode())
+
+
+def read_config(run_dir: str | Path, hydra_fallback: bool = False) -> dict | None:
+    """config.json; with hydra_fallback, Hydra's .hydra/config.yaml for a run that never got as far."""
+    config = _read_json(Path(run_dir) / CONFIG)
+    if config is None and hydra_fallback and (Path(run_dir) / HYDRA_CONFIG).is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load((Path(run_dir) / HYDRA_CONFIG).read_text())
+        except (OSError, yaml.YAMLError):
+            config = None
+    return config if isinstance(config, dict) else None
+
+
+def read_metrics(run_dir: str | Path) -> dict | None:
+    m = _read_json(Path(run_dir) / METRICS)
+    return m if isinstance(m, dict) else None
+
+
+def metrics_mtime(run_dir: str | Path) -> float:
+    try:
+        return (Path(run_dir) / METRICS).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """The finished epochs' records; a line still being written ends the list (never half a record)."""
+    records = []
+    try:
+        lines = (Path(run_dir) / HISTORY).read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    return records
+
+
+def overrides_file(run_dir: str | Path) -> Path | None:
+    """Where a run's overrides are: overrides.yaml (a run under way), else Hydra's copy, else None."""
+    for name in (OVERRIDES, HYDRA_OVERRIDES):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    return checkpoint_dir(run_dir) / ckpt.LAST
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    last = last_checkpoint(run_dir)
+    return last.exists() or ckpt.previous_of(last).exists()
+
+
+def of_checkpoint(path: str | Path) -> Path:
+    """The run directory a checkpoint file (checkpoint.resolve's answer) belongs to."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """A directory that a run has written its config into (or Hydra its own)."""
+    return (Path(run_dir) / CONFIG).is_file() or (Path(run_dir) / HYDRA_CONFIG).is_file()
+
+
+def find(root: str | Path) -> list[Path]:
+    """Every run directory at or below `root` (sorted), skipping the folders in NOT_RUNS."""
+    root = Path(root)
+    found = set()
+    for marker in (CONFIG, HYDRA_CONFIG):
+        for p in root.glob(f"**/{marker}"):
+            run_dir = p.parent if marker == CONFIG else p.parent.parent
+            if not any(part in NOT_RUNS for part in run_dir.relative_to(root).parts):
+                found.add(run_dir)
+    if holds_run(root):
+        found.add(root)
+    return sorted(found)
+
+
+def find_metrics(root: str | Path) -> list[Path]:
+    """Every run directory below `root` with a metrics.json (a sweep's jobs), sorted."""
+    return sorted(p.parent for p in Path(root).glob(f"**/{METRICS}"))
+
+
+# ---- the lock
 LOCK_NAME = "run.lock"  # (make compare's own flock file, in its folder, is .lock)
 _EMPTY_LOCK_GRACE_S = (
     5.0  # a lock file still empty after this long was left by a process killed as it started

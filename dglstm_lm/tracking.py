@@ -1,6 +1,6 @@
 """Experiment tracking: Weights & Biases (offline by default) or nothing.
 
-Local files (metrics.json, history.jsonl) are the source of truth; W&B mirrors them. Its files live in the
+The run directory's files (its metrics and history, rundir.py) are the source of truth; W&B mirrors them. Its files live in the
 run's own directory (<run dir>/wandb/), and `wandb sync <run dir>/wandb` uploads an offline run later.
 """
 

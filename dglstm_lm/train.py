@@ -3,30 +3,31 @@
     python -m dglstm_lm.train model=dglstm experiment=zaremba_small seed=7
     python -m dglstm_lm.train --multirun model=lstm,stacked_lstm,dglstm seed=1,2,3
 
-Every run writes into its own directory: Hydra's .hydra/, train.log, metrics.json (rewritten atomically after
-every epoch; `status` says running / completed / diverged / interrupted / failed), history.jsonl (one line per
-epoch), checkpoints/{last,best}.pt and, with logger=wandb, wandb/. A run holds its directory's lock file,
-run.lock (dglstm_lm/rundir.py), from before the first file is written until it ends: a second run into the same
-directory is refused and writes nothing there.
+Every run writes into its own directory, laid out in dglstm_lm/rundir.py (which also writes and reads each
+file); what a resumed run may change is dglstm_lm/resume.py's table. A run holds its directory's lock file
+from before the first file is written until it ends: a second run into the same directory is refused and
+writes nothing there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import json
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import checkpoint as ckpt
+from . import resume as policy
 from . import rundir
-from .config import compose, flatten, resolved_container, validate, with_defaults
+from .config import compose, resolved_container, validate
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -40,54 +41,6 @@ from .errors import (
 
 log = logging.getLogger("dglstm_lm.train")
 
-# Keys whose change does not alter what a resumed run computes.
-RESUME_FREE_KEYS = {
-    "trainer.resume",
-    "trainer.auto_resume",
-    "trainer.progress",
-    "trainer.device",
-    "trainer.checkpoint_every_min",
-    "trainer.checkpoint_every_steps",
-    "trainer.max_epochs",
-    "trainer.diverge_threshold",
-    "model.backend",
-    "logger",
-    "paths",
-    "data.dir",
-    "data.root",
-    "data.verify_checksums",
-    "data.download",
-    "data.sources",
-    "tags",
-}
-
-
-# Keys that decide which batches make up an epoch and in what order: a checkpoint taken mid-epoch holds a
-# position in that sequence (and a hidden state of batch_size columns), valid only for the same layout.
-LAYOUT_KEYS = (
-    "seed",
-    "trainer.batch_size",
-    "trainer.bptt",
-    "trainer.limit_train_batches",
-    "data.name",
-    "data.batching",
-)
-# Keys held in the optimizer's and the schedule's saved state: a resumed run continues with the saved
-# values, so a new one would be silently ignored (LambdaLR keeps its base rate; ReduceLROnPlateau its
-# factor, patience and floor).
-STATE_KEYS = (
-    "trainer.optimizer",
-    "trainer.lr_schedule",
-    "trainer.lr",
-    "trainer.momentum",
-    "trainer.weight_decay",
-)
-PLATEAU_STATE_KEYS = ("trainer.lr_decay", "trainer.plateau_patience", "trainer.min_lr")
-
-
-def _under(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
 
 class DivergedError(UserError):
     exit_code = 3
@@ -97,48 +50,12 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def write_json(path: Path, obj) -> None:
-    ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in history).encode())
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_metrics(run_dir: Path) -> dict | None:
-    return _read_json(Path(run_dir) / "metrics.json")
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ; an option the older config predates counts as at its default."""
-    a, b = flatten(with_defaults(old)), flatten(with_defaults(new))
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-
-
-def _free(key: str) -> bool:
-    return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
-
-
 def check_same_run(run_dir: Path, config_dict: dict) -> None:
-    """A directory that holds a run (a config.json beside a checkpoint or a metrics.json) may only be
-    continued by the same computation (a requeued job, a re-run sweep): else RunDirRefused, naming the keys."""
-    stored = _read_json(run_dir / "config.json")
-    last = run_dir / "checkpoints" / ckpt.LAST
-    has_checkpoint = last.exists() or ckpt.previous_of(last).exists()
-    if stored is not None and (has_checkpoint or read_metrics(run_dir)):
-        diffs = [k for k in config_differences(stored, config_dict) if not _free(k)]
-        if diffs:
-            raise RunDirRefused(
-                f"{run_dir} already holds a run with another config (differs in {', '.join(diffs[:5])}); "
-                "use another hydra.sweep.dir / hydra.run.dir"
-            )
+    """A directory that holds a run (a stored config beside a checkpoint or a record) may only be
+    continued on its own by the same job (a requeued job, a re-run sweep): else RunDirRefused, naming the keys."""
+    stored = rundir.read_config(run_dir)
+    if stored is not None and (rundir.has_checkpoint(run_dir) or rundir.read_metrics(run_dir)):
+        policy.check_job_folder(run_dir, stored, config_dict)
 
 
 def code_version() -> str:
@@ -194,7 +111,7 @@ def default_threads() -> int | None:
 
 def _file_log_handler(run_dir: Path) -> logging.Handler | None:
     """Hydra logs to <run dir>/train.log; outside Hydra (tests calling train()) add that handler ourselves."""
-    target = (run_dir / "train.log").resolve()
+    target = (run_dir / rundir.LOG).resolve()
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target:
             return None
@@ -206,6 +123,10 @@ def _file_log_handler(run_dir: Path) -> logging.Handler | None:
     return handler
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One run: train() and its steps
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -213,115 +134,136 @@ def train(
     group: str | None = None,
     overrides: list[str] | None = None,
 ) -> dict:
-    """Train and test one model in `run_dir`; return the final metrics (also written to metrics.json).
+    """Train and test one model in `run_dir`; return the final metrics (also the run's record).
 
-    `overrides` (the command line's, under Hydra) are recorded in <run_dir>/overrides.yaml once the run is
+    `overrides` (the command line's, under Hydra) are recorded in the run directory once the run is
     under way: what `trainer.resume=<run_dir>` composes the run from again.
 
     Raises ConfigError/DataError/CheckpointError for user mistakes, DivergedError when the loss stops being
     finite, trainer.Interrupted after SIGINT/SIGTERM/SIGUSR2 (a checkpoint is saved first).
     """
-    from .data import prepare_from_config
-    from .models import build_model, check_backend, count_parameters
-    from .tracking import make_tracker
-    from .trainer import Diverged, Interrupted, StopSignals, Trainer, seed_everything
-
     obj = validate(cfg)
     run_dir = Path(run_dir)
     config_dict = resolved_container(cfg)
     config_dict.pop("hydra", None)
-    t = obj.trainer
-    # Whose directory is it? Asked before anything is written there, the lock included: a run refused here
-    # (another live run holds it, or it holds a run of another config) changes nothing in it.
+    with _claim(run_dir, obj, config_dict):
+        run = _Run(cfg, obj, run_dir, config_dict)
+        try:
+            point = _resume_point(obj, run_dir, config_dict)
+            if point.completed is not None:
+                return point.completed
+            run.build(point, run_name or obj.model.name, group)
+            if overrides is not None:  # every check has passed: these are the overrides the run trains with
+                rundir.write_overrides(run_dir, overrides)
+            run.start(point)
+            run.fit()
+            return run.finish()
+        except BaseException as exc:
+            replacement = run.failed(exc)
+            if replacement is not exc:
+                raise replacement from None
+            raise
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path, obj, config_dict: dict):
+    """Hold the run directory (its lock and train.log) for the run. Whose directory is it? Asked before
+    anything is written there, the lock included: a run refused here (another live run holds it, or it holds
+    a run of another config) changes nothing in it."""
     rundir.check_free(run_dir)
-    if not t.resume and t.auto_resume:
+    if not obj.trainer.resume and obj.trainer.auto_resume:
         check_same_run(run_dir, config_dict)
     locked_here = not rundir.holds(run_dir)
+    handler = None
     try:
-        rundir.acquire(run_dir, log_takeover=False)
-        handler = _file_log_handler(run_dir)
-    except OSError as exc:
+        try:
+            rundir.acquire(run_dir, log_takeover=False)
+            handler = _file_log_handler(run_dir)
+        except OSError as exc:
+            raise output_error(exc, run_dir) from None
+        note = rundir.take_note(run_dir)
+        if note:
+            log.warning("%s", note)
+        yield
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
         if locked_here:
             rundir.release(run_dir)
-        raise output_error(exc, run_dir) from None
-    note = rundir.take_note(run_dir)
-    if note:
-        log.warning("%s", note)
-    metrics_path, history_path = run_dir / "metrics.json", run_dir / "history.jsonl"
-    tracker = None
-    try:
-        # ---- resume: explicit, or automatic when this directory already holds a checkpoint (requeue, re-run)
-        resume_state, resume_path = None, None
-        if t.resume:
-            resume_path, resume_state = ckpt.load_for_resume(t.resume)
-        elif t.auto_resume:
-            previous = read_metrics(run_dir)
-            stored = _read_json(run_dir / "config.json")
-            last = run_dir / "checkpoints" / ckpt.LAST
-            has_checkpoint = last.exists() or ckpt.previous_of(last).exists()
-            # continuing on its own (a requeued job, a re-run sweep) is only right for the same computation
-            check_same_run(run_dir, config_dict)
-            done = previous is not None and previous.get("status") == "completed"
-            if done and (stored is None or flatten(stored).get("trainer.max_epochs") == t.max_epochs):
-                log.info(
-                    "%s already completed (test ppl %.2f); nothing to do",
-                    run_dir,
-                    previous.get("test/ppl") or float("nan"),
-                )
-                return previous
-            if has_checkpoint:  # unfinished, or finished with fewer epochs than now asked for
-                resume_path, resume_state = ckpt.load_for_resume(last)
-        if resume_state is not None:
-            ckpt.check_keys(resume_state, ckpt.RESUME_KEYS, resume_path)
-            diffs = config_differences(resume_state["config"], config_dict)
-            old, new = flatten(with_defaults(resume_state["config"])), flatten(config_dict)
 
-            def shown(keys: list[str]) -> str:
-                return ", ".join(f"{k}: {old.get(k, 'absent')} → {new.get(k, 'absent')}" for k in keys[:4])
 
-            model_diffs = [k for k in diffs if k.startswith("model.") and not _free(k)]
-            if model_diffs:
-                if "model.name" in model_diffs:  # another kind of model: its other keys differ by definition
-                    model_diffs = ["model.name"]
-                raise CheckpointError(
-                    f"cannot resume {resume_path}: the model config differs ({shown(model_diffs)})"
-                )
-            held = STATE_KEYS + (PLATEAU_STATE_KEYS if old.get("trainer.lr_schedule") == "plateau" else ())
-            state_diffs = [k for k in diffs if _under(k, held)]
-            if state_diffs:
-                raise CheckpointError(
-                    f"cannot resume {resume_path}: the optimizer and its schedule continue from their saved "
-                    f"state, which would ignore the new values ({shown(state_diffs)}); to train with them start a new "
-                    f"run with trainer.init_from={resume_path}"
-                )
-            layout_diffs = [k for k in diffs if _under(k, LAYOUT_KEYS) and not _free(k)]
-            if layout_diffs and resume_state.get("batch", 0) > 0:
-                raise CheckpointError(
-                    f"cannot resume {resume_path} in the middle of epoch {resume_state['epoch'] + 1} with "
-                    f"another data layout ({shown(layout_diffs)}); keep these values, or resume from a "
-                    "checkpoint taken at an epoch's end"
-                )
-            other = [k for k in diffs if not _free(k)]
-            if other:
-                log.warning(
-                    "resuming with a config that differs from the checkpoint's in: %s", ", ".join(other)
-                )
+@dataclass
+class _ResumePoint:
+    path: Path | None = None  # the checkpoint resumed from
+    state: dict | None = None  # its content
+    completed: dict | None = None  # the metrics of a job folder that is already done: nothing to train
 
+
+def _resume_point(obj, run_dir: Path, config_dict: dict) -> _ResumePoint:
+    """Where the run starts: a checkpoint to resume (explicit, or this directory's own when it holds an
+    unfinished run: a requeued job, a re-run sweep), nothing (a new run), or a finished job. The resume
+    policy (resume.py) is applied here, before anything is built or written."""
+    t = obj.trainer
+    point = _ResumePoint()
+    if t.resume:
+        point.path, point.state = ckpt.load_for_resume(t.resume)
+    elif t.auto_resume:
+        previous = rundir.read_metrics(run_dir)
+        stored = rundir.read_config(run_dir)
+        # continuing on its own is only right for the same computation (asked again under the lock)
+        check_same_run(run_dir, config_dict)
+        done = previous is not None and previous.get("status") == rundir.COMPLETED
+        if done and (stored is None or stored.get("trainer", {}).get("max_epochs") == t.max_epochs):
+            log.info(
+                "%s already completed (test ppl %.2f); nothing to do",
+                run_dir,
+                previous.get("test/ppl") or float("nan"),
+            )
+            point.completed = previous
+            return point
+        if rundir.has_checkpoint(run_dir):  # unfinished, or finished with fewer epochs than now asked for
+            point.path, point.state = ckpt.load_for_resume(rundir.last_checkpoint(run_dir))
+    if point.state is not None:
+        s = point.state
+        ckpt.check_keys(s, ckpt.RESUME_KEYS, point.path)
+        warned = policy.check_resume(s["config"], config_dict, point.path, s["epoch"], s.get("batch", 0))
+        if warned:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(warned))
+    return point
+
+
+class _Run:
+    """The objects of one run between its steps (build → start → fit → finish), and its record (rundir.METRICS)."""
+
+    def __init__(self, cfg: DictConfig, obj, run_dir: Path, config_dict: dict):
+        self.cfg, self.obj, self.run_dir, self.config_dict = cfg, obj, run_dir, config_dict
+        self.tracker = self.trainer = None
+
+    def build(self, point: _ResumePoint, name: str, group: str | None) -> None:
+        """Seed, device, threads, corpus, model (initialised from another run's weights if asked), the
+        tracker and the trainer, in the order that makes a run reproducible from its seed."""
+        from .data import prepare_from_config
+        from .models import build_model, check_backend, count_parameters
+        from .tracking import make_tracker
+        from .trainer import Trainer, seed_everything
+
+        obj, t = self.obj, self.obj.trainer
         seed_everything(obj.seed)
-        device = resolve_device(t.device)
+        self.device = resolve_device(t.device)
         threads = t.threads or default_threads()
         if threads:
             torch.set_num_threads(threads)
         corpus = prepare_from_config(obj.data)
-        if resume_state is not None and list(resume_state.get("vocab") or []) != list(corpus.vocab.words):
+        if point.state is not None and list(point.state.get("vocab") or []) != list(corpus.vocab.words):
             raise CheckpointError(
-                f"cannot resume {resume_path}: the corpus at {corpus.source} has another vocabulary than "
+                f"cannot resume {point.path}: the corpus at {corpus.source} has another vocabulary than "
                 "the one the checkpoint was trained on"
             )
-        check_backend(obj.model, device)
-        model = build_model(len(corpus.vocab), obj.model).to(device)
-        num_params = count_parameters(model)
-        if t.init_from and resume_state is None:  # resuming, the checkpoint's weights replace these anyway
+        check_backend(obj.model, self.device)
+        model = build_model(len(corpus.vocab), obj.model).to(self.device)
+        self.num_params = count_parameters(model)
+        if t.init_from and point.state is None:  # resuming, the checkpoint's weights replace these anyway
             init_state = ckpt.load(ckpt.resolve(t.init_from, prefer=ckpt.BEST), require=("model",))
             try:
                 missing = model.init_from(init_state["model"])
@@ -330,113 +272,88 @@ def train(
             log.info(
                 "initialised from %s; left as initialised: %s", t.init_from, ", ".join(missing) or "nothing"
             )
-
-        name = run_name or obj.model.name
-        tracker = make_tracker(
+        self.tracker = make_tracker(
             obj.logger,
-            run_dir,
-            config_dict,
+            self.run_dir,
+            self.config_dict,
             name,
             obj.logger.group or group,
-            resume_state.get("wandb_id") if resume_state else None,
+            point.state.get("wandb_id") if point.state else None,
             cache_dir=Path(obj.paths.output_dir) / ".wandb-cache",
         )
-        trainer = Trainer(
-            model, corpus, obj, run_dir, device, tracker, config_dict, obj.model.name, num_params
-        )
-        if overrides is not None:  # every check has passed: these are the overrides the run trains with
-            ckpt.atomic_write_bytes(
-                run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))).encode()
-            )
-        started, code = _now(), code_version()
-        if resume_state is not None:
-            trainer.load_state_dict(resume_state)
+        self.trainer = Trainer(
+            model, corpus, obj, self.run_dir, self.device, self.tracker, self.config_dict, obj.model.name,
+            self.num_params,
+        )  # fmt: skip
+
+    def start(self, point: _ResumePoint) -> None:
+        """Load the checkpoint's state (when resuming), say what runs where, write the run's first records."""
+        self.started, self.code = _now(), code_version()
+        tr, obj = self.trainer, self.obj
+        if point.state is not None:
+            tr.load_state_dict(point.state)
             log.info(
                 "resumed from %s: epoch %d, batch %d/%d, step %d",
-                resume_path,
-                trainer.pos.epoch + 1,
-                trainer.pos.batch,
-                trainer.n_train,
-                trainer.pos.step,
+                point.path,
+                tr.pos.epoch + 1,
+                tr.pos.batch,
+                tr.n_train,
+                tr.pos.step,
             )
-            previous = read_metrics(run_dir) or {}
-            started = previous.get("started_at", started)
+            self.started = (rundir.read_metrics(self.run_dir) or {}).get("started_at", self.started)
+        n = torch.get_num_threads()
         log.info(
             "%s (%s): %s parameters, %s, %s; run dir %s",
             obj.model.name,
             obj.name,
-            f"{num_params:,}",
-            device,
-            "1 thread" if torch.get_num_threads() == 1 else f"{torch.get_num_threads()} threads",
-            run_dir,
+            f"{self.num_params:,}",
+            self.device,
+            "1 thread" if n == 1 else f"{n} threads",
+            self.run_dir,
         )
+        rundir.write_config(self.run_dir, self.config_dict)  # resolved; what reports group runs by
+        self.record(rundir.RUNNING)
 
-        def metrics(status: str, **extra) -> dict:
-            tt = trainer.train_time
-            hist = trainer.history
-            m = {
-                "status": status,
-                "model": obj.model.name,
-                "name": obj.name,
-                "seed": obj.seed,
-                "num_params": num_params,
-                "epochs_completed": len(hist),
-                "max_epochs": t.max_epochs,
-                "val/ppl": trainer.best_val if trainer.best_epoch >= 0 else None,
-                "best_epoch": trainer.best_epoch + 1 if trainer.best_epoch >= 0 else None,
-                "test/ppl": None,
-                "train/ppl": hist[-1]["train/ppl"] if hist else None,
-                "train/tokens_per_s": tt["tokens"] / tt["seconds"] if tt["seconds"] else None,
-                "wall_s": trainer.wall_s,
-                "step": trainer.pos.step,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "run_dir": str(run_dir),
-                "wandb_id": tracker.run_id,
-                "code": code,
-                "started_at": started,
-                "updated_at": _now(),
-            }
-            m.update(extra)
-            return m
+    def fit(self) -> None:
+        """The epochs, then the test of the best epoch's weights; history and metrics after each epoch. A
+        divergence or a stop signal is recorded as the run's status before it is raised on."""
+        from .trainer import Diverged, Interrupted, StopSignals
 
-        write_json(run_dir / "config.json", config_dict)  # resolved; what reports group runs by
-        write_history(history_path, trainer.history)
-        write_json(metrics_path, metrics("running"))
         try:
             with StopSignals() as stop:
-                for _record in trainer.fit(stop):
-                    write_history(history_path, trainer.history)
-                    write_json(metrics_path, metrics("running"))
-                final = trainer.test(stop)
+                for _record in self.trainer.fit(stop):
+                    self.record(rundir.RUNNING)
+                self.final = self.trainer.test(stop)
         except Diverged as exc:
-            write_history(history_path, trainer.history)
-            write_json(metrics_path, metrics("diverged", error=str(exc)))
-            tracker.summary({"status": "diverged"})
-            tracker.finish(exit_code=1)
-            last = run_dir / "checkpoints" / ckpt.LAST
+            self.record(rundir.DIVERGED, error=str(exc))
+            self.tracker.summary({"status": rundir.DIVERGED})
+            self.tracker.finish(exit_code=1)
+            last = rundir.last_checkpoint(self.run_dir)
             keep = f"; last good checkpoint: {last}" if last.exists() else ""
             raise DivergedError(f"{exc}{keep}") from None
         except Interrupted as exc:
-            write_history(history_path, trainer.history)
-            write_json(
-                metrics_path, metrics("interrupted", error=f"stopped by {signal.Signals(exc.signum).name}")
-            )
-            tracker.finish(exit_code=1)
+            self.record(rundir.INTERRUPTED, error=f"stopped by {signal.Signals(exc.signum).name}")
+            self.tracker.finish(exit_code=1)
             raise
-        result = metrics("completed", **{"val/ppl": final["val/ppl"], "test/ppl": final["test/ppl"]})
-        write_json(metrics_path, result)
-        tracker.summary(
+
+    def finish(self) -> dict:
+        """The final record: the best epoch's valid and the test perplexity, in the run's record and W&B."""
+        final = self.final
+        result = self.metrics(
+            rundir.COMPLETED, **{"val/ppl": final["val/ppl"], "test/ppl": final["test/ppl"]}
+        )
+        rundir.write_metrics(self.run_dir, result)
+        self.tracker.summary(
             {
                 "val/ppl": result["val/ppl"],
                 "test/ppl": result["test/ppl"],
                 "best_epoch": result["best_epoch"],
-                "num_params": num_params,
+                "num_params": self.num_params,
                 "train/tokens_per_s": result["train/tokens_per_s"],
-                "status": "completed",
+                "status": rundir.COMPLETED,
             }
         )
-        tracker.finish()
+        self.tracker.finish()
         log.info(
             "done: best val ppl %.2f (epoch %d), test ppl %.2f, %.0f tok/s, %.0f s",
             result["val/ppl"],
@@ -446,38 +363,69 @@ def train(
             result["wall_s"],
         )
         return result
-    except BaseException as exc:
+
+    def record(self, status: str, **extra) -> None:
+        rundir.write_history(self.run_dir, self.trainer.history)
+        rundir.write_metrics(self.run_dir, self.metrics(status, **extra))
+
+    def metrics(self, status: str, **extra) -> dict:
+        """The run's record: what the run is, where it stands, its numbers so far."""
+        tr, t = self.trainer, self.obj.trainer
+        tt, hist = tr.train_time, tr.history
+        m = {
+            "status": status,
+            "model": self.obj.model.name,
+            "name": self.obj.name,
+            "seed": self.obj.seed,
+            "num_params": self.num_params,
+            "epochs_completed": len(hist),
+            "max_epochs": t.max_epochs,
+            "val/ppl": tr.best_val if tr.best_epoch >= 0 else None,
+            "best_epoch": tr.best_epoch + 1 if tr.best_epoch >= 0 else None,
+            "test/ppl": None,
+            "train/ppl": hist[-1]["train/ppl"] if hist else None,
+            "train/tokens_per_s": tt["tokens"] / tt["seconds"] if tt["seconds"] else None,
+            "wall_s": tr.wall_s,
+            "step": tr.pos.step,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "run_dir": str(self.run_dir),
+            "wandb_id": self.tracker.run_id,
+            "code": self.code,
+            "started_at": self.started,
+            "updated_at": _now(),
+        }
+        m.update(extra)
+        return m
+
+    def failed(self, exc: BaseException) -> BaseException:
+        """What to raise for `exc`: a write error deep in a library becomes one line naming the file. The
+        failure is recorded in the run's record (a divergence and a stop are already), and W&B's run closed."""
+        from .trainer import Diverged, Interrupted
+
         plain = isinstance(exc, Exception) and not isinstance(exc, (UserError, Interrupted, Diverged))
         cause = find_write_error(exc) if plain else None
         if cause is not None:  # a full disk or an unwritable folder: one line that names the file
             exc = output_error(cause)
         if not isinstance(exc, (Interrupted, DivergedError)):
-            _record_failure(run_dir, cfg, exc)
-        if tracker is not None:
-            tracker.finish(exit_code=1)  # never leave a W&B run open for the next job of a sweep
-        if cause is not None:
-            raise exc from None
-        raise
-    finally:
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-        if locked_here:
-            rundir.release(run_dir)
+            _record_failure(self.run_dir, self.cfg, exc)
+        if self.tracker is not None:
+            self.tracker.finish(exit_code=1)  # never leave a W&B run open for the next job of a sweep
+        return exc
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
-    """A job that failed before or during training still leaves a metrics.json saying why (not one refused
+    """A job that failed before or during training still leaves a record saying why (not one refused
     because the directory holds another run: that run's record stays as it is)."""
     if isinstance(exc, RunDirRefused):
         return
-    previous = read_metrics(run_dir) or {}
-    if previous.get("status") in ("diverged", "interrupted", "completed"):
+    previous = rundir.read_metrics(run_dir) or {}
+    if previous.get("status") in rundir.ENDED:
         return
     if isinstance(exc, KeyboardInterrupt):
-        status, error = "interrupted", "stopped by a second Ctrl-C (no checkpoint of the current step)"
+        status, error = rundir.INTERRUPTED, "stopped by a second Ctrl-C (no checkpoint of the current step)"
     else:
-        status = "failed"
+        status = rundir.FAILED
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     model = OmegaConf.select(cfg, "model.name", default=None)
     previous.update(
@@ -490,9 +438,9 @@ def _record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
         updated_at=_now(),
     )
     try:
-        write_json(run_dir / "metrics.json", previous)
+        rundir.write_metrics(run_dir, previous)
     except OSError as write_error:  # e.g. the disk that is full holds the run directory too
-        log.error("could not record the failure in %s: %s", run_dir / "metrics.json", write_error)
+        log.error("could not record the failure in %s: %s", run_dir / rundir.METRICS, write_error)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,7 +486,7 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
     try:
         metrics = train(cfg, run_dir, run_name=name, group=group, overrides=_task_overrides())
     except RunDirRefused as exc:
-        # The directory is another run's: nothing goes into its train.log or metrics.json.
+        # The directory is another run's: nothing goes into its log or its record.
         if not multirun:
             report_and_exit(exc)
         print(f"error: job refused: {exc}", file=sys.stderr, flush=True)
@@ -616,20 +564,16 @@ _CONFIG_FLAGS = {
 
 def _resume_overrides(parsed) -> list[str]:
     """`trainer.resume=<run>` continues that run as it was started: the overrides it last trained with
-    (<run>/overrides.yaml, written once a run is under way, so a resume that was refused leaves no trace;
-    else Hydra's .hydra/overrides.yaml), minus those given again now. A run made outside Hydra has none to
+    (rundir.overrides_file: written once a run is under way, so a resume that was refused leaves no
+    trace; else Hydra's copy), minus those given again now. A run made outside Hydra has none to
     offer; its checkpoint's config is still compared."""
     given = {o.key_or_group for o in parsed}
     value = next((o.value() for o in parsed if o.key_or_group == "trainer.resume"), None)
     if not value or not isinstance(value, str):
         return []
-    path = ckpt.resolve(value)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    source = run_dir / "overrides.yaml"
-    if not source.is_file():
-        source = run_dir / ".hydra" / "overrides.yaml"
-        if not source.is_file():
-            return []
+    source = rundir.overrides_file(rundir.of_checkpoint(ckpt.resolve(value)))
+    if source is None:
+        return []
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -668,7 +612,7 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             path = ckpt.resolve(resume)
             if not path.exists() and not ckpt.previous_of(path).exists():
                 raise CheckpointError(f"trainer.resume={resume}: no checkpoint at {path}")
-            run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            run_dir = rundir.of_checkpoint(path)
             stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
             # Continue in the original directory; keep its .hydra/ and record this invocation beside it.
             argv = [*argv, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import faults
+from . import faults, rundir
 from .data import PAD_TARGET, SentenceBatches
 from .errors import UserError
 
@@ -240,7 +240,7 @@ class Trainer:
         self.model, self.corpus, self.cfg, self.t = model, corpus, cfg, cfg.trainer
         self.run_dir, self.device, self.tracker = Path(run_dir), device, tracker
         self.config_dict, self.model_name, self.num_params = config_dict, model_name, num_params
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = rundir.checkpoint_dir(self.run_dir)
         ckpt.remove_stale_temporaries(self.ckpt_dir)
         t, mode = self.t, cfg.data.batching
         from .data import make_batches
@@ -368,7 +368,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop: StopSignals):
-        """Train from the current position to max_epochs, yielding each epoch's record (history.jsonl's line).
+        """Train from the current position to max_epochs, yielding each epoch's record (a line of the run's history).
         A stop signal checkpoints the position and raises Interrupted; a divergence raises Diverged."""
         self.model.train()
         self._wall0, self._wall_base = time.monotonic(), self.wall_s

@@ -195,7 +195,7 @@ def test_a_config_from_before_a_new_option_compares_as_its_default():
     import copy
 
     from dglstm_lm.config import resolved_container
-    from dglstm_lm.train import config_differences
+    from dglstm_lm.resume import differences as config_differences
 
     new = resolved_container(compose(["model=dglstm"]))
     old = copy.deepcopy(new)

@@ -1197,12 +1197,12 @@ def test_a_write_that_fails_inside_a_run_is_one_line_naming_the_file(
 ):
     import errno
 
-    import dglstm_lm.train as train_module
+    from dglstm_lm import rundir as rundir_module
 
-    def full(path, history):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def full(run_dir, history):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "history.jsonl"))
 
-    monkeypatch.setattr(train_module, "write_history", full)
+    monkeypatch.setattr(rundir_module, "write_history", full)
     run_dir = tmp_path / "run"
     with pytest.raises(UserError) as exc:
         train(smoke_cfg(tmp_path, ptb_dir, ptb_root, "model=lstm"), run_dir)
