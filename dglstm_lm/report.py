@@ -11,7 +11,10 @@ by default). Runs are grouped by their resolved config minus the seed and output
 - a *baseline* row per table (`--baseline`; default the stacked LSTM): every other row gets its difference
   from it with a 95% confidence interval and a p-value (paired t-test by seed when both rows have the same
   seeds, Welch's t-test otherwise; scipy.stats);
-- runs that failed, diverged or have not finished are listed apart, with their reason.
+- runs that failed, diverged or have not finished are listed apart, with their reason; runs in progress
+  (running or interrupted, with a finished epoch) with their epochs and best valid perplexity so far, their
+  curves in their table's figure (dashed), or in one of their own while their recipe has no completed run;
+- the figures (report_figures.py) replace those of the previous report: figures/ holds no stale ones.
 
 Files are only read (each one is replaced atomically by its writer), so a report can run beside live runs.
 """
@@ -38,6 +41,7 @@ from . import rundir
 from .checkpoint import atomic_write_bytes
 from .config import MODEL_NAMES, flatten, with_defaults
 from .errors import UserError, cli
+from .report_figures import make_figures, remove_stale, val_curve
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +287,7 @@ class Table:
     differing_keys: list[str]
     baseline: Row | None = None
     baseline_note: str = ""  # how the baseline was chosen, when not as asked
+    key: tuple = ()  # the runs' table_key
 
     def diff(self, row: Row, metric: str) -> Diff:
         if self.baseline is None or row is self.baseline or row.published:
@@ -344,34 +349,54 @@ def distinguishing_keys(configs: list[dict]) -> tuple[list[list[str]], list[str]
     return per_row, sorted(set().union(*per_row)) if per_row else []
 
 
+def completed(run: Run) -> bool:
+    """A run of the tables: completed, with its test perplexity."""
+    return run.status == rundir.COMPLETED and run.metrics.get("test/ppl") is not None
+
+
+def _row_labels(idents: list[tuple]) -> list[str]:
+    """Each row's label: its model, and the keys that tell it from the other rows of its table."""
+    shown_per_row, _ = distinguishing_keys([dict(ident) for ident in idents])
+    labels = []
+    for ident, shown in zip(idents, shown_per_row, strict=True):
+        cfg = dict(ident)
+        extra = ", ".join(
+            f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={json.loads(cfg[k]) if k in cfg else '—'}"
+            for k in shown
+        )
+        model = json.loads(cfg["model.name"]) if "model.name" in cfg else "?"
+        labels.append(model + (f" ({extra})" if extra else ""))
+    return labels
+
+
+def _model_order(model: str, label: str) -> tuple:
+    return (MODEL_NAMES.index(model) if model in MODEL_NAMES else len(MODEL_NAMES), label)
+
+
+def _data_of(run: Run) -> str:
+    return run.config.get("data.name", "?") + f", {run.config.get('data.batching', '?')}"
+
+
+def _by(runs: list[Run], key) -> dict:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
 def build_tables(runs: list[Run]) -> list[Table]:
-    done = [r for r in runs if r.status == "completed" and r.metrics.get("test/ppl") is not None]
-    by_table: dict[tuple, list[Run]] = {}
-    for r in done:
-        by_table.setdefault(r.table_key, []).append(r)
+    by_table = _by([r for r in runs if completed(r)], lambda r: r.table_key)
     tables = []
     for key, table_runs in sorted(by_table.items(), key=lambda kv: str(kv[0])):
-        by_row: dict[tuple, list[Run]] = {}
-        for r in table_runs:
-            by_row.setdefault(r.identity, []).append(r)
-        idents = list(by_row)
-        shown_per_row, differing = distinguishing_keys([dict(ident) for ident in idents])
+        by_row = _by(table_runs, lambda r: r.identity)
+        _, differing = distinguishing_keys([dict(ident) for ident in by_row])
         rows = []
-        for ident, shown in zip(idents, shown_per_row, strict=True):
-            row_runs, cfg = by_row[ident], dict(ident)
-            extra = ", ".join(
-                f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={json.loads(cfg[k]) if k in cfg else '—'}"
-                for k in shown
-            )
+        for ident, label in zip(by_row, _row_labels(list(by_row)), strict=True):
+            row_runs = by_row[ident]
             model = row_runs[0].config.get("model.name", "?")
             kept, repeats = one_run_per_seed(row_runs)
-            rows.append(Row(model + (f" ({extra})" if extra else ""), model, kept, repeats=repeats))
-        rows.sort(
-            key=lambda r: (
-                MODEL_NAMES.index(r.model) if r.model in MODEL_NAMES else len(MODEL_NAMES),
-                r.label,
-            )
-        )
+            rows.append(Row(label, model, kept, repeats=repeats))
+        rows.sort(key=lambda r: _model_order(r.model, r.label))
         name = key[0] or "?"
         for label, params, val, test in PUBLISHED.get(name, []):
             rows.append(
@@ -383,11 +408,59 @@ def build_tables(runs: list[Run]) -> list[Table]:
                     pub_values={"params": params, "val_mean": val, "test_mean": test},
                 )
             )
-        data = (
-            table_runs[0].config.get("data.name", "?") + f", {table_runs[0].config.get('data.batching', '?')}"
-        )
-        tables.append(Table(name, data, rows, differing))
+        tables.append(Table(name, _data_of(table_runs[0]), rows, differing, key=key))
     return tables
+
+
+# ------------------------------------------------------------------------------------------ in progress
+IN_PROGRESS = (rundir.RUNNING, rundir.INTERRUPTED)  # a run that may still complete (or resume)
+
+
+@dataclass
+class Progress:
+    """The runs in progress of one recipe and data (with at least one finished epoch), by row: their curves so
+    far go into the table's curves figure when there is one (`table`), else into a figure of their own."""
+
+    name: str
+    data: str
+    rows: list[tuple[str, list[Run]]]  # (row label, its runs by seed)
+    table: int | None  # index of the table of the same recipe and data
+    published_valid: list[tuple[str, float]]
+
+
+def in_progress(runs: list[Run]) -> list[Run]:
+    return [r for r in runs if r.status in IN_PROGRESS and val_curve(r)]
+
+
+def group_in_progress(runs: list[Run], tables: list[Table]) -> list[Progress]:
+    """The runs in progress by table and row, a row labelled as in its table (or as it would be there)."""
+    groups = []
+    table_of = {t.key: ti for ti, t in enumerate(tables)}
+    for key, group in sorted(
+        _by(in_progress(runs), lambda r: r.table_key).items(), key=lambda kv: str(kv[0])
+    ):
+        ti = table_of.get(key)
+        labelled = {r.runs[0].identity: r.label for r in tables[ti].rows if r.runs} if ti is not None else {}
+        by_row = _by(group, lambda r: r.identity)
+        idents = list(dict.fromkeys([*labelled, *by_row]))
+        labels = dict(zip(idents, _row_labels(idents), strict=True)) | labelled
+        rows = [
+            (labels[ident], sorted(rs, key=lambda r: _seed_order(r.config.get("seed"))))
+            for ident, rs in by_row.items()
+        ]
+        rows.sort(key=lambda lr: _model_order(lr[1][0].config.get("model.name", "?"), lr[0]))
+        name = key[0] or "?"
+        published = [(label, val) for label, _, val, _ in PUBLISHED.get(name, []) if val]
+        groups.append(Progress(name, _data_of(group[0]), rows, ti, published))
+    return groups
+
+
+def _epochs_done(run: Run) -> int:
+    return max(val_curve(run)[-1][0], (run.metrics or {}).get("epochs_completed") or 0)
+
+
+def _best_val(run: Run) -> tuple[int, float]:
+    return min(val_curve(run), key=lambda ev: ev[1])
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -448,111 +521,159 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root) if root in path.parents else path)
 
 
-def render_markdown(tables: list[Table], problems: list[Run], root: Path, figures: dict) -> str:
-    out = [f"# Perplexity report: `{root}`", ""]
-    if not tables:
-        out += ["No completed runs yet.", ""]
-    for ti, t in enumerate(tables):
-        out += [f"## {t.name} ({t.data})", ""]
-        if t.differing_keys:
-            out += [
-                f"Rows differ in (besides the model): {', '.join(f'`{k}`' for k in t.differing_keys)}.",
-                "",
-            ]
-        out += [
-            "| model | params | epochs | valid ppl | test ppl | seeds | Δ valid [95% CI] | p (valid) "
-            "| Δ test [95% CI] | p (test) | t-test | tokens/s | wall |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
-        ]
-        best = {
-            "val_mean": _best(t.rows, "val_mean"),
-            "test_mean": _best(t.rows, "test_mean"),
-            "tokens_per_s": _best(t.rows, "tokens_per_s", higher=True),
-            "wall_s": _best(t.rows, "wall_s"),
-        }
+TABLE_HEADER = [
+    "| model | params | epochs | valid ppl | test ppl | seeds | Δ valid [95% CI] | p (valid) "
+    "| Δ test [95% CI] | p (test) | t-test | tokens/s | wall |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+]
 
-        for r in t.rows:
-            v = r.values()
-            if r.published:
-                out.append(
-                    f"| *{r.label}* | {_fmt(v['params'], thousands=True)} | | {_fmt(v['val_mean'])} | {_fmt(v['test_mean'])} | | | | | | | | |"
-                )
-                continue
-            wall = f"{v['wall_s'] / 60:.1f} min" if v["wall_s"] is not None else "—"
-            dv, dt = t.diff(r, "val/ppl"), t.diff(r, "test/ppl")
-            if r is t.baseline:
-                diff_cells = ["baseline", "", "baseline", "", ""]
-            else:
-                diff_cells = [
-                    _delta_cell(dv),
-                    _p_cell(dv),
-                    _delta_cell(dt),
-                    _p_cell(dt),
-                    _method_cell(dv, dt),
-                ]
-            out.append(
-                "| "
-                + " | ".join(
-                    [
-                        r.label,
-                        _fmt(v["params"], thousands=True),
-                        _fmt(v["epochs"], 0),
-                        _mark(_pm(v["val_mean"], v["val_std"], v["n"]), v["val_mean"], best["val_mean"]),
-                        _mark(_pm(v["test_mean"], v["test_std"], v["n"]), v["test_mean"], best["test_mean"]),
-                        str(v["n"]) + (f" ({v['n_runs']} runs)" if v["n_runs"] > v["n"] else ""),
-                        *diff_cells,
-                        _mark(
-                            _fmt(v["tokens_per_s"], thousands=True), v["tokens_per_s"], best["tokens_per_s"]
-                        ),
-                        _mark(wall, v["wall_s"], best["wall_s"]),
-                    ]
-                )
-                + " |"
-            )
-        out.append("")
-        caption = (
-            "Best value of each column in bold; ± is the standard deviation over seeds; seeds counts distinct "
-            "seeds (of a seed run more than once, its latest completed run is used); published rows in italics."
+
+def _md_row(t: Table, r: Row, best: dict) -> str:
+    v = r.values()
+    if r.published:
+        return f"| *{r.label}* | {_fmt(v['params'], thousands=True)} | | {_fmt(v['val_mean'])} | {_fmt(v['test_mean'])} | | | | | | | | |"
+    wall = f"{v['wall_s'] / 60:.1f} min" if v["wall_s"] is not None else "—"
+    dv, dt = t.diff(r, "val/ppl"), t.diff(r, "test/ppl")
+    if r is t.baseline:
+        diff_cells = ["baseline", "", "baseline", "", ""]
+    else:
+        diff_cells = [_delta_cell(dv), _p_cell(dv), _delta_cell(dt), _p_cell(dt), _method_cell(dv, dt)]
+    cells = [
+        r.label,
+        _fmt(v["params"], thousands=True),
+        _fmt(v["epochs"], 0),
+        _mark(_pm(v["val_mean"], v["val_std"], v["n"]), v["val_mean"], best["val_mean"]),
+        _mark(_pm(v["test_mean"], v["test_std"], v["n"]), v["test_mean"], best["test_mean"]),
+        str(v["n"]) + (f" ({v['n_runs']} runs)" if v["n_runs"] > v["n"] else ""),
+        *diff_cells,
+        _mark(_fmt(v["tokens_per_s"], thousands=True), v["tokens_per_s"], best["tokens_per_s"]),
+        _mark(wall, v["wall_s"], best["wall_s"]),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_caption(t: Table) -> str:
+    caption = (
+        "Best value of each column in bold; ± is the standard deviation over seeds; seeds counts distinct "
+        "seeds (of a seed run more than once, its latest completed run is used); published rows in italics."
+    )
+    if t.baseline is not None:
+        caption += (
+            f" Δ is row − baseline (`{t.baseline.label}`"
+            + (f"; {t.baseline_note}" if t.baseline_note else "")
+            + ") with its 95% confidence interval and the two-sided p-value of a t-test: paired by seed "
+            "when both rows have the same seeds, Welch's otherwise; n too small: under two seeds on a side."
         )
-        if t.baseline is not None:
-            caption += (
-                f" Δ is row − baseline (`{t.baseline.label}`"
-                + (f"; {t.baseline_note}" if t.baseline_note else "")
-                + ") with its 95% confidence interval and the two-sided p-value of a t-test: paired by seed "
-                "when both rows have the same seeds, Welch's otherwise; n too small: under two seeds on a side."
-            )
-        out += [caption, ""]
-        repeated = [(r, seed, rs) for r in t.rows for seed, rs in r.repeats.items()]
-        if repeated:
-            out += ["Seeds run more than once (the latest completed run is used):", ""]
-            for r, seed, rs in repeated:
+    return caption
+
+
+def _md_repeats(t: Table, root: Path) -> list[str]:
+    repeated = [(r, seed, rs) for r in t.rows for seed, rs in r.repeats.items()]
+    if not repeated:
+        return []
+    out = ["Seeds run more than once (the latest completed run is used):", ""]
+    for r, seed, rs in repeated:
+        out.append(
+            f"- {r.label}, seed {seed}: {len(rs)} runs; used `{_rel(rs[0].path, root)}`, not "
+            + ", ".join(f"`{_rel(x.path, root)}`" for x in rs[1:])
+        )
+    return [*out, ""]
+
+
+def _md_figure(kind: str, fig: Path | None, root: Path) -> list[str]:
+    if not fig:
+        return []
+    return [f"![{kind}]({fig.relative_to(root / 'report') if (root / 'report') in fig.parents else fig})", ""]
+
+
+def _md_table(ti: int, t: Table, root: Path, figures: dict) -> list[str]:
+    out = [f"## {t.name} ({t.data})", ""]
+    if t.differing_keys:
+        out += [f"Rows differ in (besides the model): {', '.join(f'`{k}`' for k in t.differing_keys)}.", ""]
+    best = {
+        "val_mean": _best(t.rows, "val_mean"),
+        "test_mean": _best(t.rows, "test_mean"),
+        "tokens_per_s": _best(t.rows, "tokens_per_s", higher=True),
+        "wall_s": _best(t.rows, "wall_s"),
+    }
+    out += [*TABLE_HEADER, *(_md_row(t, r, best) for r in t.rows), ""]
+    out += [_md_caption(t), "", *_md_repeats(t, root)]
+    for kind in ("curves", "test"):
+        out += _md_figure(kind, figures.get((ti, kind)), root)
+    return out
+
+
+def _md_progress(progress: list[Progress], root: Path, figures: dict) -> list[str]:
+    if not progress:
+        return []
+    out = [
+        "## Runs in progress",
+        "",
+        "Their finished epochs are in the validation curves (dashed lines, marked running); they join the "
+        "tables when they complete.",
+        "",
+        "| run | status | row | epochs completed | best valid ppl (epoch) |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for g in progress:
+        table = f"{g.name} ({g.data})"
+        for label, runs in g.rows:
+            for r in runs:
+                epoch, val = _best_val(r)
+                total = f" of {r.metrics['max_epochs']}" if r.metrics.get("max_epochs") else ""
                 out.append(
-                    f"- {r.label}, seed {seed}: {len(rs)} runs; used `{_rel(rs[0].path, root)}`, not "
-                    + ", ".join(f"`{_rel(x.path, root)}`" for x in rs[1:])
+                    f"| `{_rel(r.path, root)}` | {r.status} | {table}: {label} | {_epochs_done(r)}{total} "
+                    f"| {val:.2f} ({epoch}) |"
                 )
-            out.append("")
-        for kind in ("curves", "test"):
-            fig = figures.get((ti, kind))
-            if fig:
-                out += [
-                    f"![{kind}]({fig.relative_to(root / 'report') if (root / 'report') in fig.parents else fig})",
-                    "",
-                ]
-    if problems:
-        out += [
-            "## Runs not in the tables",
-            "",
-            "| run | status | epochs | reason |",
-            "| --- | --- | ---: | --- |",
-        ]
-        for r in problems:
-            m = r.metrics or {}
-            reason = (
-                m.get("error")
-                or ("still writing, or stopped without a word" if r.status == "running" else "")
-            ).replace("|", "\\|")
-            out.append(f"| `{_rel(r.path, root)}` | {r.status} | {m.get('epochs_completed', 0)} | {reason} |")
-        out.append("")
+    out.append("")
+    for gi, g in enumerate(progress):
+        if g.table is None:
+            out += [
+                f"### {g.name} ({g.data}): curves so far",
+                "",
+                *_md_figure("curves in progress", figures.get((gi, "progress")), root),
+            ]
+        else:
+            out += [f"The curves of `{g.name} ({g.data})` are in its table's curves figure above.", ""]
+    return out
+
+
+def _md_problems(problems: list[Run], root: Path) -> list[str]:
+    if not problems:
+        return []
+    out = [
+        "## Runs not in the tables",
+        "",
+        "| run | status | epochs | reason |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for r in problems:
+        m = r.metrics or {}
+        reason = (
+            m.get("error")
+            or ("still writing, or stopped without a word" if r.status == rundir.RUNNING else "")
+        ).replace("|", "\\|")
+        out.append(f"| `{_rel(r.path, root)}` | {r.status} | {m.get('epochs_completed', 0)} | {reason} |")
+    return [*out, ""]
+
+
+def render_markdown(
+    tables: list[Table],
+    problems: list[Run],
+    root: Path,
+    figures: dict,
+    progress: list[Progress] = (),
+    reported: Path | None = None,
+) -> str:
+    """report.md: the heading names `reported` (the directory reported on; default `root`), run paths are
+    shown relative to `root`."""
+    out = [f"# Perplexity report: `{root if reported is None else reported}`", ""]
+    if not tables:
+        out += ["No completed runs yet." + (" The runs in progress are below." if progress else ""), ""]
+    for ti, t in enumerate(tables):
+        out += _md_table(ti, t, root, figures)
+    out += _md_progress(progress, root, figures)
+    out += _md_problems(problems, root)
     return "\n".join(out)
 
 
@@ -638,110 +759,6 @@ def write_csv(tables: list[Table]) -> bytes:
     return buf.getvalue().encode()
 
 
-def make_figures(tables: list[Table], fig_dir: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    figures = {}
-    for ti, t in enumerate(tables):
-        slug = "".join(c if c.isalnum() else "_" for c in f"{t.name}_{ti}")
-        rows = [r for r in t.rows if not r.published]
-        # learning curves: mean valid ppl per epoch over seeds, band = ± std
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for r in rows:
-            per_epoch: dict[int, list[float]] = {}
-            for run in r.runs:
-                for rec in run.history:
-                    if rec.get("val/ppl") is not None and math.isfinite(rec["val/ppl"]):
-                        per_epoch.setdefault(rec["epoch"], []).append(rec["val/ppl"])
-            if not per_epoch:
-                continue
-            epochs = sorted(per_epoch)
-            mean = [statistics.fmean(per_epoch[e]) for e in epochs]
-            std = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
-            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{r.label} (n={r.n})")
-            ax.fill_between(
-                epochs,
-                [m - s for m, s in zip(mean, std)],
-                [m + s for m, s in zip(mean, std)],
-                alpha=0.2,
-                color=line.get_color(),
-            )
-        for r in t.rows:
-            if r.published and r.pub_values.get("val_mean"):
-                ax.axhline(r.pub_values["val_mean"], ls="--", lw=1, color="gray", label=f"{r.label}: valid")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation perplexity")
-        ax.set_yscale("log")
-        # plain numbers on the log axis (not 1.2×10²); minor ticks labelled when the range is within a decade
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        lo, hi = ax.get_ylim()
-        if (
-            hi / lo < 10
-        ):  # within about a decade: evenly spaced, labelled ticks (log spacing gives one or two)
-            ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
-            ax.yaxis.set_minor_locator(NullLocator())
-        else:
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-        ax.set_title(f"{t.name}: validation perplexity (mean ± std over seeds)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = fig_dir / f"{slug}_curves.png"
-        _save_fig(fig, path)
-        plt.close(fig)
-        figures[(ti, "curves")] = path
-        # test perplexity bars with error bars, published results as dashed lines
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        labels = [r.label for r in rows]
-        means = [r.values()["test_mean"] for r in rows]
-        cis = [r.values()["test_ci"] or (m, m) for r, m in zip(rows, means)]
-        err = [  # no error bar on a single seed (nan draws none)
-            [m - lo if r.n > 1 else math.nan for r, m, (lo, _) in zip(rows, means, cis)],
-            [hi - m if r.n > 1 else math.nan for r, m, (_, hi) in zip(rows, means, cis)],
-        ]
-        ax.bar(range(len(rows)), means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(rows)), labels, rotation=15, ha="right", fontsize=8)
-        top = max((hi for _, hi in cis), default=1.0)
-        for r, style in zip(
-            [r for r in t.rows if r.published and r.pub_values.get("test_mean")], ["--", ":", "-."] * 9
-        ):
-            ax.axhline(r.pub_values["test_mean"], ls=style, lw=1, color="gray", label=r.label)
-            top = max(top, r.pub_values["test_mean"])
-        for i, (m, (lo, hi), n) in enumerate(zip(means, cis, [r.n for r in rows])):
-            ax.annotate(
-                f"{m:.1f} (n={n})\n[{lo:.1f}, {hi:.1f}]" if n > 1 else f"{m:.1f} (n=1)",
-                (i, hi),
-                xytext=(0, 4),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
-            )
-        ax.set_ylim(0, top * 1.15)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
-        ax.set_ylabel("test perplexity")
-        ax.set_title(f"{t.name}: test perplexity (error bars: 95% t-interval of the mean over seeds)")
-        fig.tight_layout()
-        path = fig_dir / f"{slug}_test.png"
-        _save_fig(fig, path)
-        plt.close(fig)
-        figures[(ti, "test")] = path
-    return figures
-
-
-def _save_fig(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def log_to_wandb(tables, figures, out_dir: Path, group: str, mode: str) -> str | None:
     if mode == "disabled":
         return None
@@ -773,27 +790,35 @@ def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline", baselin
     tables = build_tables(runs)
     choose_baselines(tables, baseline)  # before anything is written: an unknown baseline is an error
     out_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir = out_dir / "figures"
     if not runs:
         text = f"# Perplexity report: `{root}`\n\nNo runs found under {root}.\n"
         atomic_write_bytes(out_dir / "report.md", text.encode())
         atomic_write_bytes(out_dir / "report.csv", write_csv([]))
+        remove_stale(fig_dir, keep=())
         return {"runs": 0, "tables": 0, "problems": 0, "message": f"no runs found under {root}"}
-    problems = [r for r in runs if not (r.status == "completed" and r.metrics.get("test/ppl") is not None)]
-    figures = make_figures(tables, out_dir / "figures") if tables else {}
-    md = render_markdown(tables, problems, root if out_dir.parent == root else out_dir.parent, figures)
+    problems = [r for r in runs if not completed(r)]
+    progress = group_in_progress(runs, tables)
+    figures = make_figures(tables, fig_dir, progress) if tables or progress else {}
+    md = render_markdown(
+        tables, problems, root if out_dir.parent == root else out_dir.parent, figures, progress, reported=root
+    )
     atomic_write_bytes(out_dir / "report.md", md.encode())
     atomic_write_bytes(out_dir / "report.csv", write_csv(tables))
+    remove_stale(fig_dir, keep=figures.values())  # after report.md no longer links them
     group = _group_of(root)
     wandb_id = None
     if tables:
         try:
-            wandb_id = log_to_wandb(tables, figures, out_dir, group, wandb_mode)
+            table_figures = {k: f for k, f in figures.items() if k[1] != "progress"}
+            wandb_id = log_to_wandb(tables, table_figures, out_dir, group, wandb_mode)
         except Exception as exc:  # the local report is the record; W&B is a mirror
             log.warning("could not log the report to W&B: %s", exc)
     return {
         "runs": len(runs),
         "tables": len(tables),
         "problems": len(problems),
+        "in_progress": sum(len(rs) for g in progress for _, rs in g.rows),
         "figures": [str(p) for p in figures.values()],
         "wandb_id": wandb_id,
     }
@@ -829,8 +854,9 @@ def main(argv=None) -> int:
     if res["runs"] == 0:
         print(f"{res['message']}; wrote an empty report to {out}/report.md")
         return 0
+    running = f" ({res['in_progress']} in progress)" if res.get("in_progress") else ""
     print(
-        f"{res['runs']} runs, {res['tables']} tables, {res['problems']} not completed → {out}/report.md, report.csv, {len(res.get('figures', []))} figures"
+        f"{res['runs']} runs, {res['tables']} tables, {res['problems']} not completed{running} → {out}/report.md, report.csv, {len(res.get('figures', []))} figures"
     )
     print((out / "report.md").read_text())
     return 0

@@ -472,3 +472,313 @@ def test_report_csv_has_the_comparison_columns(fake_runs, tmp_path):
         ),
     ):
         assert col in header
+
+
+# ------------------------------------------------------------------------ figures and runs in progress
+# Runs written as the trainer leaves them (config.json, metrics.json, history.jsonl), no training: the figures
+# are checked through their matplotlib objects, for one seed or many, two epochs or many, runs in progress.
+def with_history(
+    run: Path, vals: list[float], status: str | None = None, max_epochs: int | None = None
+) -> Path:
+    """Give a fake run `vals` as its finished epochs' validation perplexity (and a status, e.g. running)."""
+    (run / "history.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "val/ppl": v}) + "\n" for e, v in enumerate(vals, 1))
+    )
+    m = json.loads((run / "metrics.json").read_text())
+    m.update(
+        epochs_completed=len(vals), max_epochs=max_epochs or len(vals), **{"val/ppl": min(vals, default=None)}
+    )
+    if status is not None:
+        m.update(status=status, **{"test/ppl": None})
+    (run / "metrics.json").write_text(json.dumps(m))
+    return run
+
+
+def _curve(first: float, last: float, epochs: int) -> list[float]:
+    return [last + (first - last) * 0.6**e for e in range(epochs)]
+
+
+def _figures(root: Path) -> dict:
+    """{key: figure} as the report draws them for the runs under root (the caller closes them)."""
+    from dglstm_lm import report, report_figures
+
+    runs = report.find_runs(root)
+    tables = report.build_tables(runs)
+    report.choose_baselines(tables)
+    progress = report.group_in_progress(runs, tables)
+    return {key: fig for key, _, fig in report_figures.figures(tables, progress)}
+
+
+def _close(figs: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def _integer_epoch_ticks(ax) -> list[float]:
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    return ticks
+
+
+def _legend_clear_of_the_data(fig, ax) -> None:
+    """The legend sits outside the axes: it covers no point, bar or line of the data."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(ax.get_window_extent(renderer))
+    page = fig.bbox
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]  # those drawn
+    for text in [ax.title, *ticks, *fig.legends[0].get_texts()]:  # nothing cut off
+        ext = text.get_window_extent(renderer)
+        assert page.x0 <= ext.x0 and ext.x1 <= page.x1 and page.y0 <= ext.y0 and ext.y1 <= page.y1, text
+    points = [xy for line in ax.lines for xy in line.get_xydata()]  # markers, line vertices
+    for c in ax.collections:
+        if hasattr(c, "get_segments"):  # the error bars' whiskers
+            points += [xy for seg in c.get_segments() for xy in seg]
+        elif len(c.get_offsets()):  # the seeds' dots
+            points += list(c.get_offsets())
+    assert points
+    for x, y in ax.transData.transform(np.asarray(points, dtype=float)):
+        if np.isfinite(x) and np.isfinite(y):  # (a published line spans the axes: x in axes units)
+            assert not box.contains(x, y)
+
+
+def _legend_texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def _errorbars(ax) -> list:
+    from matplotlib.container import ErrorbarContainer
+
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def test_figures_for_one_seed_and_two_epochs(tmp_path):
+    root = tmp_path / "outputs"
+    with_history(fake_run(root, "s1", "stacked_lstm", 1, 140.0, 135.0, name="zaremba_small"), [210.0, 140.0])
+    with_history(fake_run(root, "d1", "dglstm", 1, 133.0, 128.0, name="zaremba_small"), [200.0, 133.0])
+    figs = _figures(root)
+    try:
+        fig = figs[(0, "curves")]
+        ax = fig.axes[0]
+        assert _integer_epoch_ticks(ax) == [1, 2]  # not 1.0 1.2 1.4 …
+        title = ax.get_title()
+        assert "n = 1" in title and "mean ± std" not in title
+        assert not ax.collections  # no ± std band for one seed
+        texts = _legend_texts(fig)
+        assert "stacked_lstm (n = 1, single seed)" in texts
+        assert "Zaremba et al. 2014, small (published): valid 120.7" in texts
+        _legend_clear_of_the_data(fig, ax)
+
+        fig = figs[(0, "test")]
+        ax = fig.axes[0]
+        assert not _errorbars(ax)  # no zero-length error bar for a single seed
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["stacked_lstm\nn = 1", "dglstm\nn = 1"]
+        lo, hi = ax.get_ylim()
+        shown = [135.0, 128.0, 114.5, 115.91]  # the rows and both published results
+        assert lo > 100 and hi < 150  # around the data, not from 0
+        margin = 0.05 * (hi - lo)
+        assert all(lo + margin < v < hi - margin for v in shown)
+        assert "n = 1" in ax.get_title() and "interval" in ax.get_title()
+        texts = _legend_texts(fig)
+        assert "Zaremba et al. 2014, small (published): 114.5" in texts
+        assert "TensorFlow PTB tutorial, small (published): 115.91" in texts
+        published = [line for line in ax.lines if line.get_label().endswith("(published): 114.5")]
+        published += [line for line in ax.lines if line.get_label().endswith("(published): 115.91")]
+        assert len(published) == 2
+        styles = {(str(line.get_linestyle()), str(line.get_color())) for line in published}
+        assert len(styles) == 2  # two nearly equal values, two distinguishable lines
+        _legend_clear_of_the_data(fig, ax)
+    finally:
+        _close(figs)
+
+
+def test_figures_for_three_seeds_and_thirteen_epochs(tmp_path):
+    root = tmp_path / "outputs"
+    tests = {"lstm": (88.0, 90.0, 89.0), "stacked_lstm": (84.0, 85.5, 85.0), "dglstm": (80.0, 81.0, 83.0)}
+    for model, values in tests.items():
+        for seed, test in enumerate(values, 1):
+            run = fake_run(root, f"{model}{seed}", model, seed, test + 4, test, name="zaremba_medium")
+            with_history(run, _curve(300.0 + seed, test + 4, 13))
+    figs = _figures(root)
+    try:
+        fig = figs[(0, "curves")]
+        ax = fig.axes[0]
+        ticks = _integer_epoch_ticks(ax)
+        assert 1 <= min(ticks) and max(ticks) >= 12
+        assert "mean ± std over n = 3 seeds" in ax.get_title()
+        assert len(ax.collections) == 3  # a band per row
+        assert "dglstm (n = 3 seeds)" in _legend_texts(fig)
+        _legend_clear_of_the_data(fig, ax)
+
+        fig = figs[(0, "test")]
+        ax = fig.axes[0]
+        bars = _errorbars(ax)
+        assert len(bars) == 3  # one CI per row
+        lo, hi = ax.get_ylim()
+        assert lo > 60  # the data are 80–90 (published 82.7, 82.07): no axis from 0
+        for bar in bars:  # the whiskers and the mean are inside the axis
+            (segments,) = [c.get_segments() for c in bar.lines[2]]
+            ys = [y for seg in segments for _, y in seg]
+            assert lo < min(ys) and max(ys) < hi
+        for line in ax.lines:
+            assert all(lo < y < hi for y in line.get_ydata())
+        assert "n = 3" in ax.get_xticklabels()[0].get_text()
+        assert "95% t-interval" in ax.get_title() and "n = 1" not in ax.get_title()
+        assert {"seeds", "mean, 95% CI"} <= set(_legend_texts(fig))
+        _legend_clear_of_the_data(fig, ax)
+    finally:
+        _close(figs)
+
+
+def test_a_sweep_in_progress_shows_the_curves_of_its_running_jobs(tmp_path):
+    """Nothing completed yet: the report shows the finished epochs of the running (and interrupted) jobs as
+    curves marked running, and lists them with their epochs and best valid perplexity."""
+    sweep_dir = tmp_path / "outputs" / "multirun" / "gate"
+    runs = {}
+    for gate, seed, epochs, status in (
+        ("open", 1, 6, "running"),
+        ("open", 2, 7, "running"),
+        ("constant", 1, 5, "interrupted"),
+    ):
+        run = fake_run(sweep_dir, f"gate={gate},seed={seed}", "dglstm", seed, 0, 0, depth_gate=gate)
+        runs[(gate, seed)] = with_history(run, _curve(250.0, 100.0 + seed, epochs), status, 13)
+    # running, but no epoch finished yet: listed as not in the tables, no curve
+    run = fake_run(sweep_dir, "gate=constant,seed=2", "dglstm", 2, 0, 0, depth_gate="constant")
+    with_history(run, [], "running", 13)
+    out = tmp_path / "outputs" / "report"
+    res = build_report(sweep_dir, out, wandb_mode="disabled")
+    assert res["tables"] == 0 and res["problems"] == 4 and res["in_progress"] == 3
+    md = (out / "report.md").read_text()
+    assert md.startswith(f"# Perplexity report: `{sweep_dir}`")  # the directory reported on
+    assert "No completed runs yet." in md and "## Runs in progress" in md
+    best = min(_curve(250.0, 102.0, 7))
+    assert (
+        f"| `multirun/gate/gate=open,seed=2` | running | fake (ptb, stream): dglstm (depth_gate=open) | 7 of 13 | {best:.2f} (7) |"
+        in md
+    )
+    assert "| `multirun/gate/gate=constant,seed=1` | interrupted |" in md and "| 5 of 13 |" in md
+    assert "gate=constant,seed=2` | running | fake" not in md  # no finished epoch: not in progress
+    (fig_path,) = [Path(p) for p in res["figures"]]
+    assert fig_path.name == "fake_progress0_curves.png" and f"](figures/{fig_path.name})" in md
+    assert _png_size(fig_path)[0] > 400
+
+    figs = _figures(sweep_dir)
+    try:
+        fig = figs[(0, "progress")]
+        ax = fig.axes[0]
+        assert "so far" in ax.get_title() and "runs in progress" in ax.get_title()
+        dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert len(dashed) == 3  # one line per running run
+        assert max(len(line.get_xdata()) for line in dashed) == 7
+        texts = _legend_texts(fig)
+        assert "dglstm (depth_gate=open) — running: seed 1 at epoch 6, seed 2 at epoch 7 of 13" in texts
+        assert "dglstm (depth_gate=constant) — interrupted: seed 1 at epoch 5 of 13" in texts
+        _integer_epoch_ticks(ax)
+        _legend_clear_of_the_data(fig, ax)
+    finally:
+        _close(figs)
+
+
+def test_running_jobs_join_their_tables_curves(tmp_path):
+    """A table with completed runs draws its running jobs (dashed, in the row's colour) in its curves; the
+    table itself holds the completed runs only. Many seeds in progress read as one legend entry."""
+    root = tmp_path / "outputs"
+    for seed in (1, 2):
+        with_history(fake_run(root, f"s{seed}", "stacked_lstm", seed, 110.0, 105.0), _curve(260, 110, 6))
+    for seed in (3, 4, 5, 6):
+        run = fake_run(root, f"s{seed}", "stacked_lstm", seed, 0, 0)
+        with_history(run, _curve(260, 112, seed), "running", 6)
+    with_history(fake_run(root, "d1", "dglstm", 1, 100.0, 96.0), _curve(250, 100, 6))  # n = 1
+    with_history(fake_run(root, "d2", "dglstm", 2, 0, 0), _curve(250, 101, 4), "running", 6)
+    out = tmp_path / "report"
+    res = build_report(root, out, wandb_mode="disabled")
+    rows = [r for r in csv.DictReader((out / "report.csv").open()) if r["published"] == "0"]
+    assert [(r["model"], r["n_seeds"]) for r in rows] == [("stacked_lstm", "2"), ("dglstm", "1")]
+    assert len(res["figures"]) == 2 and res["in_progress"] == 5
+    md = (out / "report.md").read_text()
+    assert "are in its table's curves figure above" in md
+    figs = _figures(root)
+    try:
+        ax = figs[(0, "curves")].axes[0]
+        solid = {line.get_label(): line for line in ax.lines if line.get_linestyle() == "-"}
+        dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert list(solid) == ["stacked_lstm (n = 2 seeds)", "dglstm (n = 1, single seed)"]
+        assert len(dashed) == 5
+        assert [line.get_color() for line in dashed] == [
+            solid["stacked_lstm (n = 2 seeds)"].get_color()
+        ] * 4 + [solid["dglstm (n = 1, single seed)"].get_color()]  # a row's runs in progress in its colour
+        texts = _legend_texts(figs[(0, "curves")])
+        assert "stacked_lstm — running: 4 seeds at epochs 3–6 of 6" in texts
+        assert "dglstm — running: seed 2 at epoch 4 of 6" in texts
+        title = ax.get_title()
+        assert "mean ± std over seeds (n per row in the legend; no band for n = 1)" in title
+        assert "runs in progress" in title
+        _legend_clear_of_the_data(figs[(0, "curves")], ax)
+        ax = figs[(0, "test")].axes[0]  # two seeds of equal test ppl: no zero-length error bar either
+        assert not _errorbars(ax) and "105.0 (no spread)" in [t.get_text() for t in ax.texts]
+        _legend_clear_of_the_data(figs[(0, "test")], ax)
+    finally:
+        _close(figs)
+
+
+def test_a_new_report_removes_the_figures_of_the_previous_one(tmp_path):
+    root = tmp_path / "outputs"
+    fake_run(root, "a1", "lstm", 1, 110.0, 105.0, name="first")
+    out = root / "report"
+    res = build_report(root, out, wandb_mode="disabled")
+    old = {Path(p).name for p in res["figures"]}
+    assert old == {"first_0_curves.png", "first_0_test.png"}
+    (out / "figures" / "notes.png").write_bytes(b"not the report's")  # not a name the report writes
+    (out / "figures" / "a_test.png").write_bytes(b"nor this")
+    # the runs change: another recipe, and so other figures
+    cfg = json.loads((root / "a1" / "config.json").read_text())
+    (root / "a1" / "config.json").write_text(json.dumps({**cfg, "name": "second"}))
+    res = build_report(root, out, wandb_mode="disabled")
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "a_test.png",
+        "notes.png",
+        "second_0_curves.png",
+        "second_0_test.png",
+    ]
+    # no runs left at all: no figure of the report stays either
+    import shutil
+
+    shutil.rmtree(root / "a1")
+    build_report(root, out, wandb_mode="disabled")
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["a_test.png", "notes.png"]
+
+
+def test_the_heading_names_the_directory_reported_on(tmp_path, monkeypatch, capsys):
+    from dglstm_lm.report import main
+
+    monkeypatch.chdir(tmp_path)
+    fake_run(Path("outputs/multirun/day/time"), "job", "lstm", 1, 110.0, 105.0)
+    fake_run(Path("outputs/runs/other"), "job", "dglstm", 1, 100.0, 95.0)
+    assert main(["--dir", "outputs/multirun/day/time", "--wandb-mode", "disabled"]) == 0
+    md = Path("outputs/report/report.md").read_text()
+    assert md.startswith("# Perplexity report: `outputs/multirun/day/time`\n")
+    assert "`multirun/day/time/job`" not in md and "dglstm" not in md  # only that sweep
+    assert "](figures/fake_0_curves.png)" in md  # links relative to report.md, as before
+    assert main(["--wandb-mode", "disabled"]) == 0
+    assert Path("outputs/report/report.md").read_text().startswith("# Perplexity report: `outputs`\n")
+    capsys.readouterr()
+
+
+def test_no_function_of_the_report_is_long():
+    import ast
+
+    import dglstm_lm.report as report
+    import dglstm_lm.report_figures as figures
+
+    for module in (report, figures):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{module.__name__}.{node.name}: {length} lines"
