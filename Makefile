@@ -38,12 +38,16 @@ COMPARE_QUOTED := $(foreach o,$(OVERRIDES),$(if $(call _is_compare_var,$(o)),,'$
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup:  ## create .venv: torch (TORCH_SPEC) first, then the project with dev extras, then the fused CPU kernel
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)'
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
-	$(PY) -m dglstm_lm.build_kernels
+# pip prints what it downloads and installs; each step says what it is and how long it took.
+_step = @echo "[setup $(1)/5] $(2)" && t0=$$(date +%s) && $(3) && echo "[setup $(1)/5] done in $$(( $$(date +%s) - t0 )) s"
+PIP := $(VENV)/bin/pip install --progress-bar on --no-input --disable-pip-version-check
+
+setup:  ## create .venv: torch (TORCH_SPEC) first, then the project with dev extras, then the fused CPU kernel (~3-8 min)
+	$(call _step,1,virtual environment $(VENV),$(PYTHON) -m venv $(VENV))
+	$(call _step,2,pip,$(PIP) --quiet --upgrade pip)
+	$(call _step,3,$(TORCH_SPEC) (the largest download),$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)')
+	$(call _step,4,the project and its dependencies (Hydra, W&B, datasets, Triton ...),$(PIP) -e '.[dev]')
+	$(call _step,5,the fused CPU kernel (a C++ build: about a minute),$(PY) -m dglstm_lm.build_kernels)
 
 data:  ## prepare PTB (verify, tokenise, cache) and print the split statistics
 	$(PY) -m dglstm_lm.data $(QUOTED)
@@ -63,9 +67,10 @@ compare:  ## equal-budget tuned comparison: models=a,b trials=20 seeds=1,2,3 [pr
 eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt
 	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(if $(filter-out 0 false no,$(full)),--full) $(ARGS)
 
+GENERATE_ARGS = $(strip $(if $(temperature),--temperature $(temperature)) $(if $(length),--length $(length)) \
+  $(if $(seed),--seed $(seed)) $(if $(prompt),--prompt '$(prompt)'))
 generate:  ## sample text: make generate ckpt=... [temperature=1.0 length=50 seed=1 prompt='the market']
-	$(PY) -m dglstm_lm.generate --ckpt '$(ckpt)' $(if $(temperature),--temperature $(temperature)) \
-	  $(if $(length),--length $(length)) $(if $(seed),--seed $(seed)) $(if $(prompt),--prompt '$(prompt)') $(ARGS)
+	$(PY) -m dglstm_lm.generate --ckpt '$(ckpt)' $(GENERATE_ARGS) $(ARGS)
 
 bench:  ## throughput and memory of every core against nn.LSTM; data preparation speed -> outputs/bench/
 	$(PY) -m dglstm_lm.bench $(ARGS)

@@ -32,15 +32,46 @@ def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
     return sorted(rows, key=lambda r: r[0])
 
 
+def grid_size(task_overrides: list[str]) -> int | None:
+    """The number of jobs of a grid sweep (the product of its swept values' counts); None when a sweeper
+    chooses the points (Optuna's intervals)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in task_overrides])
+        n = 1
+        for o in parsed:
+            if o.is_sweep_override():
+                n *= len(list(o.sweep_string_iterator()))
+        return n
+    except Exception:
+        return None
+
+
+def continue_command(task_overrides: list[str], sweep_dir: Path) -> str:
+    """The one command that continues a sweep: its overrides as given, into the same folder (finished jobs
+    are skipped, the others resume from their checkpoints)."""
+    import shlex
+
+    given = [str(o) for o in task_overrides if not str(o).startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    return " ".join(["make sweep", *map(shlex.quote, given), shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
+
+
 class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = job_statuses(sweep_dir)
+        task = list(config.hydra.overrides.task)
+        total = grid_size(task) if "hparams_search" not in str(task) else None
+        # the launcher and its settings (hydra/launcher=joblib, hydra.launcher.n_jobs=...) are Hydra's overrides
+        task = [*config.hydra.overrides.hydra, *task]
         if not rows:
             return
+        counts: dict[str, int] = {}
         lines = [f"sweep {sweep_dir}: {len(rows)} jobs"]
         for job, m in rows:
             status = m.get("status", "?")
+            counts[status] = counts.get(status, 0) + 1
             ppl = (
                 f"val {m['val/ppl']:.2f} test {m['test/ppl']:.2f}"
                 if m.get("test/ppl") is not None
@@ -49,8 +80,17 @@ class SweepSummary(Callback):
             lines.append(f"  {status:<11} {job}  {ppl}")
             if status != rundir.COMPLETED:
                 FAILED_JOBS.append(job)
-        if FAILED_JOBS:
-            lines.append(
-                f"{len(FAILED_JOBS)} of {len(rows)} jobs did not complete; `make report dir={sweep_dir}` lists them"
-            )
+        total = max(total or 0, len(rows))
+        done = counts.get(rundir.COMPLETED, 0)
+        parts = [f"{n} {status}" for status, n in sorted(counts.items()) if status != rundir.COMPLETED]
+        if total > len(rows):
+            parts.append(f"{total - len(rows)} not started")
+        lines.append(f"{done} of {total} jobs completed" + (f" ({', '.join(parts)})" if parts else ""))
+        stopped = rundir.sweep_stopped(sweep_dir)
+        if done < total:
+            if stopped or counts.get(rundir.INTERRUPTED) or counts.get(rundir.RUNNING):
+                lines.append(
+                    f"the sweep was stopped; continue all of it with:\n  {continue_command(task, sweep_dir)}"
+                )
+            lines.append(f"`make report dir={sweep_dir}` lists every job")
         print("\n".join(lines))

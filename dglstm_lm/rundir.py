@@ -73,6 +73,10 @@ RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED = (
 STATUSES = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED)
 ENDED = (COMPLETED, DIVERGED, INTERRUPTED)  # a run that stopped on its own terms: its record is final
 
+# A sweep's folder (above its jobs' run directories): a stopped sweep's marker, so that the jobs not yet started
+# do not start (written by the sweep's process or a job that was stopped; removed when the sweep is re-run)
+SWEEP_STOPPED = ".sweep-stopped"
+
 # Folders below an outputs tree that hold no runs (the report's own output, benchmarks, W&B's and submitit's)
 NOT_RUNS = ("report", "bench", ".submitit", "wandb")
 
@@ -191,6 +195,24 @@ def find(root: str | Path) -> list[Path]:
     if holds_run(root):
         found.add(root)
     return sorted(found)
+
+
+def mark_sweep_stopped(sweep_dir: str | Path, why: str) -> None:
+    try:
+        ckpt.atomic_write_bytes(Path(sweep_dir) / SWEEP_STOPPED, (why + "\n").encode())
+    except OSError:
+        pass  # the jobs then start and are stopped by the signal they get themselves
+
+
+def sweep_stopped(sweep_dir: str | Path) -> str | None:
+    try:
+        return (Path(sweep_dir) / SWEEP_STOPPED).read_text().strip() or "stopped"
+    except OSError:
+        return None
+
+
+def clear_sweep_stopped(sweep_dir: str | Path) -> None:
+    (Path(sweep_dir) / SWEEP_STOPPED).unlink(missing_ok=True)
 
 
 def find_metrics(root: str | Path) -> list[Path]:

@@ -355,12 +355,13 @@ class _Run:
         )
         self.tracker.finish()
         log.info(
-            "done: best val ppl %.2f (epoch %d), test ppl %.2f, %.0f tok/s, %.0f s",
+            "done: best val ppl %.2f (epoch %d), test ppl %.2f, %.0f tok/s, %.0f s; run dir %s",
             result["val/ppl"],
             result["best_epoch"],
             result["test/ppl"],
             result["train/tokens_per_s"] or 0,
             result["wall_s"],
+            self.run_dir,
         )
         return result
 
@@ -470,10 +471,56 @@ def _task_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if not o.startswith("trainer.resume=")]
 
 
-def _hydra_task(cfg: DictConfig):
-    name, group, multirun, run_dir = _run_name_and_group()
+class _JobPrefix(logging.Formatter):
+    """A sweep's console lines start with the job's name, so that parallel jobs' lines can be told apart
+    (the job's own train.log is left as it is)."""
+
+    def __init__(self, inner: logging.Formatter | None, prefix: str):
+        super().__init__()
+        self.inner, self.prefix = inner or logging.Formatter(), prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.prefix} {self.inner.format(record)}"
+
+
+@contextlib.contextmanager
+def _job_prefix(prefix: str):
+    consoles = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    saved = [h.formatter for h in consoles]
+    for h in consoles:
+        h.setFormatter(_JobPrefix(h.formatter, prefix))
     try:
-        return _run_job(cfg, name, group, multirun, run_dir)
+        yield
+    finally:
+        for h, f in zip(consoles, saved):
+            h.setFormatter(f)
+
+
+def _in_sweep_process_tree() -> bool:
+    """A job of the basic or the joblib launcher runs in the sweep's process or its workers (a submitit job
+    is a process of its own, requeued by SLURM)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return "submitit" not in str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default=""))
+
+
+def _hydra_task(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    name, group, multirun, run_dir = _run_name_and_group()
+    prefix = f"[job {HydraConfig.get().job.num} {run_dir.name}]" if multirun else None
+    try:
+        if multirun and _in_sweep_process_tree():
+            why = rundir.sweep_stopped(HydraConfig.get().sweep.dir)
+            if why:  # the sweep was stopped: a job that has not started yet does not start
+                print(f"{prefix} not started: the sweep was stopped ({why})", file=sys.stderr, flush=True)
+                return None
+        with _job_prefix(prefix) if prefix else contextlib.nullcontext():
+            return _run_job(cfg, name, group, multirun, run_dir)
     finally:
         # the job is over: its directory is free again (also for a joblib worker's next job)
         rundir.release(run_dir)
@@ -492,12 +539,18 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
         print(f"error: job refused: {exc}", file=sys.stderr, flush=True)
         return None
     except Interrupted as exc:
+        signame = signal.Signals(exc.signum).name
+        if multirun and _in_sweep_process_tree():
+            # The sweep stops: the jobs not started yet do not start, and the sweep's summary says how to
+            # continue all of them (one command), so this job only says where its checkpoint is.
+            from hydra.core.hydra_config import HydraConfig
+
+            rundir.mark_sweep_stopped(HydraConfig.get().sweep.dir, f"{signame} to a job")
+            log.warning("stopped by %s; checkpoint saved to %s", signame, exc.checkpoint_path)
+            return None
         hint = f"make train trainer.resume={run_dir}"
         log.warning(
-            "stopped by %s; checkpoint saved to %s. Resume with: %s",
-            signal.Signals(exc.signum).name,
-            exc.checkpoint_path,
-            hint,
+            "stopped by %s; checkpoint saved to %s. Resume with: %s", signame, exc.checkpoint_path, hint
         )
         if not multirun:
             print(f"stopped; checkpoint saved. Resume with:  {hint}", file=sys.stderr)
@@ -811,15 +864,58 @@ def main() -> None:
         report_and_exit(exc)
     sys.argv = [sys.argv[0], *argv]
     os.environ.update(env)  # inherited by joblib's workers
+    stop = _SweepStop(argv) if any(a in ("-m", "--multirun") for a in argv) else None
     try:
-        _make_hydra_main()()
+        with stop or contextlib.nullcontext():
+            _make_hydra_main()()
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
         rundir.release_all()
+    if stop is not None and stop.received is not None:
+        sys.exit(128 + stop.received)
     if callbacks.FAILED_JOBS:
         sys.exit(1)
+
+
+class _SweepStop:
+    """The sweep's own process on SIGINT / SIGTERM: the running jobs get the signal too (a terminal's Ctrl-C,
+    SLURM and `kill -- -<pgid>` signal the whole process group), save a checkpoint after their current step
+    and return; the jobs not started yet do not start (rundir.SWEEP_STOPPED); the sweep's summary then lists
+    every job and prints the one command that continues them all. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, argv: list[str]):
+        self.sweep_dir = next(
+            (a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.sweep.dir=")), None
+        )
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.sweep_dir:
+            rundir.clear_sweep_stopped(self.sweep_dir)  # a re-run continues the sweep
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        # joblib's workers and their resource tracker: a stopped sweep is not a leak worth a warning
+        os.environ["PYTHONWARNINGS"] = ",".join(
+            w for w in (os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning") if w
+        )
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.sweep_dir:
+            rundir.mark_sweep_stopped(self.sweep_dir, f"{signal.Signals(signum).name} to the sweep")
+
+    def __exit__(self, *exc):
+        for s, prev in self._previous.items():
+            signal.signal(s, prev)
+        return False
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import re
 import signal
@@ -31,6 +32,32 @@ from .data import PAD_TARGET, SentenceBatches
 from .errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Without a progress bar (a sweep's jobs, a log file, CI): a progress line this often, so that a job says how
+# it is doing long before its first epoch ends. The machine's load is looked at with the first one.
+PROGRESS_EVERY_S = 60.0
+
+
+def load_warning(load_1min: float, cores: int, threads: int) -> str | None:
+    """Why throughput may be far below what this machine gives, or None. More runnable work than cores
+    (the 1-minute load average, which counts this job's own threads) means every thread waits its turn; torch
+    threads that wait for each other at every step then lose more than one thread would."""
+    if load_1min <= cores + 0.75:
+        return None
+    advice = "trainer.threads=1, or " if threads > 1 else ""
+    return (
+        f"this machine is busy: load average {load_1min:.1f} on {cores} cores, so this run gets a share of "
+        f"them and its tokens/s is below what the machine gives; with {threads} torch "
+        f"thread{'s' if threads != 1 else ''} per job, try {advice}fewer jobs at a time"
+    )
+
+
+def _machine_load() -> tuple[float, int] | None:
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return os.getloadavg()[0], cores
+    except OSError:
+        return None
 
 
 class Diverged(Exception):
@@ -270,6 +297,7 @@ class Trainer:
         self.train_time = {"seconds": 0.0, "tokens": 0}  # over every process: train/tokens_per_s
         self.progress = t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty() and not _ci())
         self._last_ckpt_time = time.monotonic()
+        self._load_checked = False
         self.precision = getattr(t, "precision", "fp32")
         precision_context(device, self.precision)  # a device that cannot do it: one line, before training
 
@@ -401,6 +429,7 @@ class Trainer:
             leave=False,
         )
         self._window = {"tokens": 0, "t0": time.perf_counter()}  # throughput between two log lines
+        self._since = {"t0": time.monotonic(), "batch": self.pos.batch, "tokens": 0, "last": time.monotonic()}
         # Throughput counts the whole loop (batching, the step, logging, the progress bar, checkpoints),
         # not only the model: the clock runs from iteration to iteration.
         mark = time.perf_counter()
@@ -417,6 +446,8 @@ class Trainer:
                 self._account_step(nll, ntok, dt, state)
                 self._log_step(nll / max(ntok, 1), gnorm, ntok, bar)
                 bar.update(1)
+                self._since["tokens"] += ntok
+                self._report_progress()
                 if stop.received is not None:
                     raise self._interrupt(stop, "received %s: stopping after step %d", self.pos.step)
                 self._periodic_checkpoint()
@@ -447,6 +478,36 @@ class Trainer:
         self.train_time["seconds"] += dt
         self.train_time["tokens"] += ntok
         self._window["tokens"] += ntok
+
+    def _report_progress(self) -> None:
+        """Every PROGRESS_EVERY_S: without a bar, a line with the epoch's progress, speed and time left; once,
+        a warning when the machine is busier than it has cores."""
+        now = time.monotonic()
+        since = self._since
+        if now - since["last"] < PROGRESS_EVERY_S:
+            return
+        since["last"] = now
+        elapsed = now - since["t0"]
+        done = self.pos.batch - since["batch"]
+        if not self._load_checked:
+            self._load_checked = True
+            load = _machine_load()
+            warning = load and load_warning(load[0], load[1], torch.get_num_threads())
+            if warning:
+                log.warning("%s", warning)
+        if self.progress or done <= 0:
+            return
+        left = (self.n_train - self.pos.batch) * elapsed / done
+        log.info(
+            "epoch %d/%d  %d%% (%d/%d windows)  %.0f tok/s  epoch ends in %s",
+            self.pos.epoch + 1,
+            self.t.max_epochs,
+            100 * self.pos.batch // self.n_train,
+            self.pos.batch,
+            self.n_train,
+            since["tokens"] / max(elapsed, 1e-9),
+            _duration(left),
+        )
 
     def _log_step(self, loss: float, gnorm, ntok: int, bar) -> None:
         """Every log_every_n_steps steps and at the end of the epoch: the step's numbers to the tracker."""
@@ -555,7 +616,14 @@ class Trainer:
         }
 
 
-def _ci() -> bool:
-    import os
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
+
+def _ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")

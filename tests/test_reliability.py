@@ -910,7 +910,7 @@ def test_sweep_job_whose_directory_is_held_is_refused_and_writes_nothing(
         )
         assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
         assert f"job refused: {held} is in use by another run (pid {holder.pid}" in r.stderr
-        assert "in use      model=lstm" in r.stdout and "1 of 2 jobs did not complete" in r.stdout
+        assert "in use      model=lstm" in r.stdout and "1 of 2 jobs completed (1 in use)" in r.stdout
         assert _snapshot(held) == before  # not even Hydra's .hydra/ went in
     finally:
         holder.kill()

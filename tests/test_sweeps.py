@@ -121,7 +121,7 @@ def test_failing_jobs_are_recorded_and_do_not_stop_the_others(tmp_path, ptb_dir,
         found[f"trainer.lr={1e30}"]["status"] == "diverged"
         and "diverged at epoch 1, step" in found[f"trainer.lr={1e30}"]["error"]
     )
-    assert "2 of 3 jobs did not complete" in r.stdout
+    assert "1 of 3 jobs completed (1 diverged, 1 failed)" in r.stdout
     assert "Traceback" not in r.stderr
 
     before = (sweep_dir / "trainer.lr=1" / "metrics.json").read_text()
@@ -197,3 +197,71 @@ def test_sweep_dirs_started_in_the_same_second_differ(tmp_path):
         [PY, "-c", code, str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT
     ).stdout.split()
     assert out == [str(tmp_path / "x"), str(tmp_path / "x") + "-2"]
+
+
+def test_a_stopped_sweep_says_the_one_command_that_continues_it(tmp_path, ptb_dir, ptb_root):
+    """Ctrl-C to a joblib sweep (the whole process group, as a terminal sends it): the two running jobs save
+    a checkpoint and stop, the third does not start, every line of a job names it, the summary counts the
+    jobs and prints one command; that command, run as printed, finishes all three (the stopped ones resume)."""
+    import os
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "sweep"
+    args = [
+        PY, "-m", "dglstm_lm.train", "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "experiment=smoke", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=300",
+        "trainer.limit_eval_batches=2", "model=lstm,rnn,stacked_lstm", f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.data_dir={ptb_root}", f"data.dir={ptb_dir}", f"hydra.sweep.dir={sweep_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "CI": "true"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        logs = [sweep_dir / "model=lstm" / "train.log", sweep_dir / "model=rnn" / "train.log"]
+        while not all(p.is_file() and "parameters" in p.read_text() for p in logs):
+            assert time.monotonic() < deadline and proc.poll() is None, "the jobs did not start"
+            time.sleep(0.5)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    found = jobs(sweep_dir)
+    assert {k: v["status"] for k, v in found.items()} == {
+        "model=lstm": "interrupted",
+        "model=rnn": "interrupted",
+    }
+    for job in ("model=lstm", "model=rnn"):
+        assert ckpt_step(sweep_dir / job) > 0
+        assert f"] stopped by SIGINT; checkpoint saved to {sweep_dir / job}" in out + err
+    assert "[job 2 model=stacked_lstm] not started: the sweep was stopped" in err
+    assert not (sweep_dir / "model=stacked_lstm" / "run.lock").exists()
+    job_lines = [line for line in (out + err).splitlines() if "dglstm_lm.train" in line]
+    assert job_lines and all(
+        line.startswith(("[job 0 model=lstm] ", "[job 1 model=rnn] ")) for line in job_lines
+    )
+    assert "0 of 3 jobs completed (2 interrupted, 1 not started)" in out
+    assert "make train trainer.resume" not in out + err  # not a command per job: one for the sweep
+    assert "leaked semaphore" not in err
+    command = out.split("continue all of it with:\n", 1)[1].splitlines()[0].strip()
+    assert command.startswith("make sweep hydra/launcher=joblib hydra.launcher.n_jobs=2 ")
+    assert command.endswith(f"hydra.sweep.dir={sweep_dir}")
+
+    r = run_cli(["bash", "-c", command], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {k: v["status"] for k, v in jobs(sweep_dir).items()} == dict.fromkeys(
+        ("model=lstm", "model=rnn", "model=stacked_lstm"), "completed"
+    )
+    assert "3 of 3 jobs completed" in r.stdout
+    for job in ("model=lstm", "model=rnn"):
+        assert "resumed from" in (sweep_dir / job / "train.log").read_text()
+
+
+def ckpt_step(run_dir: Path) -> int:
+    import torch
+
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["step"]
