@@ -256,7 +256,7 @@ def machine() -> dict:
 
 
 @cli
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
     p.add_argument("--layers", type=int, default=2)

@@ -263,7 +263,7 @@ def markdown(payload: dict) -> str:
 
 
 @cli
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
     p = argparse.ArgumentParser(prog="make bench-gpu", description=__doc__.splitlines()[0])
     p.add_argument(
         "--sizes", default="200,650,1500", help="hidden sizes (= embedding sizes), comma-separated"

@@ -248,7 +248,10 @@ def _check(cond: bool, key: str, message: str):
 
 
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Check values and their combinations; return the config as dataclass objects."""
+    """Check values and their combinations; return the config as dataclass objects.
+
+    (Long on purpose: one flat list of checks, in the order of the schema, each a line with its message, so
+    that a reader finds every rule on a key in one place.)"""
     obj = to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     m, d, t, lg = obj.model, obj.data, obj.trainer, obj.logger
 

@@ -711,10 +711,15 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(repr(k) for k in exclude) + "]",
         ]
 
+    return argv, _job_environment(base, sweeps)
+
+
+def _job_environment(base: DictConfig, sweeps: list) -> dict[str, str]:
+    """Environment variables for a sweep's jobs: joblib's workers share this machine's cores, so each job
+    is told how many jobs run beside it (default_threads gives it its share)."""
     env = {}
     launcher = str(OmegaConf.select(base, "hydra.launcher._target_", default=""))
     if "joblib" in launcher.lower():
-        # joblib's workers share this machine's cores: give each job its share of them
         n_jobs = int(OmegaConf.select(base, "hydra.launcher.n_jobs", default=-1) or -1)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         grid = 1
@@ -722,7 +727,7 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             grid *= len(values)
         parallel = min(cores if n_jobs <= 0 else n_jobs, grid)
         env["DGLSTM_PARALLEL_JOBS"] = str(max(1, parallel))
-    return argv, env
+    return env
 
 
 _REFUSED_DIRS: set[str] = (

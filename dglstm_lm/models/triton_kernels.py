@@ -96,6 +96,8 @@ def fwd_step(
         tl.store(acts_ptr + arow + 3 * H, o, mask=mask)
 
 
+# (bwd_step is long on purpose: one fused backward step, the equations in the order of the derivation;
+# split into helpers it would need their loads and stores passed through Triton's call boundaries.)
 @triton.jit
 def bwd_step(
     gh_ptr,  # (B, H): grad_h_t

@@ -1,0 +1,40 @@
+"""The package's rooms: the run directory's file names live in rundir.py only, and no function is long
+without saying why."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from .conftest import ROOT
+
+PACKAGE = ROOT / "dglstm_lm"
+RUN_FILES = ("metrics.json", "history.jsonl", "config.json", "overrides.yaml")
+
+
+def test_the_run_directory_file_names_are_written_in_rundir_only():
+    found = {
+        str(p.relative_to(ROOT)): name
+        for p in PACKAGE.rglob("*.py")
+        for name in RUN_FILES
+        if name in p.read_text() and p.name != "rundir.py"
+    }
+    assert found == {}
+    text = (PACKAGE / "rundir.py").read_text()
+    assert all(name in text for name in RUN_FILES)
+
+
+def test_no_function_is_over_80_lines_unless_it_says_why():
+    long = []
+    for p in PACKAGE.rglob("*.py"):
+        source = p.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 <= 80:
+                    continue
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                head = "\n".join(lines[max(0, first - 4) : node.body[0].end_lineno])
+                if not re.search(r"long on purpose", head, re.IGNORECASE):
+                    long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert long == []
