@@ -234,6 +234,41 @@ def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict |
     }
 
 
+# Settings that make torch, oneDNN and MKL use a smaller instruction set than the CPU has (to measure an AVX2
+# machine on an AVX-512 one): recorded with every benchmark, so that an emulated figure says it is one.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def instruction_set() -> dict:
+    """What the CPU has (its flags), what torch's kernels use (ATen's capability), and what was asked for."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    has = [f for f in _FLAGS if f in flags]
+    cpu_isa = (
+        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE" if flags else "unknown"
+    )
+    try:
+        aten = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        aten = "unknown"
+    asked = {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)}
+    return {"cpu_isa": cpu_isa, "cpu_flags": has, "aten_capability": aten, "isa_limits": asked}
+
+
+def describe_isa(info: dict) -> str:
+    limits = ", ".join(f"{k}={v}" for k, v in info.get("isa_limits", {}).items())
+    return f"{info['cpu_isa']} CPU, torch kernels {info['aten_capability']}" + (
+        f" (emulated: {limits})" if limits else ""
+    )
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -245,6 +280,7 @@ def machine() -> dict:
         pass
     info = {
         "cpu": cpu,
+        **instruction_set(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -282,7 +318,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         ]  # on CUDA the python scan is the DGLSTM
     info = machine()
     print(
-        f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}"
+        f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"
         + (f", {info['gpu']}" if "gpu" in info else "")
     )
     records = []
