@@ -84,7 +84,7 @@ report:  ## perplexity tables and figures from outputs/ (or dir=<run or sweep di
 	$(PY) -m dglstm_lm.report $(if $(dir),--dir '$(dir)') $(if $(baseline),--baseline '$(baseline)') $(ARGS)
 
 test:  ## the whole test suite, slow end-to-end tests included (what CI runs)
-	$(PY) -m pytest -m 'slow or not slow' $(ARGS)
+	$(PY) -m pytest -m 'slow or not slow' --durations=25 $(ARGS)
 
 test-fast:  ## the fast tests only
 	$(PY) -m pytest $(ARGS)
