@@ -13,6 +13,7 @@ from . import rundir
 log = logging.getLogger("dglstm_lm.sweep")
 
 FAILED_JOBS: list[str] = []  # read by train.main() to exit non-zero when a job of the sweep failed
+SWEEP_DIR: Path | None = None  # the running sweep's folder, as Hydra resolved it (train._SweepStop marks it)
 
 
 def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
@@ -58,6 +59,11 @@ def continue_command(task_overrides: list[str], sweep_dir: Path) -> str:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        global SWEEP_DIR
+        SWEEP_DIR = Path(config.hydra.sweep.dir)
+        rundir.clear_sweep_stopped(SWEEP_DIR)  # a re-run continues a stopped sweep
+
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = job_statuses(sweep_dir)

@@ -151,11 +151,19 @@ def check_resume(old_config: dict, new_config: dict, path: str | Path, epoch: in
     by_rule: dict[Rule, list[str]] = {}
     for key in diffs:
         by_rule.setdefault(rule_for(key, old), []).append(key)
+
+    def refused(rule: Rule) -> bool:
+        return rule.action == REFUSE or (rule.action == REFUSE_MID_EPOCH and batch > 0)
+
     for rule in POLICY:  # refusals in the table's order: the model first, then the optimizer, the layout
         keys = by_rule.get(rule, [])
         if not keys:
             continue
-        if rule.action == REFUSE or (rule.action == REFUSE_MID_EPOCH and batch > 0):
+        if refused(rule):
+            # rules that share a refusal (the optimizer's and the plateau schedule's) name all their keys
+            keys = sorted(
+                k for r in POLICY if r.refusal == rule.refusal and refused(r) for k in by_rule.get(r, [])
+            )
             if rule.covers("model.name") and "model.name" in keys:
                 keys = ["model.name"]  # another kind of model: its other keys differ by definition
             shown = ", ".join(f"{k}: {old.get(k, 'absent')} → {new.get(k, 'absent')}" for k in keys[:4])

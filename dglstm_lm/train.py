@@ -142,6 +142,8 @@ def train(
     Raises ConfigError/DataError/CheckpointError for user mistakes, DivergedError when the loss stops being
     finite, trainer.Interrupted after SIGINT/SIGTERM/SIGUSR2 (a checkpoint is saved first).
     """
+    from . import data, models, tracking, trainer  # noqa: F401  (an import that fails does so before the claim)
+
     obj = validate(cfg)
     run_dir = Path(run_dir)
     config_dict = resolved_container(cfg)
@@ -500,12 +502,42 @@ def _job_prefix(prefix: str):
             h.setFormatter(f)
 
 
-def _in_sweep_process_tree() -> bool:
-    """A job of the basic or the joblib launcher runs in the sweep's process or its workers (a submitit job
-    is a process of its own, requeued by SLURM)."""
+def stops_as_a_grid(launcher: str, sweeper: str) -> bool:
+    """Whether a stopped sweep stops as a whole (its running jobs checkpoint and return, the others do not
+    start, the summary prints the command that continues it): a grid (Hydra's basic sweeper) whose jobs run
+    in the sweep's own process or its joblib workers. A submitit job is a process of its own (requeued by
+    SLURM); a sweeper that chooses its points (Optuna) keeps a stopped trial open, to be resumed by re-running
+    it, so its job exits with the signal as a single run does."""
+    return "submitit" not in launcher and "BasicSweeper" in sweeper
+
+
+def _stops_as_a_grid() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
-    return "submitit" not in str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default=""))
+    hc = HydraConfig.get()
+    return stops_as_a_grid(
+        str(OmegaConf.select(hc, "launcher._target_", default="")),
+        str(OmegaConf.select(hc, "sweeper._target_", default="")),
+    )
+
+
+_STOPPED_BY: list[int] = []  # the signal that stopped a job of this process (for main's exit status)
+
+
+def _worker_stop_handler(signum, frame):
+    """A joblib worker between jobs (or building one): note the stop for the next StopSignals and the
+    sweep; a second signal stops at once."""
+    from .trainer import StopSignals
+
+    if StopSignals.pending is not None:
+        raise KeyboardInterrupt
+    StopSignals.pending = signum
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        rundir.mark_sweep_stopped(HydraConfig.get().sweep.dir, f"{signal.Signals(signum).name} to a job")
+    except Exception:
+        pass
 
 
 def _hydra_task(cfg: DictConfig):
@@ -513,8 +545,12 @@ def _hydra_task(cfg: DictConfig):
 
     name, group, multirun, run_dir = _run_name_and_group()
     prefix = f"[job {HydraConfig.get().job.num} {run_dir.name}]" if multirun else None
+    if multirun and _stops_as_a_grid() and os.getpid() != int(os.environ.get("DGLSTM_SWEEP_PID", "0")):
+        # a joblib worker: from now on (its next jobs, the time between them) a signal is noted, not fatal
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _worker_stop_handler)
     try:
-        if multirun and _in_sweep_process_tree():
+        if multirun and _stops_as_a_grid():
             why = rundir.sweep_stopped(HydraConfig.get().sweep.dir)
             if why:  # the sweep was stopped: a job that has not started yet does not start
                 print(f"{prefix} not started: the sweep was stopped ({why})", file=sys.stderr, flush=True)
@@ -540,7 +576,8 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
         return None
     except Interrupted as exc:
         signame = signal.Signals(exc.signum).name
-        if multirun and _in_sweep_process_tree():
+        if multirun and _stops_as_a_grid():
+            _STOPPED_BY.append(exc.signum)
             # The sweep stops: the jobs not started yet do not start, and the sweep's summary says how to
             # continue all of them (one command), so this job only says where its checkpoint is.
             from hydra.core.hydra_config import HydraConfig
@@ -711,14 +748,20 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(repr(k) for k in exclude) + "]",
         ]
 
-    return argv, _job_environment(base, sweeps)
+    env = _job_environment(base, sweeps)
+    if "DGLSTM_PARALLEL_JOBS" in env and not any(a.startswith("hydra.launcher.n_jobs=") for a in argv):
+        # as many joblib workers as jobs run at once: no worker idles from the start, where a stop signal
+        # would find Python's default handler and break the pool (it then kills the jobs still saving)
+        argv = [*argv, f"hydra.launcher.n_jobs={env['DGLSTM_PARALLEL_JOBS']}"]
+    return argv, env
 
 
 def _job_environment(base: DictConfig, sweeps: list) -> dict[str, str]:
     """Environment variables for a sweep's jobs: joblib's workers share this machine's cores, so each job
     is told how many jobs run beside it (default_threads gives it its share)."""
-    env = {}
     launcher = str(OmegaConf.select(base, "hydra.launcher._target_", default=""))
+    sweeper = str(OmegaConf.select(base, "hydra.sweeper._target_", default=""))
+    env = {"DGLSTM_LAUNCHER": launcher, "DGLSTM_SWEEPER": sweeper}
     if "joblib" in launcher.lower():
         n_jobs = int(OmegaConf.select(base, "hydra.launcher.n_jobs", default=-1) or -1)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -869,7 +912,10 @@ def main() -> None:
         report_and_exit(exc)
     sys.argv = [sys.argv[0], *argv]
     os.environ.update(env)  # inherited by joblib's workers
-    stop = _SweepStop(argv) if any(a in ("-m", "--multirun") for a in argv) else None
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    grid = stops_as_a_grid(env.get("DGLSTM_LAUNCHER", ""), env.get("DGLSTM_SWEEPER", ""))
+    stop = _SweepStop() if multirun and grid else None
+    os.environ["DGLSTM_SWEEP_PID"] = str(os.getpid())
     try:
         with stop or contextlib.nullcontext():
             _make_hydra_main()()
@@ -878,8 +924,9 @@ def main() -> None:
         sys.exit(130)
     finally:
         rundir.release_all()
-    if stop is not None and stop.received is not None:
-        sys.exit(128 + stop.received)
+    signum = (stop.received if stop is not None else None) or next(iter(_STOPPED_BY), None)
+    if signum is not None:
+        sys.exit(128 + signum)
     if callbacks.FAILED_JOBS:
         sys.exit(1)
 
@@ -892,16 +939,11 @@ class _SweepStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, argv: list[str]):
-        self.sweep_dir = next(
-            (a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.sweep.dir=")), None
-        )
+    def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
 
     def __enter__(self):
-        if self.sweep_dir:
-            rundir.clear_sweep_stopped(self.sweep_dir)  # a re-run continues the sweep
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         # joblib's workers and their resource tracker: a stopped sweep is not a leak worth a warning
@@ -911,11 +953,15 @@ class _SweepStop:
         return self
 
     def _handle(self, signum, frame):
+        from . import callbacks
+        from .trainer import StopSignals
+
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
-        if self.sweep_dir:
-            rundir.mark_sweep_stopped(self.sweep_dir, f"{signal.Signals(signum).name} to the sweep")
+        StopSignals.pending = signum  # the basic launcher's job, if it is between its loop's handlers
+        if callbacks.SWEEP_DIR is not None:  # the sweep's folder, as Hydra resolved it
+            rundir.mark_sweep_stopped(callbacks.SWEEP_DIR, f"{signal.Signals(signum).name} to the sweep")
 
     def __exit__(self, *exc):
         for s, prev in self._previous.items():

@@ -42,7 +42,7 @@ def load_warning(load_1min: float, cores: int, threads: int) -> str | None:
     """Why throughput may be far below what this machine gives, or None. More runnable work than cores
     (the 1-minute load average, which counts this job's own threads) means every thread waits its turn; torch
     threads that wait for each other at every step then lose more than one thread would."""
-    if load_1min <= cores + 0.75:
+    if load_1min <= cores + 0.75:  # (cores: the node's, as the load average is the node's)
         return None
     advice = "trainer.threads=1, or " if threads > 1 else ""
     return (
@@ -54,8 +54,8 @@ def load_warning(load_1min: float, cores: int, threads: int) -> str | None:
 
 def _machine_load() -> tuple[float, int] | None:
     try:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return os.getloadavg()[0], cores
+        # the load average is the whole node's: compare it with the node's cores, not this job's share
+        return os.getloadavg()[0], os.cpu_count() or 1
     except OSError:
         return None
 
@@ -220,8 +220,12 @@ class StopSignals:
         s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None
     )
 
+    # A stop signal that arrived while no StopSignals was active (a sweep job building its model, a joblib
+    # worker between jobs): the next StopSignals starts from it, so the job stops after its first step.
+    pending: int | None = None
+
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = StopSignals.pending
         self._previous = {}
 
     def __enter__(self):

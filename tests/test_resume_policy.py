@@ -159,3 +159,13 @@ def test_a_larger_max_epochs_continues_a_finished_sweep_job(tmp_path, ptb_dir, p
     assert longer["step"] == 2 * first["step"]
     assert "resumed from" in (job / "train.log").read_text()
     assert strip_time(longer) == strip_time(train(cfg(2), tmp_path / "fresh"))
+
+
+def test_refusals_that_share_a_reason_name_all_their_keys():
+    """The optimizer's keys and the plateau schedule's are refused for the same reason: one message, both."""
+    old = config("trainer.lr_schedule=plateau")
+    new = config("trainer.lr_schedule=plateau", "trainer.lr=2", "trainer.min_lr=0.01")
+    with pytest.raises(
+        CheckpointError, match=STATE.format("trainer.lr: 1.0 → 2.0, trainer.min_lr: 0.0 → 0.01")
+    ):
+        policy.check_resume(old, new, "ckpt.pt", epoch=2, batch=0)
