@@ -31,7 +31,9 @@ from .errors import cli
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
-CORES = ("nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[python]")
+# "dglstm[<backend>]" is the DGLSTM with model.backend=<backend>: [cpp_blas] is the fused kernel with a plain
+# BLAS GEMM per step instead of MKL's packed one, [python] the scan written with torch ops.
+CORES = ("nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[cpp_blas]", "dglstm[python]")
 
 
 class _NNLSTMCore(nn.Module):
@@ -55,8 +57,8 @@ def make_model(core: str, dim: int, layers: int, device):
 
     if core.startswith("nn.LSTM"):
         c = _NNLSTMCore(dim, layers)
-    elif core == "dglstm[python]":
-        c = build_core("dglstm", dim, [dim] * layers, backend="python")
+    elif core.startswith("dglstm[") and core.endswith("]"):
+        c = build_core("dglstm", dim, [dim] * layers, backend=core[len("dglstm[") : -1])
     else:
         c = build_core(core, dim, [dim] * layers)
     model = LanguageModel(V, dim, c).to(device)
@@ -312,10 +314,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     device = torch.device(args.device)
     rounds = 1 if args.quick else args.rounds
     cores = [c for c in args.cores.split(",") if c]
-    if device.type == "cuda":
-        cores = [c for c in cores if c != "dglstm[python]"] + [
-            "dglstm[python]"
-        ]  # on CUDA the python scan is the DGLSTM
+    if device.type == "cuda":  # on CUDA the python scan is the DGLSTM's; the fused C++ kernel is CPU-only
+        cores = [c for c in cores if c not in ("dglstm[python]", "dglstm[cpp_blas]")] + ["dglstm[python]"]
     info = machine()
     print(
         f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"

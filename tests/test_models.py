@@ -12,7 +12,7 @@ from dglstm_lm.config import DGLSTMConfig, LSTMConfig, ResidualLSTMConfig, RNNCo
 from dglstm_lm.models import DGLSTMLayer, LanguageModel, LSTMLayer, build_core, build_model, count_parameters
 from dglstm_lm.models.kernels import cpp_extension, scan
 
-BACKENDS = ["python"] + (["cpp"] if cpp_extension() is not None else [])
+BACKENDS = ["python"] + (["cpp", "cpp_blas"] if cpp_extension() is not None else [])
 
 
 def test_cpp_kernel_is_built():
@@ -236,6 +236,69 @@ def test_dglstm_float32_matches_reference(backend):
     state64 = [tuple(s.double() for s in layer) for layer in state]
     ref, _ = reference_dglstm(core64, x.double(), state64, dict(dims=[16, 32, 32], peephole=True))
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dglstm_float32_gradients_match_reference(backend):
+    """The float32 backward (with MKL's packed GEMM under `cpp`) against the reference's gradients in float64."""
+    torch.manual_seed(4)
+    core = build_core("dglstm", 16, [32, 32], peephole=True, backend=backend)
+    x = torch.randn(12, 4, 16, requires_grad=True)
+    state = _random_state(core, 4, torch.float32)
+    out, _ = core(x, state)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), [x, *core.parameters()])
+    core64 = build_core("dglstm", 16, [32, 32], peephole=True).double()
+    core64.load_state_dict({k: v.double() for k, v in core.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    state64 = [tuple(s.double() for s in layer) for layer in state]
+    ref, _ = reference_dglstm(core64, x64, state64, dict(dims=[16, 32, 32], peephole=True))
+    refs = torch.autograd.grad((ref * w.double()).sum(), [x64, *core64.parameters()])
+    names = ["x"] + [n for n, _ in core.named_parameters()]
+    for name, g, r in zip(names, grads, refs):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cpp_backend_uses_mkl_packed_gemm_in_float32(monkeypatch):
+    """model.backend=cpp multiplies by W_hh (forward) and W_hh^T (backward) through MKL's packed GEMM wherever
+    torch has MKL, packing each once per window; cpp_blas and float64 never pack."""
+    from dglstm_lm.models import kernels
+
+    if cpp_extension() is None:
+        pytest.skip("no fused kernel")
+    assert kernels.packed_gemm_available() == torch.backends.mkl.is_available()
+    if not kernels.packed_gemm_available():
+        pytest.skip("this torch has no MKL")
+    packed = []
+    real = kernels._pack
+    monkeypatch.setattr(kernels, "_pack", lambda w, rows: packed.append((tuple(w.shape), rows)) or real(w, rows))
+
+    def run(backend, dtype):
+        core = build_core("dglstm", 8, [6, 6], backend=backend).to(dtype)
+        out, _ = core(torch.randn(5, 3, 8, dtype=dtype), core.init_state(3, dtype=dtype))
+        out.sum().backward()
+
+    run("cpp", torch.float32)
+    assert packed == [((24, 6), 3)] * 2 + [((6, 24), 3)] * 2  # two layers forward, then two backward
+    packed.clear()
+    run("cpp_blas", torch.float32)
+    run("cpp", torch.float64)
+    assert packed == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_forward_equals_the_training_forward(backend):
+    """Under no_grad the fused kernel keeps no per-step activations (nothing will run backward): the outputs
+    are bit-for-bit those of a forward pass that keeps them."""
+    torch.manual_seed(5)
+    core = build_core("dglstm", 16, [32, 32], peephole=True, backend=backend)
+    x = torch.randn(12, 4, 16)
+    state = _random_state(core, 4, torch.float32)
+    out, (hs, cs) = core(x, state)
+    with torch.no_grad():
+        out_eval, (hs_eval, cs_eval) = core(x, state)
+    assert torch.equal(out.detach(), out_eval)
+    assert all(torch.equal(a.detach(), b) for a, b in zip([*hs, *cs], [*hs_eval, *cs_eval]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -291,7 +291,7 @@ def test_triton_backend_where_it_cannot_run_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"Triton is unavailable \(ModuleNotFoundError"):
         check_backend(m, "cuda")
     with pytest.raises(
-        ConfigError, match=r"model.backend: unknown backend 'cuda' \(auto, cpp, python, triton"
+        ConfigError, match=r"model.backend: unknown backend 'cuda' \(auto, cpp, cpp_blas, python, triton"
     ):
         validate(compose(["model=dglstm", "model.backend=cuda"]))
 

@@ -11,7 +11,11 @@ over all T steps and returns (h_all, c_all), both [T, B, H]. Everything that doe
 Two implementations of the same forward and backward:
 - ``cpp``: a C++ extension (csrc/scan.cpp) with the elementwise work of a step fused into one loop. CPU only.
   Built once by ``make setup`` (``python -m dglstm_lm.build_kernels``) into ``build/``; loading a
-  built module takes no lock, so parallel jobs never wait on each other.
+  built module takes no lock, so parallel jobs never wait on each other. In float32 its per-step GEMMs go
+  through MKL's packed GEMM (W_hh packed once per window for the batch's row count: at batch 20 re-packing
+  the weight is most of a plain GEMM call's time), wherever torch has MKL; ``cpp_blas`` is the same kernel
+  with a plain GEMM per step (torch's BLAS), and float64 always uses that. Under no_grad the kernel keeps
+  no per-step activations.
 - ``python``: the same loops written with torch ops; runs on any device (CUDA included) and is the fallback
   when no compiler is available.
 - ``triton`` (triton_scan.py): the GPU backend, one fused Triton kernel per step forward and backward with
@@ -222,13 +226,33 @@ def _py_backward(grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wc
     return d_gx, d_gd, d_m, dh_rec, dc, d_w_hh, d_wci, d_wcf, d_wco, d_wcd
 
 
+def packed_gemm_available() -> bool:
+    """Whether the fused CPU kernel can run its per-step GEMMs through MKL's packed GEMM (torch with MKL)."""
+    ext = cpp_extension()
+    return ext is not None and ext.has_packed_gemm()
+
+
+def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w ([N, K]) packed by MKL for products x w^T with x of `rows` rows (mkl::_mkl_linear's weight)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+
+
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, use_cpp):
-        fn = cpp_extension().forward if use_cpp else _py_forward
-        h_all, c_all, acts, tanh_c = fn(gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled)
-        ctx.save_for_backward(h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd)
-        ctx.coupled, ctx.use_cpp = coupled, use_cpp
+    def forward(ctx, gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, mode, save):
+        # mode: "python", "cpp" (a plain GEMM per step) or "cpp_packed" (MKL's packed GEMM, float32);
+        # save=False when no backward can follow (no_grad, nothing requires grad): nothing kept per step
+        if mode == "python":
+            h_all, c_all, acts, tanh_c = _py_forward(gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled)
+        else:
+            w_hh = w_hh.contiguous()
+            packed = _pack(w_hh, gx.shape[1]) if mode == "cpp_packed" else None
+            h_all, c_all, acts, tanh_c = cpp_extension().forward(
+                gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, packed, save
+            )
+        if save:
+            ctx.save_for_backward(h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd)
+        ctx.coupled, ctx.mode = coupled, mode
         return h_all, c_all
 
     @staticmethod
@@ -236,14 +260,18 @@ class _Scan(torch.autograd.Function):
         h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd = ctx.saved_tensors
         grad_h = torch.zeros_like(h_all) if grad_h is None else grad_h.contiguous()
         grad_c = torch.zeros_like(c_all) if grad_c is None else grad_c.contiguous()
-        fn = cpp_extension().backward if ctx.use_cpp else _py_backward
-        grads = fn(
-            grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd, ctx.coupled
-        )
-        return (*grads, None, None)
+        args = (grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd, ctx.coupled)
+        if ctx.mode == "python":
+            grads = _py_backward(*args)
+        else:
+            w_hh_t = w_hh.t().contiguous() if ctx.mode == "cpp_packed" else None
+            packed_t = _pack(w_hh_t, h_all.shape[1]) if w_hh_t is not None else None
+            grads = cpp_extension().backward(*args, packed_t, w_hh_t)
+        return (*grads, None, None, None)
 
 
 TRITON_BACKENDS = ("triton", "triton_graph")
+CPP_BACKENDS = ("cpp", "cpp_blas")
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -276,8 +304,8 @@ def _triton(*args, coupled, backend):
 
 
 def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, coupled=False, backend="auto"):
-    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "python" | "triton" |
-    "triton_graph"."""
+    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "cpp_blas" | "python" |
+    "triton" | "triton_graph"."""
     if _autocast_enabled(gx.device.type):
         # the recurrence in float32 (see the module docstring); the casts are differentiable
         with torch.autocast(gx.device.type, enabled=False):
@@ -307,18 +335,24 @@ def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, cou
             and gx.dtype in (torch.float32, torch.float64)
             and cpp_extension() is not None
         )
-    elif backend == "cpp":
+        backend = "cpp" if use_cpp else "python"
+    elif backend in CPP_BACKENDS:
         if gx.device.type != "cpu":
             raise ValueError(f"the fused C++ kernel runs on the CPU only, not on {gx.device.type}")
         if cpp_extension() is None:
             raise RuntimeError(f"the fused C++ kernel is unavailable: {cpp_unavailable_reason()}")
-        use_cpp = True
-    elif backend == "python":
-        use_cpp = False
-    else:
-        raise ValueError(f"unknown scan backend {backend!r} (auto, cpp, python, triton, triton_graph)")
+    elif backend != "python":
+        raise ValueError(
+            f"unknown scan backend {backend!r} (auto, cpp, cpp_blas, python, triton, triton_graph)"
+        )
+    mode = backend
+    if backend == "cpp":
+        mode = "cpp_packed" if gx.dtype == torch.float32 and packed_gemm_available() else "cpp"
+    elif backend == "cpp_blas":
+        mode = "cpp"
     contig = [None if t is None else t.contiguous() for t in (gx, gd, m, h0, c0)]
-    return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, use_cpp)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, mode, save)
 
 
 def main(argv=None):

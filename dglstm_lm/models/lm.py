@@ -115,25 +115,25 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def check_backend(cfg, device) -> None:
-    """model.backend=cpp names the fused CPU kernel, triton and triton_graph the GPU ones: say at once when
-    the one named cannot run here, not mid-training."""
+    """model.backend=cpp (and cpp_blas) names the fused CPU kernel, triton and triton_graph the GPU ones: say
+    at once when the one named cannot run here, not mid-training."""
     backend = getattr(cfg, "backend", "auto")
     if backend in ("triton", "triton_graph"):
         _check_triton_backend(backend, device)
         return
-    if backend != "cpp":
+    if backend not in ("cpp", "cpp_blas"):
         return
     from ..errors import ConfigError
     from .kernels import cpp_extension, cpp_unavailable_reason
 
     if torch.device(device).type != "cpu":
         raise ConfigError(
-            f"model.backend=cpp: the fused C++ kernel runs on the CPU only, and the run is on {device} "
+            f"model.backend={backend}: the fused C++ kernel runs on the CPU only, and the run is on {device} "
             "(use model.backend=auto)"
         )
     if cpp_extension() is None:
         raise ConfigError(
-            f"model.backend=cpp: the fused C++ kernel is unavailable ({cpp_unavailable_reason()}); "
+            f"model.backend={backend}: the fused C++ kernel is unavailable ({cpp_unavailable_reason()}); "
             "use model.backend=auto or python"
         )
 

@@ -83,10 +83,12 @@ const Tensor& need(const std::optional<Tensor>& t, const char* name) {
   return *t;
 }
 
-// One forward step for one batch row: z (G*H) pre-activations gx_t + W_hh h_{t-1}; writes the K*H saved
-// activations, c_t, tanh(c_t) and h_t. A plain loop over units with restrict pointers, so GCC vectorises it.
+// One forward step for one batch row: the pre-activations are zh + zx (G*H each: W_hh h_{t-1} from the GEMM,
+// gx_t from the caller); writes the K*H saved activations, c_t, tanh(c_t) and h_t. A plain loop over units
+// with restrict pointers, so GCC vectorises it.
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
-DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict z, const scalar_t* __restrict gd,
+DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict zh, const scalar_t* __restrict zx,
+                 const scalar_t* __restrict gd,
                  const scalar_t* __restrict m, const scalar_t* __restrict c_prev, const scalar_t* __restrict wci,
                  const scalar_t* __restrict wcf, const scalar_t* __restrict wco, const scalar_t* __restrict wcd,
                  scalar_t* __restrict acts, scalar_t* __restrict c_out, scalar_t* __restrict tc_out,
@@ -94,20 +96,20 @@ DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict z, const sc
   constexpr int64_t G = COUPLED ? 3 : 4;
   for (int64_t j = 0; j < H; ++j) {
     const scalar_t cp = c_prev[j];
-    scalar_t zi = z[j];
+    scalar_t zi = zh[j] + zx[j];
     if (PEEP) zi += wci[j] * cp;
     const scalar_t i = sigmoid(zi);
     scalar_t f, g, zo;
     if (COUPLED) {
       f = scalar_t(1) - i;
-      g = tanh_(z[H + j]);
-      zo = z[2 * H + j];
+      g = tanh_(zh[H + j] + zx[H + j]);
+      zo = zh[2 * H + j] + zx[2 * H + j];
     } else {
-      scalar_t zf = z[H + j];
+      scalar_t zf = zh[H + j] + zx[H + j];
       if (PEEP) zf += wcf[j] * cp;
       f = sigmoid(zf);
-      g = tanh_(z[2 * H + j]);
-      zo = z[3 * H + j];
+      g = tanh_(zh[2 * H + j] + zx[2 * H + j]);
+      zo = zh[3 * H + j] + zx[3 * H + j];
     }
     scalar_t c = f * cp + i * g;
     if (DEPTH) {
@@ -133,12 +135,14 @@ DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict z, const sc
   }
 }
 
-// One backward step for one batch row. On entry dc holds the gradient reaching c_t from outside the layer and
-// from step t+1, dh the gradient reaching h_t. Writes dz (gate pre-activations), dgd and dm, and replaces dc
-// by the gradient reaching c_{t-1} through this step.
+// One backward step for one batch row. On entry dc holds the gradient reaching c_t from step t+1, gc the
+// gradient reaching it from outside the layer; the gradient reaching h_t is gh (from outside) + dhr (dz_{t+1}
+// W_hh). Writes dz (gate pre-activations), dgd and dm, and replaces dc by the gradient reaching c_{t-1}
+// through this step.
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
 DGLSTM_ROW_FN void backward_row(int64_t H, const scalar_t* __restrict acts, const scalar_t* __restrict tanh_c,
-                  const scalar_t* __restrict c_prev, const scalar_t* __restrict m, const scalar_t* __restrict dh,
+                  const scalar_t* __restrict c_prev, const scalar_t* __restrict m, const scalar_t* __restrict gh,
+                  const scalar_t* __restrict dhr, const scalar_t* __restrict gc,
                   const scalar_t* __restrict wci, const scalar_t* __restrict wcf, const scalar_t* __restrict wco,
                   const scalar_t* __restrict wcd, scalar_t* __restrict dc, scalar_t* __restrict dz,
                   scalar_t* __restrict dgd, scalar_t* __restrict dm) {
@@ -150,10 +154,10 @@ DGLSTM_ROW_FN void backward_row(int64_t H, const scalar_t* __restrict acts, cons
     const scalar_t o = COUPLED ? acts[2 * H + j] : acts[3 * H + j];
     const scalar_t tc = tanh_c[j];
     const scalar_t cp = c_prev[j];
-    const scalar_t dhj = dh[j];
+    const scalar_t dhj = gh[j] + dhr[j];
 
     const scalar_t dzo = dhj * tc * o * (scalar_t(1) - o);
-    scalar_t dcj = dc[j] + dhj * o * (scalar_t(1) - tc * tc);
+    scalar_t dcj = (dc[j] + gc[j]) + dhj * o * (scalar_t(1) - tc * tc);
     if (PEEP) dcj += dzo * wco[j];
     scalar_t dcp = dcj * f;
     if (DEPTH) {
@@ -185,7 +189,7 @@ DGLSTM_ROW_FN void backward_row(int64_t H, const scalar_t* __restrict acts, cons
 }
 
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
-void forward_step(int64_t B, int64_t H, const scalar_t* z, const scalar_t* gd, const scalar_t* m,
+void forward_step(int64_t B, int64_t H, const scalar_t* zh, const scalar_t* zx, const scalar_t* gd, const scalar_t* m,
                   const scalar_t* c_prev, const scalar_t* wci, const scalar_t* wcf, const scalar_t* wco,
                   const scalar_t* wcd, scalar_t* acts, scalar_t* c_out, scalar_t* tc_out, scalar_t* h_out) {
   constexpr int64_t G = COUPLED ? 3 : 4;
@@ -193,7 +197,7 @@ void forward_step(int64_t B, int64_t H, const scalar_t* z, const scalar_t* gd, c
   at::parallel_for(0, B, std::max<int64_t>(1, kGrain / H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * H;
-      forward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, z + b * G * H, DEPTH ? gd + r : nullptr, DEPTH ? m + r : nullptr,
+      forward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, zh + b * G * H, zx + b * G * H, DEPTH ? gd + r : nullptr, DEPTH ? m + r : nullptr,
                                                   c_prev + r, wci, wcf, wco, wcd, acts + b * K * H, c_out + r,
                                                   tc_out + r, h_out + r);
     }
@@ -202,7 +206,7 @@ void forward_step(int64_t B, int64_t H, const scalar_t* z, const scalar_t* gd, c
 
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
 void backward_step(int64_t B, int64_t H, const scalar_t* acts, const scalar_t* tanh_c, const scalar_t* c_prev,
-                   const scalar_t* m, const scalar_t* dh, const scalar_t* wci, const scalar_t* wcf,
+                   const scalar_t* m, const scalar_t* gh, const scalar_t* dhr, const scalar_t* gc, const scalar_t* wci, const scalar_t* wcf,
                    const scalar_t* wco, const scalar_t* wcd, scalar_t* dc, scalar_t* dz, scalar_t* dgd,
                    scalar_t* dm) {
   constexpr int64_t G = COUPLED ? 3 : 4;
@@ -211,7 +215,7 @@ void backward_step(int64_t B, int64_t H, const scalar_t* acts, const scalar_t* t
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * H;
       backward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, acts + b * K * H, tanh_c + r, c_prev + r,
-                                                   DEPTH ? m + r : nullptr, dh + r, wci, wcf, wco, wcd, dc + r,
+                                                   DEPTH ? m + r : nullptr, gh + r, dhr + r, gc + r, wci, wcf, wco, wcd, dc + r,
                                                    dz + b * G * H, DEPTH ? dgd + r : nullptr,
                                                    DEPTH ? dm + r : nullptr);
     }
@@ -249,32 +253,58 @@ void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "scan: ", name, " must be contiguous");
 }
 
+// MKL's packed GEMM as torch registers it (mkl::_mkl_linear: X ORI_W^T with ORI_W pre-packed for X's row
+// count by mkl::_mkl_reorder_linear_weight). A recurrence multiplies the same small weight by a new h at
+// every step, the case a packed B matrix is for: MKL skips re-packing W_hh at each call, which is most of an
+// M = 20 GEMM's time. Looked up by name at run time: a torch without MKL has no such op, and the caller then
+// passes no packed weight.
+using MklLinearFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t);
+
+const c10::TypedOperatorHandle<MklLinearFn>& mkl_linear() {
+  static const c10::TypedOperatorHandle<MklLinearFn> op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkl::_mkl_linear", "").typed<MklLinearFn>();
+  return op;
+}
+
 }  // namespace
 
-// Returns {h_all [T,B,H], c_all [T,B,H], acts [T,B,K*H], tanh_c [T,B,H]}.
+// Whether this torch has MKL's packed GEMM (see mkl_linear above).
+bool has_packed_gemm() {
+  return c10::Dispatcher::singleton().findSchema({"mkl::_mkl_linear", ""}).has_value() &&
+         c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""}).has_value();
+}
+
+// Returns {h_all [T,B,H], c_all [T,B,H], acts [T,B,K*H], tanh_c [T,B,H]}. w_packed: W_hh packed for B rows
+// by mkl::_mkl_reorder_linear_weight (float32), or none for a plain GEMM per step. save=false (no backward
+// will follow) keeps acts and tanh_c for one step only, reused at every step: [1,B,K*H] and [1,B,H].
 std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& gd, const std::optional<Tensor>& m,
                                  const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                                  const std::optional<Tensor>& wci, const std::optional<Tensor>& wcf,
-                                 const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled) {
+                                 const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled,
+                                 const std::optional<Tensor>& w_packed, bool save) {
   const Flags flags{coupled, wci.has_value() && wci->defined(), gd.has_value() && gd->defined()};
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
   const int64_t G = coupled ? 3 : 4, K = G + (flags.depth ? 1 : 0);
+  const bool packed = w_packed.has_value() && w_packed->defined();
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == G * H, "scan: gx must be [T, B, ", G, "*H]");
   TORCH_CHECK(w_hh.size(0) == G * H && w_hh.size(1) == H, "scan: w_hh must be [", G, "*H, H]");
+  TORCH_CHECK(!packed || gx.scalar_type() == at::kFloat, "scan: the packed GEMM is float32 only");
   check_input(gx, "gx");
   check_input(h0, "h0");
   check_input(c0, "c0");
+  if (packed) check_input(w_hh, "w_hh");
   if (flags.depth) {
     check_input(*gd, "gd");
     check_input(need(m, "m"), "m");
     need(wcd, "wcd");
   }
 
+  const int64_t T_saved = save ? T : 1;
   auto h_all = at::empty({T, B, H}, gx.options());
   auto c_all = at::empty({T, B, H}, gx.options());
-  auto tanh_c = at::empty({T, B, H}, gx.options());
-  auto acts = at::empty({T, B, K * H}, gx.options());
-  auto z = at::empty({B, G * H}, gx.options());
+  auto tanh_c = at::empty({T_saved, B, H}, gx.options());
+  auto acts = at::empty({T_saved, B, K * H}, gx.options());
+  auto zh = at::empty({B, G * H}, gx.options());
   const auto w_hh_t = w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "scan_forward", [&] {
@@ -285,31 +315,43 @@ std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& 
     for (int64_t t = 0; t < T; ++t) {
       const Tensor h_prev = t == 0 ? h0 : h_all[t - 1];
       const Tensor c_prev = t == 0 ? c0 : c_all[t - 1];
-      at::addmm_out(z, gx[t], h_prev, w_hh_t);
+      if (packed) {
+        zh = mkl_linear().call(h_prev, *w_packed, w_hh, std::nullopt, B);
+      } else {
+        at::mm_out(zh, h_prev, w_hh_t);
+      }
+      const int64_t ts = save ? t : 0;
       const scalar_t* p_gd = flags.depth ? gd->data_ptr<scalar_t>() + t * B * H : nullptr;
       const scalar_t* p_m = flags.depth ? m->data_ptr<scalar_t>() + t * B * H : nullptr;
-      DISPATCH_FLAGS(flags, forward_step, B, H, z.data_ptr<scalar_t>(), p_gd, p_m, c_prev.data_ptr<scalar_t>(),
-                     p_wci, p_wcf, p_wco, p_wcd, acts.data_ptr<scalar_t>() + t * B * K * H,
-                     c_all.data_ptr<scalar_t>() + t * B * H, tanh_c.data_ptr<scalar_t>() + t * B * H,
-                     h_all.data_ptr<scalar_t>() + t * B * H);
+      DISPATCH_FLAGS(flags, forward_step, B, H, zh.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>() + t * B * G * H,
+                     p_gd, p_m, c_prev.data_ptr<scalar_t>(), p_wci, p_wcf, p_wco, p_wcd,
+                     acts.data_ptr<scalar_t>() + ts * B * K * H, c_all.data_ptr<scalar_t>() + t * B * H,
+                     tanh_c.data_ptr<scalar_t>() + ts * B * H, h_all.data_ptr<scalar_t>() + t * B * H);
     }
   });
   return {h_all, c_all, acts, tanh_c};
 }
 
-// grad_h, grad_c: [T,B,H] gradients arriving at every h_t and c_t from outside the layer.
+// grad_h, grad_c: [T,B,H] gradients arriving at every h_t and c_t from outside the layer. w_packed_t and
+// w_hh_t: W_hh^T ([H, G*H], contiguous) and its MKL packing for B rows, or both none for a plain GEMM.
 // Returns {d_gx, d_gd, d_m, d_h0, d_c0, d_w_hh, d_wci, d_wcf, d_wco, d_wcd}; entries the forward pass had
 // no input for are undefined tensors (None in Python).
 std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, const Tensor& h0, const Tensor& c0,
                                   const Tensor& w_hh, const Tensor& h_all, const Tensor& c_all, const Tensor& acts,
                                   const Tensor& tanh_c, const std::optional<Tensor>& m,
                                   const std::optional<Tensor>& wci, const std::optional<Tensor>& wcf,
-                                  const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled) {
+                                  const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled,
+                                  const std::optional<Tensor>& w_packed_t, const std::optional<Tensor>& w_hh_t) {
   const Flags flags{coupled, wci.has_value() && wci->defined(), m.has_value() && m->defined()};
   const int64_t T = h_all.size(0), B = h_all.size(1), H = h_all.size(2);
   const int64_t G = coupled ? 3 : 4;
+  const bool packed = w_packed_t.has_value() && w_packed_t->defined();
+  TORCH_CHECK(acts.size(0) == T && tanh_c.size(0) == T, "scan: backward needs a forward pass with save=true");
+  TORCH_CHECK(!packed || (h_all.scalar_type() == at::kFloat && w_hh_t.has_value() && w_hh_t->defined()),
+              "scan: the packed GEMM is float32 only and needs w_hh_t");
   check_input(grad_h, "grad_h");
   check_input(grad_c, "grad_c");
+  if (packed) check_input(*w_hh_t, "w_hh_t");
 
   auto d_gx = at::empty({T, B, G * H}, h_all.options());
   Tensor d_gd, d_m;
@@ -317,8 +359,7 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
     d_gd = at::empty({T, B, H}, h_all.options());
     d_m = at::empty({T, B, H}, h_all.options());
   }
-  auto dh = at::empty({B, H}, h_all.options());  // gradient reaching h_t
-  auto dh_rec = at::zeros({B, H}, h_all.options());  // dz_{t+1} W_hh: the recurrent part of it
+  auto dh_rec = at::zeros({B, H}, h_all.options());  // dz_{t+1} W_hh: the recurrent part of the gradient at h_t
   auto dc = at::zeros({B, H}, h_all.options());
 
   AT_DISPATCH_FLOATING_TYPES(h_all.scalar_type(), "scan_backward", [&] {
@@ -328,16 +369,20 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
     const scalar_t* p_wcd = ptr_or_null<scalar_t>(wcd);
     const int64_t K = acts.size(2) / H;
     for (int64_t t = T - 1; t >= 0; --t) {
-      at::add_out(dh, grad_h[t], dh_rec);
-      dc.add_(grad_c[t]);
       const Tensor c_prev = t == 0 ? c0 : c_all[t - 1];
       scalar_t* p_dgd = flags.depth ? d_gd.data_ptr<scalar_t>() + t * B * H : nullptr;
       scalar_t* p_dm = flags.depth ? d_m.data_ptr<scalar_t>() + t * B * H : nullptr;
       const scalar_t* p_m = flags.depth ? m->data_ptr<scalar_t>() + t * B * H : nullptr;
       DISPATCH_FLAGS(flags, backward_step, B, H, acts.data_ptr<scalar_t>() + t * B * K * H,
-                     tanh_c.data_ptr<scalar_t>() + t * B * H, c_prev.data_ptr<scalar_t>(), p_m, dh.data_ptr<scalar_t>(), p_wci, p_wcf, p_wco, p_wcd,
+                     tanh_c.data_ptr<scalar_t>() + t * B * H, c_prev.data_ptr<scalar_t>(), p_m,
+                     grad_h.data_ptr<scalar_t>() + t * B * H, dh_rec.data_ptr<scalar_t>(),
+                     grad_c.data_ptr<scalar_t>() + t * B * H, p_wci, p_wcf, p_wco, p_wcd,
                      dc.data_ptr<scalar_t>(), d_gx.data_ptr<scalar_t>() + t * B * G * H, p_dgd, p_dm);
-      at::mm_out(dh_rec, d_gx[t], w_hh);
+      if (packed) {
+        dh_rec = mkl_linear().call(d_gx[t], *w_packed_t, *w_hh_t, std::nullopt, B);
+      } else {
+        at::mm_out(dh_rec, d_gx[t], w_hh);
+      }
     }
   });
 
@@ -366,4 +411,5 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &scan_forward, "fused (depth-gated) LSTM layer: forward over all steps");
   mod.def("backward", &scan_backward, "fused (depth-gated) LSTM layer: backward over all steps");
+  mod.def("has_packed_gemm", &has_packed_gemm, "whether this torch has MKL's packed GEMM (mkl::_mkl_linear)");
 }
