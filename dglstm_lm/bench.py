@@ -261,12 +261,24 @@ def instruction_set() -> dict:
     except AttributeError:
         aten = "unknown"
     asked = {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)}
-    return {"cpu_isa": cpu_isa, "cpu_flags": has, "aten_capability": aten, "isa_limits": asked}
+    from .models.kernels import cpp_extension, packed_gemm_available
+
+    ext = cpp_extension(build_if_missing=False)
+    return {
+        "cpu_isa": cpu_isa,
+        "cpu_flags": has,
+        "aten_capability": aten,
+        "isa_limits": asked,
+        # the fused DGLSTM kernel: its elementwise rows' instruction set, and its per-step GEMM
+        "fused_rows": ext.row_isa() if ext is not None else "not built",
+        "fused_gemm": "MKL packed" if ext is not None and packed_gemm_available() else "BLAS",
+    }
 
 
 def describe_isa(info: dict) -> str:
     limits = ", ".join(f"{k}={v}" for k, v in info.get("isa_limits", {}).items())
-    return f"{info['cpu_isa']} CPU, torch kernels {info['aten_capability']}" + (
+    fused = f", fused DGLSTM rows {info['fused_rows']}" if "fused_rows" in info else ""
+    return f"{info['cpu_isa']} CPU, torch kernels {info['aten_capability']}{fused}" + (
         f" (emulated: {limits})" if limits else ""
     )
 

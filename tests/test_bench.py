@@ -15,6 +15,8 @@ def test_the_instruction_set_and_its_limits_are_recorded():
     assert plain.returncode == 0, plain.stderr
     info, text = json.loads(plain.stdout)
     assert info["cpu_isa"] in ("AVX-512", "AVX2", "SSE") and info["isa_limits"] == {}
+    if info["cpu_isa"] == "AVX-512" and info["aten_capability"] == "AVX512":
+        assert info["fused_rows"] == "AVX-512"
     assert "emulated" not in text
     limits = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     limited = run_cli([PY, "-c", SHOW], env=limits)
@@ -22,6 +24,7 @@ def test_the_instruction_set_and_its_limits_are_recorded():
     assert info["isa_limits"] == limits
     if info["cpu_isa"] in ("AVX-512", "AVX2"):
         assert info["aten_capability"] == "AVX2"  # the limit took effect in torch's kernels
+        assert info["fused_rows"] == "AVX2"  # ... and in the fused kernel's own rows
     assert text.endswith(
         "(emulated: ATEN_CPU_CAPABILITY=avx2, DNNL_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"
     )

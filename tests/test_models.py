@@ -259,6 +259,46 @@ def test_dglstm_float32_gradients_match_reference(backend):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+ROW_VARIANT_CHECK = """
+import json, torch
+from dglstm_lm.models import build_core
+from dglstm_lm.models.kernels import cpp_extension
+torch.manual_seed(6)
+core = build_core("dglstm", 16, [37, 37], peephole=True, backend="cpp")  # 37: a remainder after every width
+x = torch.randn(9, 5, 16, requires_grad=True)
+out, _ = core(x, core.init_state(5))
+w = torch.randn_like(out)
+grads = torch.autograd.grad((out * w).sum(), [x, *core.parameters()])
+ref = build_core("dglstm", 16, [37, 37], peephole=True, backend="python").double()
+ref.load_state_dict({k: v.double() for k, v in core.state_dict().items()})
+x64 = x.detach().double().requires_grad_()
+out64, _ = ref(x64, ref.init_state(5, dtype=torch.float64))
+refs = torch.autograd.grad((out64 * w.double()).sum(), [x64, *ref.parameters()])
+dev = max(float(((g.double() - r).abs() / (1e-5 + 1e-4 * r.abs())).max()) for g, r in zip(grads, refs))
+print(json.dumps([cpp_extension().row_isa(), float((out.double() - out64).abs().max()), dev]))
+"""
+
+
+@pytest.mark.parametrize("capability,rows", [("default", "baseline"), ("avx2", "AVX2"), ("avx512", "AVX-512")])
+def test_every_row_variant_matches_the_python_scan(capability, rows):
+    """The fused rows are compiled for AVX-512, AVX2 and baseline x86-64 and chosen per process, following
+    ATEN_CPU_CAPABILITY: each variant this CPU can run, forced in a fresh process, against the float64
+    python scan (itself proved against the per-step reference above)."""
+    import json
+
+    from .conftest import PY, run_cli
+
+    if cpp_extension() is None:
+        pytest.skip("no fused kernel")
+    res = run_cli([PY, "-c", ROW_VARIANT_CHECK], env={"ATEN_CPU_CAPABILITY": capability})
+    assert res.returncode == 0, res.stderr
+    isa, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
+    if isa != rows:  # asked for more than the CPU has: torch and the kernel fall back to what it has
+        assert capability != "default" and torch.backends.cpu.get_cpu_capability() != capability.upper()
+        pytest.skip(f"this CPU cannot run {rows} rows")
+    assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
+
+
 def test_cpp_backend_uses_mkl_packed_gemm_in_float32(monkeypatch):
     """model.backend=cpp multiplies by W_hh (forward) and W_hh^T (backward) through MKL's packed GEMM wherever
     torch has MKL, packing each once per window; cpp_blas and float64 never pack."""

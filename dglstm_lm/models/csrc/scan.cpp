@@ -18,25 +18,83 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
 
-constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk; one step is B*H elements
+constexpr int64_t kGrain = 1 << 13;  // elements per parallel chunk; one step is B*H elements (20 x 650: two chunks)
 
-// The per-row loops are kept out of line (inlined into at::parallel_for's lambda GCC stops vectorising them)
-// and, with GCC on x86-64, compiled twice: AVX2+FMA and baseline SSE2, chosen when the module loads. The
-// binary stays portable across the nodes of a cluster; no -march=native.
+// The per-row loops are plain loops that GCC vectorises; each is compiled three times (GCC on x86-64):
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline SSE2, in out-of-line wrappers (inlined into
+// at::parallel_for's lambda GCC stops vectorising them). The wrapper is chosen once per process: the widest
+// the CPU has and torch's own kernels use, so ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine here too.
+// The binary stays portable across the nodes of a cluster; no -march=native.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DGLSTM_ROW_FN __attribute__((noinline, target_clones("arch=x86-64-v3", "default")))
+#define DGLSTM_X86_VARIANTS 1
+#endif
+#define DGLSTM_ROW_BODY inline __attribute__((always_inline))
+
+enum class RowIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+RowIsa detect_row_isa() {
+#ifdef DGLSTM_X86_VARIANTS
+  const std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT"; honours ATEN_CPU_CAPABILITY
+  __builtin_cpu_init();
+  if (aten == "AVX512" && __builtin_cpu_supports("x86-64-v4")) return RowIsa::kAvx512;
+  if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("x86-64-v3")) return RowIsa::kAvx2;
+#endif
+  return RowIsa::kBaseline;
+}
+
+RowIsa row_isa() {
+  static const RowIsa isa = detect_row_isa();
+  return isa;
+}
+
+// NAME_v4 / NAME_v3 / NAME_base<scalar_t, flags...>(args...): NAME's body compiled for each instruction set.
+#ifdef DGLSTM_X86_VARIANTS
+#define DGLSTM_ROW_VARIANTS(NAME)                                                                          \
+  template <typename scalar_t, bool C, bool P, bool D, typename... A>                                     \
+  __attribute__((noinline, target("arch=x86-64-v4"))) void NAME##_v4(A... a) {                             \
+    NAME<scalar_t, C, P, D>(a...);                                                                         \
+  }                                                                                                        \
+  template <typename scalar_t, bool C, bool P, bool D, typename... A>                                     \
+  __attribute__((noinline, target("arch=x86-64-v3"))) void NAME##_v3(A... a) {                             \
+    NAME<scalar_t, C, P, D>(a...);                                                                         \
+  }                                                                                                        \
+  template <typename scalar_t, bool C, bool P, bool D, typename... A>                                     \
+  __attribute__((noinline)) void NAME##_base(A... a) {                                                     \
+    NAME<scalar_t, C, P, D>(a...);                                                                         \
+  }
+// DGLSTM_CALL_ROW(NAME, isa, <template args>(call args)): the variant for isa.
+#define DGLSTM_CALL_ROW(NAME, ISA, ...)      \
+  do {                                       \
+    switch (ISA) {                           \
+      case RowIsa::kAvx512:                  \
+        NAME##_v4 __VA_ARGS__;               \
+        break;                               \
+      case RowIsa::kAvx2:                    \
+        NAME##_v3 __VA_ARGS__;               \
+        break;                               \
+      default:                               \
+        NAME##_base __VA_ARGS__;             \
+    }                                        \
+  } while (0)
 #else
-#define DGLSTM_ROW_FN __attribute__((noinline))
+#define DGLSTM_ROW_VARIANTS(NAME)                                                                          \
+  template <typename scalar_t, bool C, bool P, bool D, typename... A>                                     \
+  __attribute__((noinline)) void NAME##_base(A... a) {                                                     \
+    NAME<scalar_t, C, P, D>(a...);                                                                         \
+  }
+#define DGLSTM_CALL_ROW(NAME, ISA, ...) NAME##_base __VA_ARGS__
 #endif
 
 // exp for float in plain arithmetic (Cephes' expf: relative error below 2e-7), so that GCC vectorises the
@@ -87,7 +145,7 @@ const Tensor& need(const std::optional<Tensor>& t, const char* name) {
 // gx_t from the caller); writes the K*H saved activations, c_t, tanh(c_t) and h_t. A plain loop over units
 // with restrict pointers, so GCC vectorises it.
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
-DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict zh, const scalar_t* __restrict zx,
+DGLSTM_ROW_BODY void forward_row(int64_t H, const scalar_t* __restrict zh, const scalar_t* __restrict zx,
                  const scalar_t* __restrict gd,
                  const scalar_t* __restrict m, const scalar_t* __restrict c_prev, const scalar_t* __restrict wci,
                  const scalar_t* __restrict wcf, const scalar_t* __restrict wco, const scalar_t* __restrict wcd,
@@ -135,12 +193,14 @@ DGLSTM_ROW_FN void forward_row(int64_t H, const scalar_t* __restrict zh, const s
   }
 }
 
+DGLSTM_ROW_VARIANTS(forward_row)
+
 // One backward step for one batch row. On entry dc holds the gradient reaching c_t from step t+1, gc the
 // gradient reaching it from outside the layer; the gradient reaching h_t is gh (from outside) + dhr (dz_{t+1}
 // W_hh). Writes dz (gate pre-activations), dgd and dm, and replaces dc by the gradient reaching c_{t-1}
 // through this step.
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
-DGLSTM_ROW_FN void backward_row(int64_t H, const scalar_t* __restrict acts, const scalar_t* __restrict tanh_c,
+DGLSTM_ROW_BODY void backward_row(int64_t H, const scalar_t* __restrict acts, const scalar_t* __restrict tanh_c,
                   const scalar_t* __restrict c_prev, const scalar_t* __restrict m, const scalar_t* __restrict gh,
                   const scalar_t* __restrict dhr, const scalar_t* __restrict gc,
                   const scalar_t* __restrict wci, const scalar_t* __restrict wcf, const scalar_t* __restrict wco,
@@ -188,18 +248,21 @@ DGLSTM_ROW_FN void backward_row(int64_t H, const scalar_t* __restrict acts, cons
   }
 }
 
+DGLSTM_ROW_VARIANTS(backward_row)
+
 template <typename scalar_t, bool COUPLED, bool PEEP, bool DEPTH>
 void forward_step(int64_t B, int64_t H, const scalar_t* zh, const scalar_t* zx, const scalar_t* gd, const scalar_t* m,
                   const scalar_t* c_prev, const scalar_t* wci, const scalar_t* wcf, const scalar_t* wco,
                   const scalar_t* wcd, scalar_t* acts, scalar_t* c_out, scalar_t* tc_out, scalar_t* h_out) {
   constexpr int64_t G = COUPLED ? 3 : 4;
   constexpr int64_t K = G + (DEPTH ? 1 : 0);  // saved activations per unit
+  const RowIsa isa = row_isa();
   at::parallel_for(0, B, std::max<int64_t>(1, kGrain / H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * H;
-      forward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, zh + b * G * H, zx + b * G * H, DEPTH ? gd + r : nullptr, DEPTH ? m + r : nullptr,
+      DGLSTM_CALL_ROW(forward_row, isa, <scalar_t, COUPLED, PEEP, DEPTH>(H, zh + b * G * H, zx + b * G * H, DEPTH ? gd + r : nullptr, DEPTH ? m + r : nullptr,
                                                   c_prev + r, wci, wcf, wco, wcd, acts + b * K * H, c_out + r,
-                                                  tc_out + r, h_out + r);
+                                                  tc_out + r, h_out + r));
     }
   });
 }
@@ -211,13 +274,14 @@ void backward_step(int64_t B, int64_t H, const scalar_t* acts, const scalar_t* t
                    scalar_t* dm) {
   constexpr int64_t G = COUPLED ? 3 : 4;
   constexpr int64_t K = G + (DEPTH ? 1 : 0);
+  const RowIsa isa = row_isa();
   at::parallel_for(0, B, std::max<int64_t>(1, kGrain / H), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b * H;
-      backward_row<scalar_t, COUPLED, PEEP, DEPTH>(H, acts + b * K * H, tanh_c + r, c_prev + r,
+      DGLSTM_CALL_ROW(backward_row, isa, <scalar_t, COUPLED, PEEP, DEPTH>(H, acts + b * K * H, tanh_c + r, c_prev + r,
                                                    DEPTH ? m + r : nullptr, gh + r, dhr + r, gc + r, wci, wcf, wco, wcd, dc + r,
                                                    dz + b * G * H, DEPTH ? dgd + r : nullptr,
-                                                   DEPTH ? dm + r : nullptr);
+                                                   DEPTH ? dm + r : nullptr));
     }
   });
 }
@@ -267,6 +331,18 @@ const c10::TypedOperatorHandle<MklLinearFn>& mkl_linear() {
 }
 
 }  // namespace
+
+// The instruction set the fused rows run with here (see row_isa above).
+std::string fused_row_isa() {
+  switch (row_isa()) {
+    case RowIsa::kAvx512:
+      return "AVX-512";
+    case RowIsa::kAvx2:
+      return "AVX2";
+    default:
+      return "baseline";
+  }
+}
 
 // Whether this torch has MKL's packed GEMM (see mkl_linear above).
 bool has_packed_gemm() {
@@ -411,5 +487,6 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &scan_forward, "fused (depth-gated) LSTM layer: forward over all steps");
   mod.def("backward", &scan_backward, "fused (depth-gated) LSTM layer: backward over all steps");
+  mod.def("row_isa", &fused_row_isa, "the instruction set the fused elementwise rows run with");
   mod.def("has_packed_gemm", &has_packed_gemm, "whether this torch has MKL's packed GEMM (mkl::_mkl_linear)");
 }
