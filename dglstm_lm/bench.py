@@ -33,7 +33,15 @@ V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
 # "dglstm[<backend>]" is the DGLSTM with model.backend=<backend>: [cpp_blas] is the fused kernel with a plain
 # BLAS GEMM per step instead of MKL's packed one, [python] the scan written with torch ops.
-CORES = ("nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[cpp_blas]", "dglstm[python]")
+CORES = (
+    "nn.LSTM",
+    "nn.LSTM (control)",
+    "rnn",
+    "stacked_lstm",
+    "dglstm",
+    "dglstm[cpp_blas]",
+    "dglstm[python]",
+)
 
 
 class _NNLSTMCore(nn.Module):

@@ -265,6 +265,18 @@ class _Run:
         check_backend(obj.model, self.device)
         model = build_model(len(corpus.vocab), obj.model).to(self.device)
         self.num_params = count_parameters(model)
+        n = (
+            torch.get_num_threads()
+        )  # said now, before the tracker's start (W&B takes seconds on a busy machine)
+        log.info(
+            "%s (%s): %s parameters, %s, %s; run dir %s",
+            obj.model.name,
+            obj.name,
+            f"{self.num_params:,}",
+            self.device,
+            "1 thread" if n == 1 else f"{n} threads",
+            self.run_dir,
+        )
         if t.init_from and point.state is None:  # resuming, the checkpoint's weights replace these anyway
             init_state = ckpt.load(ckpt.resolve(t.init_from, prefer=ckpt.BEST), require=("model",))
             try:
@@ -289,9 +301,9 @@ class _Run:
         )  # fmt: skip
 
     def start(self, point: _ResumePoint) -> None:
-        """Load the checkpoint's state (when resuming), say what runs where, write the run's first records."""
+        """Load the checkpoint's state (when resuming), write the run's first records."""
         self.started, self.code = _now(), code_version()
-        tr, obj = self.trainer, self.obj
+        tr = self.trainer
         if point.state is not None:
             tr.load_state_dict(point.state)
             log.info(
@@ -303,16 +315,6 @@ class _Run:
                 tr.pos.step,
             )
             self.started = (rundir.read_metrics(self.run_dir) or {}).get("started_at", self.started)
-        n = torch.get_num_threads()
-        log.info(
-            "%s (%s): %s parameters, %s, %s; run dir %s",
-            obj.model.name,
-            obj.name,
-            f"{self.num_params:,}",
-            self.device,
-            "1 thread" if n == 1 else f"{n} threads",
-            self.run_dir,
-        )
         rundir.write_config(self.run_dir, self.config_dict)  # resolved; what reports group runs by
         self.record(rundir.RUNNING)
 

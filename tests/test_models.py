@@ -279,7 +279,9 @@ print(json.dumps([cpp_extension().row_isa(), float((out.double() - out64).abs().
 """
 
 
-@pytest.mark.parametrize("capability,rows", [("default", "baseline"), ("avx2", "AVX2"), ("avx512", "AVX-512")])
+@pytest.mark.parametrize(
+    "capability,rows", [("default", "baseline"), ("avx2", "AVX2"), ("avx512", "AVX-512")]
+)
 def test_every_row_variant_matches_the_python_scan(capability, rows):
     """The fused rows are compiled for AVX-512, AVX2 and baseline x86-64 and chosen per process, following
     ATEN_CPU_CAPABILITY: each variant this CPU can run, forced in a fresh process, against the float64
@@ -311,7 +313,9 @@ def test_cpp_backend_uses_mkl_packed_gemm_in_float32(monkeypatch):
         pytest.skip("this torch has no MKL")
     packed = []
     real = kernels._pack
-    monkeypatch.setattr(kernels, "_pack", lambda w, rows: packed.append((tuple(w.shape), rows)) or real(w, rows))
+    monkeypatch.setattr(
+        kernels, "_pack", lambda w, rows: packed.append((tuple(w.shape), rows)) or real(w, rows)
+    )
 
     def run(backend, dtype):
         core = build_core("dglstm", 8, [6, 6], backend=backend).to(dtype)
