@@ -275,7 +275,8 @@ x64 = x.detach().double().requires_grad_()
 out64, _ = ref(x64, ref.init_state(5, dtype=torch.float64))
 refs = torch.autograd.grad((out64 * w.double()).sum(), [x64, *ref.parameters()])
 dev = max(float(((g.double() - r).abs() / (1e-5 + 1e-4 * r.abs())).max()) for g, r in zip(grads, refs))
-print(json.dumps([cpp_extension().row_isa(), float((out.double() - out64).abs().max()), dev]))
+cap = torch.backends.cpu.get_cpu_capability()
+print(json.dumps([cpp_extension().row_isa(), cap, float((out.double() - out64).abs().max()), dev]))
 """
 
 
@@ -294,10 +295,11 @@ def test_every_row_variant_matches_the_python_scan(capability, rows):
         pytest.skip("no fused kernel")
     res = run_cli([PY, "-c", ROW_VARIANT_CHECK], env={"ATEN_CPU_CAPABILITY": capability})
     assert res.returncode == 0, res.stderr
-    isa, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
-    if isa != rows:  # asked for more than the CPU has: torch and the kernel fall back to what it has
-        assert capability != "default" and torch.backends.cpu.get_cpu_capability() != capability.upper()
+    isa, cap, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
+    if cap != capability.upper():  # asked for more than the CPU has: torch falls back to what it has
+        assert capability != "default" and isa != rows
         pytest.skip(f"this CPU cannot run {rows} rows")
+    assert isa == rows  # the kernel follows torch's capability
     assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
 
 
@@ -308,7 +310,8 @@ def test_cpp_backend_uses_mkl_packed_gemm_in_float32(monkeypatch):
 
     if cpp_extension() is None:
         pytest.skip("no fused kernel")
-    assert kernels.packed_gemm_available() == torch.backends.mkl.is_available()
+    if torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available():
+        assert kernels.packed_gemm_available()  # the x86 wheels: MKL's packed GEMM is there, so it is used
     if not kernels.packed_gemm_available():
         pytest.skip("this torch has no MKL")
     packed = []
@@ -331,18 +334,33 @@ def test_cpp_backend_uses_mkl_packed_gemm_in_float32(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_grad_forward_equals_the_training_forward(backend):
+def test_no_grad_forward_equals_the_training_forward(backend, monkeypatch):
     """Under no_grad the fused kernel keeps no per-step activations (nothing will run backward): the outputs
     are bit-for-bit those of a forward pass that keeps them."""
+    from dglstm_lm.models import kernels
+
     torch.manual_seed(5)
     core = build_core("dglstm", 16, [32, 32], peephole=True, backend=backend)
     x = torch.randn(12, 4, 16)
     state = _random_state(core, 4, torch.float32)
     out, (hs, cs) = core(x, state)
+    saved = []  # (rows of acts kept, of tanh_c kept) per layer, from the C++ forward's own outputs
+    ext = cpp_extension()
+    if backend.startswith("cpp"):
+
+        class Spy:
+            def forward(self, *args):
+                res = ext.forward(*args)
+                saved.append((res[2].shape[0], res[3].shape[0]))
+                return res
+
+        monkeypatch.setattr(kernels, "cpp_extension", lambda *a, **k: Spy())
     with torch.no_grad():
         out_eval, (hs_eval, cs_eval) = core(x, state)
     assert torch.equal(out.detach(), out_eval)
     assert all(torch.equal(a.detach(), b) for a, b in zip([*hs, *cs], [*hs_eval, *cs_eval]))
+    if backend.startswith("cpp"):
+        assert saved == [(1, 1), (1, 1)]  # one step kept, not 12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -640,3 +658,20 @@ def test_stabiliser_starts_as_the_plain_layer(init):
     assert missing == [f"core.layers.{k}.stabiliser" for k in range(3)]
     tokens = torch.randint(30, (7, 2))
     torch.testing.assert_close(with_s(tokens, with_s.init_state(2))[0], plain(tokens, plain.init_state(2))[0])
+
+
+def test_fused_kernel_refuses_mismatched_shapes():
+    """A wrong batch in the initial state, or a depth input of another length, is an error, not a read past
+    the end of a buffer."""
+    if cpp_extension() is None:
+        pytest.skip("no fused kernel")
+    T, B, H = 3, 2, 4
+    gx, w = torch.randn(T, B, 4 * H), torch.randn(4 * H, H)
+    ok = dict(gd=torch.randn(T, B, H), m=torch.randn(T, B, H), wcd=torch.randn(H))
+    h = torch.zeros(B, H)
+    for backend in ("cpp", "cpp_blas"):
+        scan(gx, ok["gd"], ok["m"], h, h, w, wcd=ok["wcd"], backend=backend)  # the right shapes run
+        with pytest.raises(RuntimeError, match=r"h0 and c0 must be \[B, H\]"):
+            scan(gx, None, None, torch.zeros(B + 1, H), torch.zeros(B + 1, H), w, backend=backend)
+        with pytest.raises(RuntimeError, match=r"gd and m must be \[T, B, H\]"):
+            scan(gx, ok["gd"][:-1], ok["m"][:-1], h, h, w, wcd=ok["wcd"], backend=backend)

@@ -107,16 +107,20 @@ def cpp_extension(build_if_missing: bool = True):
         if _ext is None and build_if_missing:
             log.info("compiling the fused CPU kernel (once; `make setup` does this ahead of time)")
             _ext = build()
-        if _ext is None:
-            _ext_error = "the fused CPU kernel is not built (run `make setup`)"
+        if _ext is None:  # only asked whether it is built: a later call may still build it
+            return None
     except Exception as exc:  # no compiler, no headers, ...: fall back to the python implementation
         _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         log.warning("fused CPU kernel unavailable (%s); using the python implementation", _ext_error)
     return _ext
 
 
+_NOT_BUILT = "the fused CPU kernel is not built (run `make setup`)"
+
+
 def cpp_unavailable_reason() -> str | None:
-    cpp_extension()
+    if cpp_extension() is None and _ext_error is None:
+        return _NOT_BUILT
     return _ext_error
 
 
@@ -226,14 +230,23 @@ def _py_backward(grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wc
     return d_gx, d_gd, d_m, dh_rec, dc, d_w_hh, d_wci, d_wcf, d_wco, d_wcd
 
 
+_packed_gemm: bool | None = None
+
+
 def packed_gemm_available() -> bool:
     """Whether the fused CPU kernel can run its per-step GEMMs through MKL's packed GEMM (torch with MKL)."""
-    ext = cpp_extension()
-    return ext is not None and ext.has_packed_gemm()
+    global _packed_gemm
+    if _packed_gemm is None:
+        ext = cpp_extension()
+        if ext is None:
+            return False
+        _packed_gemm = bool(ext.has_packed_gemm())
+    return _packed_gemm
 
 
 def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """w ([N, K]) packed by MKL for products x w^T with x of `rows` rows (mkl::_mkl_linear's weight)."""
+    """w ([N, K]) packed by MKL for products x w^T with x of `rows` rows (mkl::_mkl_linear's weight). The
+    kernel multiplies it by B-row matrices only: every caller packs with rows = B of the same call."""
     return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
 
 
@@ -368,7 +381,7 @@ def main(argv=None):
             )
             return 0
     ext = cpp_extension(build_if_missing=False)
-    print(f"fused CPU kernel: {'ready in ' + str(_build_dir()) if ext else cpp_unavailable_reason()}")
+    print(f"fused CPU kernel: {'ready in ' + str(_build_dir()) if ext else (_ext_error or _NOT_BUILT)}")
     return 0
 
 

@@ -37,7 +37,8 @@ constexpr int64_t kGrain = 1 << 13;  // elements per parallel chunk; one step is
 // at::parallel_for's lambda GCC stops vectorising them). The wrapper is chosen once per process: the widest
 // the CPU has and torch's own kernels use, so ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine here too.
 // The binary stays portable across the nodes of a cluster; no -march=native.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (GCC 12 or later: __builtin_cpu_supports("x86-64-v4") and target("arch=x86-64-v4") are new in it.)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define DGLSTM_X86_VARIANTS 1
 #endif
 #define DGLSTM_ROW_BODY inline __attribute__((always_inline))
@@ -312,6 +313,8 @@ const scalar_t* ptr_or_null(const std::optional<Tensor>& t) {
     }                                                                      \
   } while (0)
 
+std::vector<int64_t> h_shape(int64_t T, int64_t B, int64_t H) { return {T, B, H}; }
+
 void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "scan: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), "scan: ", name, " must be contiguous");
@@ -368,11 +371,16 @@ std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& 
   check_input(gx, "gx");
   check_input(h0, "h0");
   check_input(c0, "c0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && c0.sizes() == h0.sizes(), "scan: h0 and c0 must be [B, H]");
   if (packed) check_input(w_hh, "w_hh");
   if (flags.depth) {
     check_input(*gd, "gd");
     check_input(need(m, "m"), "m");
-    need(wcd, "wcd");
+    TORCH_CHECK(gd->sizes() == h_shape(T, B, H) && m->sizes() == h_shape(T, B, H), "scan: gd and m must be [T, B, H]");
+    TORCH_CHECK(need(wcd, "wcd").numel() == H, "scan: wcd must have H elements");
+  }
+  for (const auto* p : {&wci, &wcf, &wco}) {
+    TORCH_CHECK(!(p->has_value() && (*p)->defined()) || (*p)->numel() == H, "scan: peepholes must have H elements");
   }
 
   const int64_t T_saved = save ? T : 1;
@@ -427,6 +435,7 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
               "scan: the packed GEMM is float32 only and needs w_hh_t");
   check_input(grad_h, "grad_h");
   check_input(grad_c, "grad_c");
+  TORCH_CHECK(grad_h.sizes() == h_all.sizes() && grad_c.sizes() == h_all.sizes(), "scan: grad_h and grad_c must be [T, B, H]");
   if (packed) check_input(*w_hh_t, "w_hh_t");
 
   auto d_gx = at::empty({T, B, G * H}, h_all.options());
