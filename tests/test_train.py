@@ -435,7 +435,18 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     payload = json.loads((tmp_path / "bench.json").read_text())
     cores = {rec["core"] for rec in payload["records"]}
-    assert cores == {"nn.LSTM", "nn.LSTM (control)", "rnn", "stacked_lstm", "dglstm", "dglstm[python]"}
+    assert cores == {
+        "nn.LSTM",
+        "nn.LSTM (control)",
+        "rnn",
+        "stacked_lstm",
+        "dglstm",
+        "dglstm[cpp_blas]",
+        "dglstm[python]",
+    }
+    # what ran in the fused kernel is on record: its rows' instruction set and its per-step GEMM
+    assert payload["machine"]["fused_rows"] in ("AVX-512", "AVX2", "baseline")
+    assert payload["machine"]["fused_gemm"] in ("MKL packed", "BLAS")
     for rec in payload["records"]:
         assert {
             "core",
