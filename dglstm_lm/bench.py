@@ -31,17 +31,26 @@ from .errors import cli
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
-# "dglstm[<backend>]" is the DGLSTM with model.backend=<backend>: [cpp_blas] is the fused kernel with a plain
-# BLAS GEMM per step instead of MKL's packed one, [python] the scan written with torch ops.
+# "dglstm[<backend>]" is the DGLSTM with model.backend=<backend>: [cpp_mkl] and [cpp_onednn] the fused
+# kernel with its per-step GEMM forced to MKL's packed GEMM or to oneDNN (plain "dglstm" runs the path the
+# kernel chooses for this CPU, recorded as fused_gemm), [cpp_blas] with a plain BLAS GEMM, [python] the scan
+# written with torch ops. A " bf16" suffix: the same model trained and evaluated under
+# torch.autocast(bfloat16) (trainer.precision=bf16), its ratio taken to "nn.LSTM bf16".
 CORES = (
     "nn.LSTM",
     "nn.LSTM (control)",
     "rnn",
     "stacked_lstm",
     "dglstm",
+    "dglstm[cpp_mkl]",
+    "dglstm[cpp_onednn]",
     "dglstm[cpp_blas]",
     "dglstm[python]",
+    "nn.LSTM bf16",
+    "stacked_lstm bf16",
+    "dglstm bf16",
 )
+BF16 = " bf16"
 
 
 class _NNLSTMCore(nn.Module):
@@ -63,6 +72,7 @@ class _NNLSTMCore(nn.Module):
 def make_model(core: str, dim: int, layers: int, device):
     from .models import LanguageModel, build_core
 
+    core = core.removesuffix(BF16)  # the precision is the step's (autocast), not the model's
     if core.startswith("nn.LSTM"):
         c = _NNLSTMCore(dim, layers)
     elif core.startswith("dglstm[") and core.endswith("]"):
@@ -87,6 +97,12 @@ def measure(models: dict, device, rounds: int, steps: int, train: bool) -> dict[
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
 
     def step(k):
+        if k.endswith(BF16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return step_fp32(k)
+        return step_fp32(k)
+
+    def step_fp32(k):
         m = models[k]
         if train:
             m.train()
@@ -125,7 +141,7 @@ def peak_memory_mb(core: str, dim: int, layers: int, device: str) -> float:
         "import sys, resource, torch; from dglstm_lm.bench import make_model, measure, _peak_rss_mb;"
         f"d = torch.device('{device}'); torch.set_num_threads({torch.get_num_threads()});"
         "base = _peak_rss_mb();"
-        f"m = {{'x': make_model('{core}', {dim}, {layers}, d)}};"
+        f"m = {{{core!r}: make_model({core!r}, {dim}, {layers}, d)}};"  # the name says the precision
         "measure(m, d, 1, 1, True);"
         "print(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else _peak_rss_mb() - base)"
     )
@@ -269,23 +285,30 @@ def instruction_set() -> dict:
     except AttributeError:
         aten = "unknown"
     asked = {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)}
-    from .models.kernels import cpp_extension, packed_gemm_available
+    from .models.kernels import GEMM_NAMES, cpp_extension, cpu_vendor, gemm_path
 
     ext = cpp_extension()  # built now if it is not (what the DGLSTM rows of the bench will run)
     return {
         "cpu_isa": cpu_isa,
+        "cpu_vendor": cpu_vendor(),
         "cpu_flags": has,
         "aten_capability": aten,
         "isa_limits": asked,
-        # the fused DGLSTM kernel: its elementwise rows' instruction set, and its per-step GEMM
+        # the fused DGLSTM kernel: its elementwise rows' instruction set, and the per-step GEMM that
+        # model.backend=cpp (auto) runs with here, in float32 and under autocast bf16
         "fused_rows": ext.row_isa() if ext is not None else "unavailable",
-        "fused_gemm": "MKL packed" if ext is not None and packed_gemm_available() else "BLAS",
+        "fused_gemm": GEMM_NAMES[gemm_path(torch.float32)] if ext is not None else "unavailable",
+        "fused_gemm_bf16": GEMM_NAMES[gemm_path(torch.float32, low=torch.bfloat16)]
+        if ext is not None
+        else "unavailable",
     }
 
 
 def describe_isa(info: dict) -> str:
     limits = ", ".join(f"{k}={v}" for k, v in info.get("isa_limits", {}).items())
     fused = f", fused DGLSTM rows {info['fused_rows']}" if "fused_rows" in info else ""
+    if "fused_gemm" in info:
+        fused += f", GEMM {info['fused_gemm']} (bf16: {info.get('fused_gemm_bf16', '?')})"
     return f"{info['cpu_isa']} CPU, torch kernels {info['aten_capability']}{fused}" + (
         f" (emulated: {limits})" if limits else ""
     )
@@ -335,7 +358,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     rounds = 1 if args.quick else args.rounds
     cores = [c for c in args.cores.split(",") if c]
     if device.type == "cuda":  # on CUDA the python scan is the DGLSTM's; the fused C++ kernel is CPU-only
-        cores = [c for c in cores if c not in ("dglstm[python]", "dglstm[cpp_blas]")] + ["dglstm[python]"]
+        cores = [c for c in cores if not c.startswith("dglstm[")] + ["dglstm[python]"]
     info = machine()
     print(
         f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"
@@ -349,28 +372,48 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         )  # short rounds: all cores see the same noise
         train_tps = measure(models, device, rounds, steps, train=True)
         eval_tps = measure(models, device, rounds, steps * 3, train=False)
-        ref_train, ref_eval = train_tps.get("nn.LSTM"), eval_tps.get("nn.LSTM")
         for c in cores:
             from .models import count_parameters
 
+            # each row's ratio to nn.LSTM in the same precision; bf16 rows also to nn.LSTM in float32
+            bf16 = c.endswith(BF16)
+            ref = "nn.LSTM bf16" if bf16 else "nn.LSTM"
+
+            def ratio(tps, ref=ref, c=c):
+                return tps[c] / tps[ref] if ref in tps else None
+
             rec = {
                 "core": c,
+                "precision": "bf16" if bf16 else "fp32",
                 "layers": args.layers,
                 "hidden": dim,
                 "params": count_parameters(models[c]),
                 "train_tokens_per_s": train_tps[c],
                 "eval_tokens_per_s": eval_tps[c],
-                "train_ratio_to_nn_lstm": train_tps[c] / ref_train if ref_train else None,
-                "eval_ratio_to_nn_lstm": eval_tps[c] / ref_eval if ref_eval else None,
+                "train_ratio_to_nn_lstm": ratio(train_tps),
+                "eval_ratio_to_nn_lstm": ratio(eval_tps),
                 "peak_memory_mb": peak_memory_mb(c, dim, args.layers, args.device),
                 "device": str(device),
                 "threads": args.threads,
             }
+            if bf16:
+                rec["train_ratio_to_nn_lstm_fp32"] = ratio(train_tps, "nn.LSTM")
+                rec["eval_ratio_to_nn_lstm_fp32"] = ratio(eval_tps, "nn.LSTM")
             records.append(rec)
+
+            def fmt(r):
+                return "  -  " if r is None else f"{r:.2f}x"
+
+            extra = (
+                f"  vs nn.LSTM fp32: train {fmt(rec['train_ratio_to_nn_lstm_fp32'])}"
+                f" eval {fmt(rec['eval_ratio_to_nn_lstm_fp32'])}"
+                if bf16
+                else ""
+            )
             print(
-                f"{args.layers}x{dim:<5} {c:<18} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
-                f" ({rec['train_ratio_to_nn_lstm']:.2f}x)  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
-                f" ({rec['eval_ratio_to_nn_lstm']:.2f}x)  peak {rec['peak_memory_mb']:,.0f} MB",
+                f"{args.layers}x{dim:<5} {c:<19} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
+                f" ({fmt(rec['train_ratio_to_nn_lstm'])})  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
+                f" ({fmt(rec['eval_ratio_to_nn_lstm'])})  peak {rec['peak_memory_mb']:,.0f} MB{extra}",
                 flush=True,
             )
         del models

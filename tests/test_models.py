@@ -12,7 +12,8 @@ from dglstm_lm.config import DGLSTMConfig, LSTMConfig, ResidualLSTMConfig, RNNCo
 from dglstm_lm.models import DGLSTMLayer, LanguageModel, LSTMLayer, build_core, build_model, count_parameters
 from dglstm_lm.models.kernels import cpp_extension, scan
 
-BACKENDS = ["python"] + (["cpp", "cpp_blas"] if cpp_extension() is not None else [])
+# every path of the fused kernel's per-step GEMM: as chosen for this CPU (cpp), plain BLAS, MKL packed, oneDNN
+BACKENDS = ["python"] + (["cpp", "cpp_blas", "cpp_mkl", "cpp_onednn"] if cpp_extension() is not None else [])
 
 
 def test_cpp_kernel_is_built():
@@ -303,34 +304,165 @@ def test_every_row_variant_matches_the_python_scan(capability, rows):
     assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
 
 
-def test_cpp_backend_uses_mkl_packed_gemm_in_float32(monkeypatch):
-    """model.backend=cpp multiplies by W_hh (forward) and W_hh^T (backward) through MKL's packed GEMM wherever
-    torch has MKL, packing each once per window; cpp_blas and float64 never pack."""
+def test_each_backend_packs_for_its_gemm_path(monkeypatch):
+    """model.backend=cpp multiplies by W_hh (forward) and W_hh^T (backward) on a weight packed once per window
+    for the path chosen for this CPU; cpp_mkl and cpp_onednn force MKL's packed GEMM and oneDNN's reordered
+    weight; cpp_blas and float64 never pack."""
     from dglstm_lm.models import kernels
 
     if cpp_extension() is None:
         pytest.skip("no fused kernel")
     if torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available():
-        assert kernels.packed_gemm_available()  # the x86 wheels: MKL's packed GEMM is there, so it is used
-    if not kernels.packed_gemm_available():
-        pytest.skip("this torch has no MKL")
+        # the x86 wheels: both libraries are there, so both paths can run
+        assert kernels.packed_gemm_available() and kernels.onednn_gemm_available()
+    if not (kernels.packed_gemm_available() and kernels.onednn_gemm_available()):
+        pytest.skip("this torch lacks MKL or oneDNN")
     packed = []
     real = kernels._pack
     monkeypatch.setattr(
-        kernels, "_pack", lambda w, rows: packed.append((tuple(w.shape), rows)) or real(w, rows)
+        kernels,
+        "_pack",
+        lambda w, rows, mode: packed.append((tuple(w.shape), rows, mode)) or real(w, rows, mode),
     )
 
     def run(backend, dtype):
+        packed.clear()
         core = build_core("dglstm", 8, [6, 6], backend=backend).to(dtype)
         out, _ = core(torch.randn(5, 3, 8, dtype=dtype), core.init_state(3, dtype=dtype))
         out.sum().backward()
+        return packed[:]
 
-    run("cpp", torch.float32)
-    assert packed == [((24, 6), 3)] * 2 + [((6, 24), 3)] * 2  # two layers forward, then two backward
-    packed.clear()
-    run("cpp_blas", torch.float32)
-    run("cpp", torch.float64)
-    assert packed == []
+    for backend, mode in (("cpp_mkl", "cpp_mkl"), ("cpp_onednn", "cpp_onednn"), ("cpp", kernels.gemm_path())):
+        # two layers forward, then two backward
+        assert run(backend, torch.float32) == [((24, 6), 3, mode)] * 2 + [((6, 24), 3, mode)] * 2
+    assert kernels.gemm_path() == ("cpp_mkl" if kernels.cpu_vendor() == "GenuineIntel" else "cpp_onednn")
+    assert {m for *_, m in run("cpp_blas", torch.float32)} == {"cpp_plain"}
+    assert {m for *_, m in run("cpp", torch.float64)} == {"cpp_plain"}
+
+
+def test_the_gemm_path_is_chosen_per_cpu_and_precision(monkeypatch):
+    """cpp: MKL's packed GEMM on Intel, oneDNN elsewhere, the other where one is missing, a plain GEMM in float64
+    or with neither; under autocast bf16 oneDNN's bf16 GEMM wherever the CPU has it. The forcing backends
+    keep their library (cpp_mkl stays float32 under autocast)."""
+    from dglstm_lm.models import kernels
+
+    def case(vendor, mkl=True, onednn=True, bf16=True, dtype=torch.float32, backend="cpp", low=None):
+        monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(kernels, "packed_gemm_available", lambda: mkl)
+        monkeypatch.setattr(kernels, "onednn_gemm_available", lambda: onednn)
+        monkeypatch.setattr(kernels, "onednn_bf16_available", lambda: onednn and bf16)
+        return kernels.gemm_path(dtype, backend, low)
+
+    bf = torch.bfloat16
+    assert case("GenuineIntel") == "cpp_mkl"
+    assert case("AuthenticAMD") == "cpp_onednn"
+    assert case("AuthenticAMD", onednn=False) == "cpp_mkl"
+    assert case("GenuineIntel", mkl=False) == "cpp_onednn"
+    assert case("AuthenticAMD", mkl=False, onednn=False) == "cpp_plain"
+    assert case("AuthenticAMD", dtype=torch.float64) == "cpp_plain"
+    assert case("GenuineIntel", low=bf) == case("AuthenticAMD", low=bf) == "cpp_onednn_bf16"
+    assert case("AuthenticAMD", bf16=False, low=bf) == "cpp_onednn"
+    assert case("AuthenticAMD", low=torch.float16) == "cpp_onednn"  # only bf16 has a low-precision path
+    assert (
+        case("AuthenticAMD", backend="cpp_mkl")
+        == case("AuthenticAMD", backend="cpp_mkl", low=bf)
+        == "cpp_mkl"
+    )
+    assert case("GenuineIntel", backend="cpp_onednn") == "cpp_onednn"
+    assert case("GenuineIntel", backend="cpp_onednn", low=bf) == "cpp_onednn_bf16"
+    assert case("GenuineIntel", backend="cpp_blas", low=bf) == "cpp_plain"
+    assert case("", mkl=False, backend="cpp_mkl") == "cpp_plain"
+
+
+GEMM_PATH_CHECK = """
+import json, sys, torch
+from dglstm_lm.models import build_core, kernels
+used = []
+real = kernels._pack
+kernels._pack = lambda w, rows, mode: used.append(mode) or real(w, rows, mode)
+torch.manual_seed(7)
+core = build_core("dglstm", 16, [37, 37], peephole=True, coupled=sys.argv[2] == "coupled", backend=sys.argv[1])
+x = torch.randn(9, 5, 16, requires_grad=True)
+out, _ = core(x, core.init_state(5))
+w = torch.randn_like(out)
+grads = torch.autograd.grad((out * w).sum(), [x, *core.parameters()])
+ref = build_core("dglstm", 16, [37, 37], peephole=True, coupled=sys.argv[2] == "coupled", backend="python").double()
+ref.load_state_dict({k: v.double() for k, v in core.state_dict().items()})
+x64 = x.detach().double().requires_grad_()
+out64, _ = ref(x64, ref.init_state(5, dtype=torch.float64))
+refs = torch.autograd.grad((out64 * w.double()).sum(), [x64, *ref.parameters()])
+dev = max(float(((g.double() - r).abs() / (1e-5 + 1e-4 * r.abs())).max()) for g, r in zip(grads, refs))
+print(json.dumps([sorted(set(used)), float((out.double() - out64).abs().max()), dev]))
+"""
+
+
+@pytest.mark.parametrize("coupled", ["plain", "coupled"])
+@pytest.mark.parametrize("backend", ["cpp", "cpp_blas", "cpp_mkl", "cpp_onednn"])
+def test_every_gemm_path_matches_the_python_scan(backend, coupled):
+    """Each path of the per-step GEMM forced in a fresh process (its library's state and caches its own)
+    against the float64 python scan, forward and gradients, to the float32 tolerances of the tests above."""
+    import json
+
+    from .conftest import PY, run_cli
+
+    if cpp_extension() is None:
+        pytest.skip("no fused kernel")
+    res = run_cli([PY, "-c", GEMM_PATH_CHECK, backend, coupled])
+    assert res.returncode == 0, res.stderr
+    used, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
+    expected = {"cpp_blas": "cpp_plain", "cpp_mkl": "cpp_mkl", "cpp_onednn": "cpp_onednn"}.get(backend)
+    assert len(used) == 1 and used[0] == (expected or used[0])  # the path asked for is the one that ran
+    assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_bf16_gemm_is_within_bf16_tolerance_of_float32(coupled, monkeypatch):
+    """Under autocast bf16 the fused kernel's per-step GEMMs (forward h_{t-1} W_hh^T, backward dz_t W_hh, and
+    dW_hh) take bfloat16 inputs with float32 accumulation, while the cell state and the gates stay float32.
+    Against the same kernel in float32: outputs within 2e-2 absolute (h and c are O(1); one bf16 rounding
+    is 2^-9 relative, and it enters every step's pre-activations), every gradient within 3% of its largest
+    entry; and it does differ from float32 (the bf16 GEMM ran: h W_hh^T is not computed in float32)."""
+    from dglstm_lm.models import kernels
+
+    if not kernels.onednn_bf16_available():
+        pytest.skip("no bfloat16 GEMM on this CPU")
+    used = []
+    real = kernels._pack
+    monkeypatch.setattr(kernels, "_pack", lambda w, rows, mode: used.append(mode) or real(w, rows, mode))
+    torch.manual_seed(11)
+    T, B, H = 12, 4, 48
+    G = 3 if coupled else 4
+    args = [
+        torch.randn(T, B, G * H),  # gx
+        torch.randn(T, B, H),  # gd
+        torch.randn(T, B, H),  # m
+        torch.randn(B, H) * 0.5,  # h0
+        torch.randn(B, H) * 0.5,  # c0
+        torch.randn(G * H, H) * H**-0.5,  # w_hh
+    ]
+    wcd = torch.randn(H)
+
+    def run(bf16):
+        leaves = [a.clone().requires_grad_() for a in [*args, wcd]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h, c = kernels.scan(*leaves[:6], wcd=leaves[6], coupled=coupled, backend="cpp")
+        assert h.dtype == c.dtype == torch.float32  # the state stays float32
+        grads = torch.autograd.grad((h * wh).sum() + (c * wc).sum(), leaves)
+        return h, c, grads
+
+    wh, wc = torch.randn(T, B, H), torch.randn(T, B, H)
+    h32, c32, g32 = run(False)
+    assert set(used) == {kernels.gemm_path()}
+    used.clear()
+    h16, c16, g16 = run(True)
+    assert set(used) == {"cpp_onednn_bf16"}
+    for a, b in ((h16, h32), (c16, c32)):
+        err = float((a - b).detach().abs().max())
+        assert 1e-5 < err < 2e-2, err
+    names = ["gx", "gd", "m", "h0", "c0", "w_hh", "wcd"]
+    for name, a, b in zip(names, g16, g32):
+        rel = float((a - b).abs().max() / b.abs().max())
+        assert rel < 3e-2, (name, rel)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -291,7 +291,8 @@ def test_triton_backend_where_it_cannot_run_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"Triton is unavailable \(ModuleNotFoundError"):
         check_backend(m, "cuda")
     with pytest.raises(
-        ConfigError, match=r"model.backend: unknown backend 'cuda' \(auto, cpp, cpp_blas, python, triton"
+        ConfigError,
+        match=r"model.backend: unknown backend 'cuda' \(auto, cpp, cpp_blas, cpp_mkl, cpp_onednn, python, triton",
     ):
         validate(compose(["model=dglstm", "model.backend=cuda"]))
 
@@ -341,10 +342,14 @@ print("compiled", n)
 
 
 # ------------------------------------------------------------------------------------------ precision
-@pytest.mark.parametrize("backend", ["python", "triton"] + (["cpp"] if kernels.cpp_extension() else []))
+@pytest.mark.parametrize(
+    "backend", ["python", "triton"] + (["cpp_mkl", "cpp_blas"] if kernels.cpp_extension() else [])
+)
 def test_scan_under_autocast_runs_in_float32(backend):
     """Under bf16 autocast the recurrence takes the bf16 projections cast up and runs in float32: the same
-    numbers as float32 inputs rounded to bf16, and float32 outputs."""
+    numbers as float32 inputs rounded to bf16, and float32 outputs. (The fused kernel's oneDNN path, which
+    backend=cpp takes under bf16 where the CPU has bf16 GEMMs, runs h W_hh in bf16: test_models.py's
+    test_bf16_gemm_is_within_bf16_tolerance_of_float32.)"""
     args = _scan_args(3, 2, 4, True, False, True, dtype=torch.float32)
     bf = [None if a is None else a.detach().bfloat16() for a in args]
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import scan
+from .kernels import input_linear, scan
 
 State = list[tuple[Tensor, ...]]
 
@@ -197,7 +197,7 @@ class DGLSTMLayer(nn.Module):
         if self.depth_gate == "open":
             gd = x.new_full((T, B, H), OPEN_GATE)
         elif "x" in self.depth_terms:
-            gd = F.linear(xg, self.depth_weight_ih, self.depth_bias)
+            gd = input_linear(xg, self.depth_weight_ih, self.depth_bias, self.backend)
         else:
             gd = self.depth_bias.expand(T, B, H)
         if "c_lower" in self.depth_terms:
@@ -209,7 +209,8 @@ class DGLSTMLayer(nn.Module):
     def forward(self, x: Tensor, state: tuple[Tensor, ...], lower_c: Tensor | None = None, w_hh=None):
         h0, c0 = state
         xg = x * self.stabiliser.exp() if self.use_stabiliser else x  # the gates' view of the input
-        gx = F.linear(xg, self.weight_ih, self.bias_ih + self.bias_hh)  # (T, B, G*H), all steps in one GEMM
+        # (T, B, G*H), all steps in one GEMM
+        gx = input_linear(xg, self.weight_ih, self.bias_ih + self.bias_hh, self.backend)
         gd = m = wcd = None
         if self.has_depth:
             gd, m, wcd = self._depth_inputs(x, xg, lower_c)

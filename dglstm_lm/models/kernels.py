@@ -11,11 +11,16 @@ over all T steps and returns (h_all, c_all), both [T, B, H]. Everything that doe
 Two implementations of the same forward and backward:
 - ``cpp``: a C++ extension (csrc/scan.cpp) with the elementwise work of a step fused into one loop. CPU only.
   Built once by ``make setup`` (``python -m dglstm_lm.build_kernels``) into ``build/``; loading a
-  built module takes no lock, so parallel jobs never wait on each other. In float32 its per-step GEMMs go
-  through MKL's packed GEMM (W_hh packed once per window for the batch's row count: at batch 20 re-packing
-  the weight is most of a plain GEMM call's time), wherever torch has MKL; ``cpp_blas`` is the same kernel
-  with a plain GEMM per step (torch's BLAS), and float64 always uses that. Under no_grad the kernel keeps
-  no per-step activations.
+  built module takes no lock, so parallel jobs never wait on each other. Its per-step GEMMs in float32 run
+  on a weight packed once per window for the batch's row count (at batch 20 re-packing the weight is most
+  of a plain GEMM call's time), by one of two libraries chosen per CPU (`gemm_path`): MKL's packed GEMM
+  on Intel, oneDNN's inner product elsewhere (MKL picks its fast code by CPU vendor; oneDNN by instruction
+  set, and on AMD it is 1.4x faster forward and 2.8x backward at 20 x 650). Under autocast bf16 the
+  per-step GEMMs take bfloat16 inputs with float32 accumulation (oneDNN; avx512_bf16 or AMX) while the
+  cell state and every elementwise operation stay float32. ``cpp_mkl`` and ``cpp_onednn`` force one
+  library (``cpp_onednn`` under autocast bf16: the bfloat16 GEMM; ``cpp_mkl``: float32 GEMMs whatever the
+  precision), ``cpp_blas`` a plain GEMM per step (torch's BLAS); float64 always uses that. Under no_grad
+  the kernel keeps no per-step activations.
 - ``python``: the same loops written with torch ops; runs on any device (CUDA included) and is the fallback
   when no compiler is available.
 - ``triton`` (triton_scan.py): the GPU backend, one fused Triton kernel per step forward and backward with
@@ -24,9 +29,10 @@ Two implementations of the same forward and backward:
 All save the gate activations in the forward pass, so that the backward pass is elementwise work plus
 ``dh_{t-1} = dz_t W_hh`` per step, with dW_hh as one GEMM over all steps afterwards.
 
-Under autocast (``trainer.precision=bf16``) the recurrence runs in float32 whatever the backend: its inputs
-(the bf16 input projections) are cast up and autocast is off inside, so the elementwise work, the cell state
-and h_{t-1} W_hh stay in float32 (fp32 master weights; the big input and output GEMMs are the bf16 ones).
+Under autocast (``trainer.precision=bf16``) the recurrence's inputs (the bf16 input projections) are cast up
+and autocast is off inside, so the elementwise work and the cell state stay in float32 (fp32 master
+weights; the big input and output GEMMs are the bf16 ones). h_{t-1} W_hh is a bfloat16 GEMM with float32
+accumulation on the fused kernel's oneDNN path (see ``cpp`` above) and float32 on every other path.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +238,7 @@ def _py_backward(grad_h, grad_c, h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wc
 
 
 _packed_gemm: bool | None = None
+_onednn_gemm: bool | None = None
 
 
 def packed_gemm_available() -> bool:
@@ -244,24 +252,121 @@ def packed_gemm_available() -> bool:
     return _packed_gemm
 
 
-def _pack(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """w ([N, K]) packed by MKL for products x w^T with x of `rows` rows (mkl::_mkl_linear's weight). The
-    kernel multiplies it by B-row matrices only: every caller packs with rows = B of the same call."""
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+def onednn_gemm_available() -> bool:
+    """Whether the fused CPU kernel can run its per-step GEMMs through oneDNN (torch with oneDNN)."""
+    global _onednn_gemm
+    if _onednn_gemm is None:
+        ext = cpp_extension()
+        if ext is None:
+            return False
+        _onednn_gemm = bool(ext.has_onednn_gemm()) and torch.backends.mkldnn.is_available()
+    return _onednn_gemm
+
+
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN has bfloat16 GEMMs with float32 accumulation on this CPU (avx512_bf16, AMX, ...)."""
+    try:
+        return onednn_gemm_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_vendor() -> str:
+    """ "GenuineIntel", "AuthenticAMD", ... from /proc/cpuinfo ("" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+# The per-step GEMM's paths (csrc/scan.cpp's Gemm): mode name -> (kernel's number, weight precision).
+GEMM_MODES = {
+    "cpp_plain": (0, None),
+    "cpp_mkl": (1, torch.float32),
+    "cpp_onednn": (2, torch.float32),
+    "cpp_onednn_bf16": (2, torch.bfloat16),
+}
+GEMM_NAMES = {
+    "cpp_plain": "BLAS",
+    "cpp_mkl": "MKL packed",
+    "cpp_onednn": "oneDNN",
+    "cpp_onednn_bf16": "oneDNN bf16",
+}
+
+
+def gemm_path(
+    dtype: torch.dtype = torch.float32, backend: str = "cpp", low: torch.dtype | None = None
+) -> str:
+    """The per-step GEMM's path (a GEMM_MODES key) that `backend` runs with for inputs of `dtype`, under
+    autocast to `low` (None: no autocast). For model.backend=cpp (and auto on the CPU), chosen per CPU and
+    precision by what `make bench` measured: MKL's packed GEMM on Intel (its fast code is Intel's own),
+    oneDNN on every other CPU; under autocast bf16 oneDNN's bfloat16 GEMM wherever the CPU has it."""
+    if dtype != torch.float32 or backend == "cpp_blas":
+        return "cpp_plain"
+    mkl, onednn = packed_gemm_available(), onednn_gemm_available()
+    bf16 = low == torch.bfloat16 and onednn_bf16_available()
+    if backend == "cpp_mkl":
+        return "cpp_mkl" if mkl else "cpp_plain"
+    if backend == "cpp_onednn":
+        return ("cpp_onednn_bf16" if bf16 else "cpp_onednn") if onednn else "cpp_plain"
+    if bf16:
+        return "cpp_onednn_bf16"
+    if mkl and (cpu_vendor() == "GenuineIntel" or not onednn):
+        return "cpp_mkl"
+    return "cpp_onednn" if onednn else "cpp_plain"
+
+
+def _pack(w: torch.Tensor, rows: int, mode: str) -> torch.Tensor | None:
+    """w ([N, K]) packed for products x w^T with x of `rows` rows, for the GEMM path `mode`: by MKL
+    (mkl::_mkl_linear's weight), or reordered by oneDNN into its blocked layout (in float32, or rounded to
+    bfloat16). The kernel multiplies it by B-row matrices only: every caller packs with rows = B."""
+    _, dtype = GEMM_MODES[mode]
+    if mode == "cpp_mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    if dtype is not None:
+        return torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), rows)
+    return None
+
+
+# The last packings made, keyed by the weight's identity and version: evaluation multiplies the same W_hh
+# window after window, so its packing is made once; a training step's update changes the version, so the
+# next window packs anew. The cache holds the weight itself, so its storage cannot be reused under the key.
+_PACK_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+_PACK_CACHE_SIZE = 8
+
+
+def _packed(
+    w: torch.Tensor, rows: int, mode: str, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(w or w^T as the kernel needs it, its packing for `mode`), from the cache when w has not changed."""
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, rows, mode, transposed)
+    hit = _PACK_CACHE.get(key)
+    if hit is not None and hit[0] is w:
+        return hit[1], hit[2]
+    plain = cpp_extension().transpose_weight(w) if transposed else w
+    packed = _pack(plain, rows, mode)
+    if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
+        _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
+    _PACK_CACHE[key] = (w, plain, packed)
+    return plain, packed
 
 
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, mode, save):
-        # mode: "python", "cpp" (a plain GEMM per step) or "cpp_packed" (MKL's packed GEMM, float32);
+        # mode: "python", or a GEMM_MODES key (the fused kernel with that per-step GEMM);
         # save=False when no backward can follow (no_grad, nothing requires grad): nothing kept per step
         if mode == "python":
             h_all, c_all, acts, tanh_c = _py_forward(gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled)
         else:
             w_hh = w_hh.contiguous()
-            packed = _pack(w_hh, gx.shape[1]) if mode == "cpp_packed" else None
+            _, packed = _packed(w_hh, gx.shape[1], mode, transposed=False)
             h_all, c_all, acts, tanh_c = cpp_extension().forward(
-                gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, packed, save
+                gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd, coupled, GEMM_MODES[mode][0], packed, save
             )
         if save:
             ctx.save_for_backward(h0, c0, w_hh, h_all, c_all, acts, tanh_c, m, wci, wcf, wco, wcd)
@@ -277,14 +382,63 @@ class _Scan(torch.autograd.Function):
         if ctx.mode == "python":
             grads = _py_backward(*args)
         else:
-            w_hh_t = w_hh.t().contiguous() if ctx.mode == "cpp_packed" else None
-            packed_t = _pack(w_hh_t, h_all.shape[1]) if w_hh_t is not None else None
-            grads = cpp_extension().backward(*args, packed_t, w_hh_t)
+            w_hh_t = packed_t = None
+            if ctx.mode != "cpp_plain":
+                w_hh_t, packed_t = _packed(w_hh, h_all.shape[1], ctx.mode, transposed=True)
+            grads = cpp_extension().backward(*args, GEMM_MODES[ctx.mode][0], packed_t, w_hh_t)
         return (*grads, None, None, None)
 
 
+def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b_t^T (+ bias) by oneDNN's inner product; a and b_t may be transposed views (oneDNN reads the
+    strides): on AMD 1.1-1.25x MKL's sgemm at the sizes of a 650-wide layer's projections and gradients."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """x w^T + b with oneDNN's inner product, forward and backward (dx = g w, dw = g^T x): x [N, K], w [M, K],
+    b [M] or None."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _onednn_mm(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad = grad.contiguous()
+        return (
+            _onednn_mm(grad, w.t()) if need_x else None,
+            _onednn_mm(grad.t(), x.t()) if need_w else None,
+            grad.sum(0) if ctx.has_bias and need_b else None,
+        )
+
+
+def input_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, backend: str = "auto"):
+    """F.linear(x, w, b) for a layer's input projections over all steps, on the library the fused kernel's
+    per-step GEMM uses here: where that is oneDNN (model.backend cpp/auto on AMD, cpp_onednn), oneDNN's
+    inner product in float32; anywhere else (MKL, autocast, other devices and dtypes) F.linear itself."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and backend in ("auto", "cpp", "cpp_onednn")
+        and not _autocast_enabled("cpu")
+        and cpp_extension() is not None
+        and gemm_path(torch.float32, "cpp" if backend == "auto" else backend) == "cpp_onednn"
+    ):
+        lead = x.shape[:-1]
+        b = None if b is None else b.contiguous()
+        y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), w.contiguous(), b)
+        return y.view(*lead, w.shape[0])
+    return F.linear(x, w, b)
+
+
 TRITON_BACKENDS = ("triton", "triton_graph")
-CPP_BACKENDS = ("cpp", "cpp_blas")
+CPP_BACKENDS = ("cpp", "cpp_blas", "cpp_mkl", "cpp_onednn")
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -316,14 +470,31 @@ def _triton(*args, coupled, backend):
     return triton_scan.scan(*args, coupled=coupled, graphs=graphs)
 
 
-def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, coupled=False, backend="auto"):
-    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "cpp_blas" | "python" |
-    "triton" | "triton_graph"."""
+def scan(
+    gx,
+    gd,
+    m,
+    h0,
+    c0,
+    w_hh,
+    wci=None,
+    wcf=None,
+    wco=None,
+    wcd=None,
+    *,
+    coupled=False,
+    backend="auto",
+    _low=None,
+):
+    """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "cpp_blas" | "cpp_mkl" |
+    "cpp_onednn" | "python" | "triton" | "triton_graph"."""
     if _autocast_enabled(gx.device.type):
-        # the recurrence in float32 (see the module docstring); the casts are differentiable
+        # the recurrence in float32 (see the module docstring); the casts are differentiable. _low: the
+        # autocast precision, which the fused kernel's oneDNN GEMM takes for its inputs
+        low = torch.get_autocast_dtype(gx.device.type) if hasattr(torch, "get_autocast_dtype") else None
         with torch.autocast(gx.device.type, enabled=False):
             ups = [_up(t) for t in (gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd)]
-            return scan(*ups, coupled=coupled, backend=backend)
+            return scan(*ups, coupled=coupled, backend=backend, _low=low)
     args = (gx, gd, m, h0, c0, w_hh, wci, wcf, wco, wcd)
     global _auto_triton
     if backend == "auto" and gx.device.type == "cuda" and gx.dtype == torch.float32 and _auto_triton:
@@ -356,13 +527,9 @@ def scan(gx, gd, m, h0, c0, w_hh, wci=None, wcf=None, wco=None, wcd=None, *, cou
             raise RuntimeError(f"the fused C++ kernel is unavailable: {cpp_unavailable_reason()}")
     elif backend != "python":
         raise ValueError(
-            f"unknown scan backend {backend!r} (auto, cpp, cpp_blas, python, triton, triton_graph)"
+            f"unknown scan backend {backend!r} (auto, {', '.join(CPP_BACKENDS)}, python, triton, triton_graph)"
         )
-    mode = backend
-    if backend == "cpp":
-        mode = "cpp_packed" if gx.dtype == torch.float32 and packed_gemm_available() else "cpp"
-    elif backend == "cpp_blas":
-        mode = "cpp"
+    mode = "python" if backend == "python" else gemm_path(gx.dtype, backend, _low)
     contig = [None if t is None else t.contiguous() for t in (gx, gd, m, h0, c0)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, mode, save)

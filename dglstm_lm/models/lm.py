@@ -115,13 +115,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def check_backend(cfg, device) -> None:
-    """model.backend=cpp (and cpp_blas) names the fused CPU kernel, triton and triton_graph the GPU ones: say
+    """model.backend=cpp (and cpp_blas, cpp_mkl, cpp_onednn) names the fused CPU kernel, triton and triton_graph the GPU ones: say
     at once when the one named cannot run here, not mid-training."""
     backend = getattr(cfg, "backend", "auto")
     if backend in ("triton", "triton_graph"):
         _check_triton_backend(backend, device)
         return
-    if backend not in ("cpp", "cpp_blas"):
+    if backend not in ("cpp", "cpp_blas", "cpp_mkl", "cpp_onednn"):
         return
     from ..errors import ConfigError
     from .kernels import cpp_extension, cpp_unavailable_reason

@@ -30,7 +30,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kGrain = 1 << 13;  // elements per parallel chunk; one step is B*H elements (20 x 650: two chunks)
+constexpr int64_t kGrain = 1 << 11;  // elements per parallel chunk; one step is B*H elements (20 x 200: two chunks)
 
 // The per-row loops are plain loops that GCC vectorises; each is compiled three times (GCC on x86-64):
 // x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline SSE2, in out-of-line wrappers (inlined into
@@ -320,11 +320,22 @@ void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "scan: ", name, " must be contiguous");
 }
 
-// MKL's packed GEMM as torch registers it (mkl::_mkl_linear: X ORI_W^T with ORI_W pre-packed for X's row
-// count by mkl::_mkl_reorder_linear_weight). A recurrence multiplies the same small weight by a new h at
-// every step, the case a packed B matrix is for: MKL skips re-packing W_hh at each call, which is most of an
-// M = 20 GEMM's time. Looked up by name at run time: a torch without MKL has no such op, and the caller then
-// passes no packed weight.
+// The per-step GEMM z = X W^T (X: h_{t-1}, [B, H]; or, backward, dz_t W_hh as X = dz_t, W = W_hh^T) has
+// four paths, chosen by the caller (kernels.py) per CPU and precision:
+//   kPlain   at::mm on the plain weight (torch's BLAS).
+//   kMkl     MKL's packed GEMM as torch registers it (mkl::_mkl_linear: X ORI_W^T with ORI_W pre-packed for
+//            X's row count by mkl::_mkl_reorder_linear_weight). A recurrence multiplies the same small weight
+//            by a new X at every step, the case a packed B matrix is for: MKL skips re-packing W at each call,
+//            most of an M = 20 GEMM's time. Fast on Intel; MKL picks its code by CPU vendor, and on AMD it
+//            runs a generic path.
+//   kOneDnn  oneDNN's inner product on a weight reordered once per window into its blocked layout
+//            (mkldnn::_reorder_linear_weight + mkldnn::_linear_pointwise, what torch's own linear layers use).
+//            oneDNN's JIT picks its code by instruction set, so it is fast on AMD as well; with a bfloat16
+//            weight X is rounded to bfloat16 and the product accumulates in float32 (avx512_bf16, AMX).
+// The ops are looked up by name at run time: a torch without MKL or oneDNN has no such op, and the caller
+// then chooses kPlain.
+enum class Gemm : int64_t { kPlain = 0, kMkl = 1, kOneDnn = 2 };
+
 using MklLinearFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t);
 
 const c10::TypedOperatorHandle<MklLinearFn>& mkl_linear() {
@@ -333,7 +344,84 @@ const c10::TypedOperatorHandle<MklLinearFn>& mkl_linear() {
   return op;
 }
 
+using OneDnnLinearFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                              c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<OneDnnLinearFn>& onednn_linear() {
+  static const c10::TypedOperatorHandle<OneDnnLinearFn> op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "").typed<OneDnnLinearFn>();
+  return op;
+}
+
+// One step's product X W^T into out (float32 or float64, [B, N]). w: the plain weight [N, K]; w_packed: its
+// packing for the chosen path (MKL's, or oneDNN's in float32 or bfloat16); x_low: a bfloat16 buffer shaped
+// like X, used when the oneDNN weight is bfloat16.
+struct StepGemm {
+  Gemm kind;
+  const Tensor& w;         // [N, K]
+  const Tensor* w_packed;  // kMkl / kOneDnn
+  Tensor x_low;            // bfloat16 [B, K] (kOneDnn with a bfloat16 weight), else undefined
+
+  void operator()(const Tensor& x, Tensor& out) {
+    switch (kind) {
+      case Gemm::kMkl:
+        out = mkl_linear().call(x, *w_packed, w, std::nullopt, x.size(0));
+        return;
+      case Gemm::kOneDnn:
+        if (x_low.defined()) {
+          x_low.copy_(x);
+          out.copy_(onednn_linear().call(x_low, *w_packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt));
+        } else {
+          out = onednn_linear().call(x, *w_packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+        }
+        return;
+      default:
+        at::mm_out(out, x, w.t());
+    }
+  }
+};
+
+StepGemm make_gemm(int64_t kind, const Tensor& w, const std::optional<Tensor>& w_packed, const Tensor& x_like) {
+  const auto g = static_cast<Gemm>(kind);
+  TORCH_CHECK(g == Gemm::kPlain || g == Gemm::kMkl || g == Gemm::kOneDnn, "scan: unknown GEMM path ", kind);
+  const bool packed = g != Gemm::kPlain;
+  TORCH_CHECK(!packed || (w_packed.has_value() && w_packed->defined()), "scan: this GEMM path needs a packed weight");
+  TORCH_CHECK(!packed || x_like.scalar_type() == at::kFloat, "scan: the packed GEMMs are float32 only");
+  TORCH_CHECK(g != Gemm::kMkl || w_packed->scalar_type() == at::kFloat, "scan: MKL's packed weight is float32");
+  if (packed) check_input(w, "w_hh");
+  Tensor x_low;
+  if (g == Gemm::kOneDnn && w_packed->scalar_type() == at::kBFloat16) x_low = at::empty_like(x_like, at::kBFloat16);
+  return StepGemm{g, w, packed ? &*w_packed : nullptr, x_low};
+}
+
 }  // namespace
+
+// w^T as a new contiguous tensor, in 32 x 32 tiles split over the threads: W_hh^T for the backward pass's
+// packed GEMM. (Tensor.t().contiguous() walks one side with a stride of a whole row: several times slower
+// at 650 x 2600.)
+Tensor transpose_weight(const Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "transpose_weight: w must be 2-D");
+  const Tensor src = w.contiguous();
+  const int64_t R = src.size(0), C = src.size(1);
+  auto out = at::empty({C, R}, src.options());
+  constexpr int64_t kTile = 32;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "transpose_weight", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (R + kTile - 1) / kTile, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t rb = b0 * kTile; rb < std::min(R, b1 * kTile); rb += kTile) {
+        const int64_t re = std::min(R, rb + kTile);
+        for (int64_t cb = 0; cb < C; cb += kTile) {
+          const int64_t ce = std::min(C, cb + kTile);
+          for (int64_t c = cb; c < ce; ++c) {
+            for (int64_t r = rb; r < re; ++r) o[c * R + r] = in[r * C + c];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
 
 // The instruction set the fused rows run with here (see row_isa above).
 std::string fused_row_isa() {
@@ -353,26 +441,30 @@ bool has_packed_gemm() {
          c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""}).has_value();
 }
 
-// Returns {h_all [T,B,H], c_all [T,B,H], acts [T,B,K*H], tanh_c [T,B,H]}. w_packed: W_hh packed for B rows
-// by mkl::_mkl_reorder_linear_weight (float32), or none for a plain GEMM per step. save=false (no backward
+// Whether this torch has oneDNN's inner product on a reordered weight (see onednn_linear above).
+bool has_onednn_gemm() {
+  return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value() &&
+         c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""}).has_value();
+}
+
+// Returns {h_all [T,B,H], c_all [T,B,H], acts [T,B,K*H], tanh_c [T,B,H]}. gemm: the per-step GEMM's path
+// (Gemm above); w_packed: W_hh packed for B rows for that path, or none for kPlain. save=false (no backward
 // will follow) keeps acts and tanh_c for one step only, reused at every step: [1,B,K*H] and [1,B,H].
 std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& gd, const std::optional<Tensor>& m,
                                  const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                                  const std::optional<Tensor>& wci, const std::optional<Tensor>& wcf,
                                  const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled,
-                                 const std::optional<Tensor>& w_packed, bool save) {
+                                 int64_t gemm, const std::optional<Tensor>& w_packed, bool save) {
   const Flags flags{coupled, wci.has_value() && wci->defined(), gd.has_value() && gd->defined()};
   const int64_t T = gx.size(0), B = gx.size(1), H = h0.size(1);
   const int64_t G = coupled ? 3 : 4, K = G + (flags.depth ? 1 : 0);
-  const bool packed = w_packed.has_value() && w_packed->defined();
   TORCH_CHECK(gx.dim() == 3 && gx.size(2) == G * H, "scan: gx must be [T, B, ", G, "*H]");
   TORCH_CHECK(w_hh.size(0) == G * H && w_hh.size(1) == H, "scan: w_hh must be [", G, "*H, H]");
-  TORCH_CHECK(!packed || gx.scalar_type() == at::kFloat, "scan: the packed GEMM is float32 only");
   check_input(gx, "gx");
   check_input(h0, "h0");
   check_input(c0, "c0");
   TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && c0.sizes() == h0.sizes(), "scan: h0 and c0 must be [B, H]");
-  if (packed) check_input(w_hh, "w_hh");
+  StepGemm step_gemm = make_gemm(gemm, w_hh, w_packed, h0);
   if (flags.depth) {
     check_input(*gd, "gd");
     check_input(need(m, "m"), "m");
@@ -389,7 +481,6 @@ std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& 
   auto tanh_c = at::empty({T_saved, B, H}, gx.options());
   auto acts = at::empty({T_saved, B, K * H}, gx.options());
   auto zh = at::empty({B, G * H}, gx.options());
-  const auto w_hh_t = w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "scan_forward", [&] {
     const scalar_t* p_wci = ptr_or_null<scalar_t>(wci);
@@ -399,11 +490,7 @@ std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& 
     for (int64_t t = 0; t < T; ++t) {
       const Tensor h_prev = t == 0 ? h0 : h_all[t - 1];
       const Tensor c_prev = t == 0 ? c0 : c_all[t - 1];
-      if (packed) {
-        zh = mkl_linear().call(h_prev, *w_packed, w_hh, std::nullopt, B);
-      } else {
-        at::mm_out(zh, h_prev, w_hh_t);
-      }
+      step_gemm(h_prev, zh);
       const int64_t ts = save ? t : 0;
       const scalar_t* p_gd = flags.depth ? gd->data_ptr<scalar_t>() + t * B * H : nullptr;
       const scalar_t* p_m = flags.depth ? m->data_ptr<scalar_t>() + t * B * H : nullptr;
@@ -416,8 +503,10 @@ std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& 
   return {h_all, c_all, acts, tanh_c};
 }
 
-// grad_h, grad_c: [T,B,H] gradients arriving at every h_t and c_t from outside the layer. w_packed_t and
-// w_hh_t: W_hh^T ([H, G*H], contiguous) and its MKL packing for B rows, or both none for a plain GEMM.
+// grad_h, grad_c: [T,B,H] gradients arriving at every h_t and c_t from outside the layer. gemm: the per-step
+// GEMM's path (Gemm above); w_packed_t and w_hh_t: W_hh^T ([H, G*H], contiguous) and its packing for B rows
+// for that path, or both none for kPlain. With a bfloat16 oneDNN weight the weight gradient's GEMM takes
+// bfloat16 inputs too (float32 accumulation), as autocast would give it.
 // Returns {d_gx, d_gd, d_m, d_h0, d_c0, d_w_hh, d_wci, d_wcf, d_wco, d_wcd}; entries the forward pass had
 // no input for are undefined tensors (None in Python).
 std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, const Tensor& h0, const Tensor& c0,
@@ -425,18 +514,21 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
                                   const Tensor& tanh_c, const std::optional<Tensor>& m,
                                   const std::optional<Tensor>& wci, const std::optional<Tensor>& wcf,
                                   const std::optional<Tensor>& wco, const std::optional<Tensor>& wcd, bool coupled,
-                                  const std::optional<Tensor>& w_packed_t, const std::optional<Tensor>& w_hh_t) {
+                                  int64_t gemm, const std::optional<Tensor>& w_packed_t,
+                                  const std::optional<Tensor>& w_hh_t) {
   const Flags flags{coupled, wci.has_value() && wci->defined(), m.has_value() && m->defined()};
   const int64_t T = h_all.size(0), B = h_all.size(1), H = h_all.size(2);
   const int64_t G = coupled ? 3 : 4;
-  const bool packed = w_packed_t.has_value() && w_packed_t->defined();
   TORCH_CHECK(acts.size(0) == T && tanh_c.size(0) == T, "scan: backward needs a forward pass with save=true");
-  TORCH_CHECK(!packed || (h_all.scalar_type() == at::kFloat && w_hh_t.has_value() && w_hh_t->defined()),
-              "scan: the packed GEMM is float32 only and needs w_hh_t");
+  TORCH_CHECK(static_cast<Gemm>(gemm) == Gemm::kPlain || (w_hh_t.has_value() && w_hh_t->defined()),
+              "scan: the packed GEMMs need w_hh_t");
   check_input(grad_h, "grad_h");
   check_input(grad_c, "grad_c");
   TORCH_CHECK(grad_h.sizes() == h_all.sizes() && grad_c.sizes() == h_all.sizes(), "scan: grad_h and grad_c must be [T, B, H]");
-  if (packed) check_input(*w_hh_t, "w_hh_t");
+  const Tensor w_for_bwd = static_cast<Gemm>(gemm) == Gemm::kPlain ? w_hh.t() : *w_hh_t;  // [H, G*H]
+  const auto d_gx_like = at::empty({B, G * H}, h_all.options());
+  StepGemm step_gemm = make_gemm(gemm, w_for_bwd, w_packed_t, d_gx_like);
+  const bool low = step_gemm.x_low.defined();
 
   auto d_gx = at::empty({T, B, G * H}, h_all.options());
   Tensor d_gd, d_m;
@@ -463,19 +555,27 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
                      grad_h.data_ptr<scalar_t>() + t * B * H, dh_rec.data_ptr<scalar_t>(),
                      grad_c.data_ptr<scalar_t>() + t * B * H, p_wci, p_wcf, p_wco, p_wcd,
                      dc.data_ptr<scalar_t>(), d_gx.data_ptr<scalar_t>() + t * B * G * H, p_dgd, p_dm);
-      if (packed) {
-        dh_rec = mkl_linear().call(d_gx[t], *w_packed_t, *w_hh_t, std::nullopt, B);
-      } else {
-        at::mm_out(dh_rec, d_gx[t], w_hh);
-      }
+      step_gemm(d_gx[t], dh_rec);
     }
   });
 
   // dW_hh = sum_t dz_t^T h_{t-1}: one GEMM over steps 1..T-1 plus the first step's term.
-  auto d_w_hh = at::mm(d_gx[0].t(), h0);
-  if (T > 1) {
-    d_w_hh.addmm_(d_gx.narrow(0, 1, T - 1).reshape({(T - 1) * B, G * H}).t(),
-                  h_all.narrow(0, 0, T - 1).reshape({(T - 1) * B, H}));
+  Tensor d_w_hh;
+  if (low) {
+    const auto h_prev_all = at::cat({h0.unsqueeze(0), h_all.narrow(0, 0, T - 1)}, 0).reshape({T * B, H});
+    d_w_hh = at::mm(d_gx.reshape({T * B, G * H}).t().to(at::kBFloat16), h_prev_all.to(at::kBFloat16))
+                 .to(h_all.scalar_type());
+  } else {
+    // one GEMM over all steps: h_{t-1} for every t (h0 first) as one [T*B, H] matrix (a first-step GEMM of
+    // its own, [G*H, B] x [B, H], cost more than this copy)
+    const auto h_prev_all = T > 1 ? at::cat({h0.unsqueeze(0), h_all.narrow(0, 0, T - 1)}, 0) : h0.unsqueeze(0);
+    const auto dz_t = d_gx.reshape({T * B, G * H}).t();  // [G*H, T*B], a transposed view
+    if (step_gemm.kind == Gemm::kOneDnn) {  // oneDNN reads the transposed views' strides
+      d_w_hh = onednn_linear().call(dz_t, h_prev_all.reshape({T * B, H}).t(), std::nullopt, "none",
+                                    c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    } else {
+      d_w_hh = at::mm(dz_t, h_prev_all.reshape({T * B, H}));
+    }
   }
 
   Tensor d_wci, d_wcf, d_wco, d_wcd;
@@ -496,6 +596,9 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &scan_forward, "fused (depth-gated) LSTM layer: forward over all steps");
   mod.def("backward", &scan_backward, "fused (depth-gated) LSTM layer: backward over all steps");
+  mod.def("transpose_weight", &transpose_weight, "w^T as a new contiguous tensor (tiled)");
   mod.def("row_isa", &fused_row_isa, "the instruction set the fused elementwise rows run with");
   mod.def("has_packed_gemm", &has_packed_gemm, "whether this torch has MKL's packed GEMM (mkl::_mkl_linear)");
+  mod.def("has_onednn_gemm", &has_onednn_gemm,
+          "whether this torch has oneDNN's inner product on a reordered weight (mkldnn::_linear_pointwise)");
 }
