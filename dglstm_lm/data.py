@@ -236,6 +236,24 @@ class Corpus:
     cache: Path
     sha256: dict[str, str]
     check_s: float | None = None  # seconds spent checking the cache against its manifest (None: just built)
+    digest: str = ""  # corpus_digest of the files read
+    verified: bool = False  # the files' SHA-256 were checked against data.sha256
+
+    def identity(self) -> dict:
+        """What a run trained and was evaluated on, for its record (metrics.json, W&B): the digest of the
+        files read, whether they were verified (and are then PTB's when data.sha256 is PTB's), their
+        SHA-256, the vocabulary size and the token counts."""
+        from .config import PTB_SHA256
+
+        return {
+            "digest": self.digest,
+            "verified": self.verified,
+            "ptb": self.sha256 == {s: PTB_SHA256[FILES[s]] for s in SPLITS},  # the files are PTB's
+            "source": str(self.source),
+            "sha256": dict(self.sha256),
+            "vocab_size": len(self.vocab),
+            "tokens": {split: s.num_tokens for split, s in self.splits.items()},
+        }
 
     def stats(self) -> dict:
         return {
@@ -512,7 +530,7 @@ def prepare(
     if verify_checksums and not sha256:
         raise DataError("data.verify_checksums is on but data.sha256 is empty")
     source, sums = locate(data_dir, root, download_enabled, sources, hub_url, raw_url, sums_expected)
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, [sums[s] for s in SPLITS]]).encode()).hexdigest()[:16]
+    key = corpus_digest(sums)
     cache = root / "cache" / f"{name}-{key}"
     _remove_stale_temporaries(cache)
     loaded, check_s = None, None
@@ -564,7 +582,13 @@ def prepare(
     for split_name, split in splits.items():
         if split.num_tokens == 0:
             raise DataError(f"{source / FILES[split_name]} holds no tokens")
-    return Corpus(vocab, splits, source, cache, sums, check_s)
+    return Corpus(vocab, splits, source, cache, sums, check_s, digest=key, verified=sums_expected is not None)
+
+
+def corpus_digest(sums: dict[str, str]) -> str:
+    """The identity of a prepared corpus: a digest of its three files' SHA-256 (and of the tokenisation's
+    format), 16 hex digits; also the name of its cache folder."""
+    return hashlib.sha256(json.dumps([CACHE_FORMAT, [sums[s] for s in SPLITS]]).encode()).hexdigest()[:16]
 
 
 def prepare_from_config(cfg) -> Corpus:

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import io
 import json
 import logging
@@ -88,8 +89,40 @@ PUBLISHED = {
 }
 
 
+# Keys that stand for the data a run read: replaced by its data identity (`Run.data`), which a run records
+# from the files it read (an unverified run's config holds no sums; older runs' PTB sums were not checked).
+DATA_KEYS = ("data.sha256",)
+
+
 def _output_only(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in OUTPUT_ONLY)
+    return any(key == k or key.startswith(k + ".") for k in (*OUTPUT_ONLY, *DATA_KEYS))
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """Which data a run trained and was evaluated on: `digest` is the corpus digest of the SHA-256 of the
+    three files it read (data.corpus_digest), so it is PTB's exactly when the files are PTB's."""
+
+    digest: str
+    source: str
+
+    @property
+    def ptb(self) -> bool:
+        return self.digest == _ptb_digest()
+
+    @property
+    def heading(self) -> str:
+        if self.ptb:
+            return "PTB, verified"
+        return f"{self.source}, digest {self.digest[:8]}, not PTB"
+
+
+@functools.cache
+def _ptb_digest() -> str:
+    from .config import PTB_SHA256
+    from .data import FILES, SPLITS, corpus_digest
+
+    return corpus_digest({s: PTB_SHA256[FILES[s]] for s in SPLITS})
 
 
 @dataclass
@@ -106,13 +139,33 @@ class Run:
         return self.metrics.get("status", "unknown")
 
     @property
+    def data(self) -> DataIdentity:
+        """The run's data: as its metrics.json records it; for a run from before that record, PTB when its
+        checksums were verified against PTB's (then it read exactly those files), else its folder."""
+        d = (self.metrics or {}).get("data") or {}
+        if d.get("digest"):
+            return DataIdentity(d["digest"], str(d.get("source", "?")))
+        from .config import PTB_SHA256
+
+        where = str(self.config.get("data.dir") or "?")
+        prefix = "data.sha256."  # flattened: one key per file
+        sums = {k[len(prefix) :]: v for k, v in self.config.items() if k.startswith(prefix)}
+        if self.config.get("data.verify_checksums", True) and sums == PTB_SHA256:
+            return DataIdentity(_ptb_digest(), where)
+        return DataIdentity("unknown:" + where, where)
+
+    @property
     def identity(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if not _output_only(k)))
+        return (
+            ("data", self.data.digest),
+            *sorted((k, json.dumps(v)) for k, v in self.config.items() if not _output_only(k)),
+        )
 
     @property
     def table_key(self) -> tuple:
         return (
             self.config.get("name"),
+            ("data", self.data.digest),
             *sorted(
                 (k, json.dumps(v))
                 for k, v in self.config.items()
@@ -374,7 +427,12 @@ def _model_order(model: str, label: str) -> tuple:
 
 
 def _data_of(run: Run) -> str:
-    return run.config.get("data.name", "?") + f", {run.config.get('data.batching', '?')}"
+    return f"{run.data.heading}, {run.config.get('data.batching', '?')}"
+
+
+def _published(run: Run, name: str) -> list:
+    """The published PTB rows of a recipe: only beside runs on verified PTB."""
+    return PUBLISHED.get(name, []) if run.data.ptb else []
 
 
 def _by(runs: list[Run], key) -> dict:
@@ -398,7 +456,7 @@ def build_tables(runs: list[Run]) -> list[Table]:
             rows.append(Row(label, model, kept, repeats=repeats))
         rows.sort(key=lambda r: _model_order(r.model, r.label))
         name = key[0] or "?"
-        for label, params, val, test in PUBLISHED.get(name, []):
+        for label, params, val, test in _published(table_runs[0], name):
             rows.append(
                 Row(
                     label,
@@ -450,7 +508,7 @@ def group_in_progress(runs: list[Run], tables: list[Table]) -> list[Progress]:
         ]
         rows.sort(key=lambda lr: _model_order(lr[1][0].config.get("model.name", "?"), lr[0]))
         name = key[0] or "?"
-        published = [(label, val) for label, _, val, _ in PUBLISHED.get(name, []) if val]
+        published = [(label, val) for label, _, val, _ in _published(group[0], name) if val]
         groups.append(Progress(name, _data_of(group[0]), rows, ti, published))
     return groups
 

@@ -148,6 +148,10 @@ def train(
     run_dir = Path(run_dir)
     config_dict = resolved_container(cfg)
     config_dict.pop("hydra", None)
+    if (
+        not obj.data.verify_checksums
+    ):  # the record never claims sums that were not checked (PTB's, by default)
+        config_dict["data"]["sha256"] = None
     with _claim(run_dir, obj, config_dict):
         run = _Run(cfg, obj, run_dir, config_dict)
         try:
@@ -262,6 +266,7 @@ class _Run:
                 f"cannot resume {point.path}: the corpus at {corpus.source} has another vocabulary than "
                 "the one the checkpoint was trained on"
             )
+        self.data_identity = corpus.identity()  # in metrics.json and W&B: what the run trained on
         check_backend(obj.model, self.device)
         model = build_model(len(corpus.vocab), obj.model).to(self.device)
         self.num_params = count_parameters(model)
@@ -317,6 +322,7 @@ class _Run:
             self.started = (rundir.read_metrics(self.run_dir) or {}).get("started_at", self.started)
         rundir.write_config(self.run_dir, self.config_dict)  # resolved; what reports group runs by
         self.record(rundir.RUNNING)
+        self.tracker.summary({"data": self.data_identity, "code": self.code})
 
     def fit(self) -> None:
         """The epochs, then the test of the best epoch's weights; history and metrics after each epoch. A
@@ -397,6 +403,7 @@ class _Run:
             "run_dir": str(self.run_dir),
             "wandb_id": self.tracker.run_id,
             "code": self.code,
+            "data": self.data_identity,
             "started_at": self.started,
             "updated_at": _now(),
         }

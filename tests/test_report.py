@@ -659,7 +659,7 @@ def test_a_sweep_in_progress_shows_the_curves_of_its_running_jobs(tmp_path):
     assert "No completed runs yet." in md and "## Runs in progress" in md
     best = min(_curve(250.0, 102.0, 7))
     assert (
-        f"| `multirun/gate/gate=open,seed=2` | running | fake (ptb, stream): dglstm (depth_gate=open) | 7 of 13 | {best:.2f} (7) |"
+        f"| `multirun/gate/gate=open,seed=2` | running | fake (PTB, verified, stream): dglstm (depth_gate=open) | 7 of 13 | {best:.2f} (7) |"
         in md
     )
     assert "| `multirun/gate/gate=constant,seed=1` | interrupted |" in md and "| 5 of 13 |" in md
@@ -782,3 +782,73 @@ def test_no_function_of_the_report_is_long():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 80, f"{module.__name__}.{node.name}: {length} lines"
+
+
+def test_runs_on_two_corpora_are_never_pooled(tmp_path, ptb_dir, ptb_root):
+    """The same config and seeds trained on two small corpora of one's own (data.dir=... with
+    data.verify_checksums=false) and on PTB: three tables, never one row, seed or Δ across corpora; each run
+    records its data (digest, vocabulary, token counts) and an unverified run's config claims no sums; the
+    recipe's published PTB rows stand only beside PTB."""
+    from dglstm_lm.config import compose
+    from dglstm_lm.data import corpus_digest
+    from dglstm_lm.report import build_tables, find_runs
+    from dglstm_lm.train import train
+
+    from .conftest import TINY_TEST, TINY_TRAIN, TINY_VALID, write_corpus
+
+    a = write_corpus(tmp_path / "corpus_a")
+    b = write_corpus(
+        tmp_path / "corpus_b", train=[*TINY_TRAIN, "a bird and a fish"], valid=TINY_VALID, test=TINY_TEST
+    )
+    out = tmp_path / "outputs"
+    common = [
+        "experiment=smoke",
+        "name=zaremba_small",  # a recipe with published PTB rows
+        "model=stacked_lstm",
+        "model.emb_dim=8",
+        "model.hidden_dim=8",
+        "logger=none",
+        "trainer.progress=off",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_eval_batches=2",
+        "trainer.batch_size=2",
+        "trainer.eval_batch_size=2",
+        "trainer.bptt=5",
+        f"paths.data_dir={ptb_root}",
+    ]
+    runs = {}
+    for corpus, data in (("a", [f"data.dir={a}", "data.verify_checksums=false"]),
+                         ("b", [f"data.dir={b}", "data.verify_checksums=false"]),
+                         ("ptb", [f"data.dir={ptb_dir}"])):  # fmt: skip
+        for seed in (1, 2):
+            run_dir = out / f"{corpus}-{seed}"
+            m = train(compose([*common, *data, f"seed={seed}"]), run_dir)
+            assert m["status"] == "completed"
+            runs[corpus, seed] = (run_dir, m)
+    ids = {c: runs[c, 1][1]["data"] for c in ("a", "b", "ptb")}
+    assert len({d["digest"] for d in ids.values()}) == 3
+    assert ids["a"]["vocab_size"] == ids["b"]["vocab_size"] - 2  # "bird" and "fish" are new in b
+    assert ids["a"]["tokens"]["train"] == sum(len(s.split()) + 1 for s in TINY_TRAIN)  # + <eos> per line
+    assert ids["ptb"]["tokens"] == {"train": 929_589, "valid": 73_760, "test": 82_430}
+    assert ids["ptb"]["ptb"] and ids["ptb"]["verified"] and not ids["a"]["ptb"] and not ids["a"]["verified"]
+    assert ids["a"]["digest"] == corpus_digest(ids["a"]["sha256"])
+    assert runs["a", 2][1]["data"] == ids["a"]  # the same corpus, the same identity
+    config = json.loads((runs["a", 1][0] / "config.json").read_text())
+    assert config["data"]["sha256"] is None  # not verified: no sums claimed
+    assert json.loads((runs["ptb", 1][0] / "config.json").read_text())["data"]["sha256"]
+
+    tables = build_tables(find_runs(out))
+    assert len(tables) == 3
+    by_data = {}
+    for t in tables:
+        ours = [r for r in t.rows if not r.published]
+        assert len(ours) == 1 and ours[0].n == 2  # one row of two seeds
+        folders = {r.path.name.split("-")[0] for r in ours[0].runs}
+        assert len(folders) == 1  # ... all of one corpus
+        by_data[folders.pop()] = t
+    assert by_data["ptb"].data.startswith("PTB, verified")
+    assert [r.label for r in by_data["ptb"].rows if r.published]  # Zaremba's rows beside PTB
+    for c in ("a", "b"):
+        assert not [r for r in by_data[c].rows if r.published]  # ... and nowhere else
+        assert ids[c]["digest"][:8] in by_data[c].data and str(tmp_path / f"corpus_{c}") in by_data[c].data
