@@ -304,6 +304,9 @@ def test_wandb_offline_run_reads_back_equal_to_metrics(tmp_path, ptb_dir, ptb_ro
         {"train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(h) for h in steps
     )
     assert summary["test/ppl"] == m["test/ppl"] and summary["val/ppl"] == m["val/ppl"]
+    # what the run trained on and with which code: W&B carries metrics.json's record of both
+    assert summary["data"] == m["data"] and m["data"]["ptb"] and m["data"]["tokens"]["test"] == 82_430
+    assert summary["code"] == m["code"]
     config = json.loads(json.dumps(run_rec["config"]["update"]))
     assert config["model"]["name"] == "dglstm" and config["trainer"]["max_epochs"] == 2
 
