@@ -239,6 +239,14 @@ def _resume_point(obj, run_dir: Path, config_dict: dict) -> _ResumePoint:
     return point
 
 
+def model_shapes(m, vocab_size: int) -> str:
+    """The model's shapes in words, for the run's first log line: e.g. `emb 200, hidden 650 × 2, vocab
+    10,000, untied` (a hidden_dim that left the embedding at its own width shows here)."""
+    dims = m.layer_dims
+    hidden = f"{dims[0]} × {len(dims)}" if len(set(dims)) == 1 else " / ".join(map(str, dims))
+    return f"emb {m.emb_dim}, hidden {hidden}, vocab {vocab_size:,}, {'tied' if m.tie_weights else 'untied'}"
+
+
 class _Run:
     """The objects of one run between its steps (build → start → fit → finish), and its record (rundir.METRICS)."""
 
@@ -274,10 +282,12 @@ class _Run:
             torch.get_num_threads()
         )  # said now, before the tracker's start (W&B takes seconds on a busy machine)
         log.info(
-            "%s (%s): %s parameters, %s, %s; run dir %s",
+            "%s (%s): %s parameters (%s), %s, %s, %s; run dir %s",
             obj.model.name,
             obj.name,
             f"{self.num_params:,}",
+            model_shapes(obj.model, len(corpus.vocab)),
+            t.precision,
             self.device,
             "1 thread" if n == 1 else f"{n} threads",
             self.run_dir,

@@ -502,13 +502,17 @@ class Trainer:
         if self.progress or done <= 0:
             return
         left = (self.n_train - self.pos.batch) * elapsed / done
+        sums = self.epoch_sums  # the epoch's running training loss so far (a resumed epoch's included)
+        loss = sums["nll"] / max(sums["tokens"], 1)
         log.info(
-            "epoch %d/%d  %d%% (%d/%d windows)  %.0f tok/s  epoch ends in %s",
+            "epoch %d/%d  %d%% (%d/%d windows)  train loss %.3f (ppl %.2f)  %.0f tok/s  epoch ends in %s",
             self.pos.epoch + 1,
             self.t.max_epochs,
             100 * self.pos.batch // self.n_train,
             self.pos.batch,
             self.n_train,
+            loss,
+            ppl(loss),
             since["tokens"] / max(elapsed, 1e-9),
             _duration(left),
         )

@@ -1,0 +1,75 @@
+"""What a run says in its log while it runs (no terminal: a log file, a sweep's job): its first line names
+the model's shapes and precision, and the once-a-minute progress line carries the running training loss."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from dglstm_lm import trainer as trainer_mod
+from dglstm_lm.config import compose
+from dglstm_lm.train import train
+
+from .conftest import write_corpus
+
+
+def _tiny_cfg(tmp_path, *extra):
+    corpus = write_corpus(tmp_path / "corpus")
+    return compose(
+        [
+            "experiment=smoke",
+            "model=dglstm",
+            "model.emb_dim=6",
+            "model.hidden_dim=10",
+            "logger=none",
+            "trainer.progress=off",
+            "trainer.max_epochs=1",
+            "trainer.batch_size=2",
+            "trainer.eval_batch_size=2",
+            "trainer.bptt=3",
+            "trainer.limit_train_batches=null",
+            f"data.dir={corpus}",
+            "data.verify_checksums=false",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={tmp_path / 'out'}",
+            *extra,
+        ]
+    )
+
+
+def test_progress_lines_carry_the_running_training_loss(tmp_path, monkeypatch, caplog):
+    """With a line after every step, the epoch's last line shows the epoch's training loss and perplexity:
+    the values its history records."""
+    monkeypatch.setattr(trainer_mod, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level("INFO", logger="dglstm_lm")
+    run_dir = tmp_path / "run"
+    train(_tiny_cfg(tmp_path), run_dir)
+    lines = [r.getMessage() for r in caplog.records if "windows)" in r.getMessage()]
+    assert len(lines) >= 3
+    last = re.search(r"\((\d+)/(\d+) windows\)  train loss ([\d.]+) \(ppl ([\d.]+)\)", lines[-1])
+    assert last and last.group(1) == last.group(2)  # the epoch's last window
+    (epoch,) = [json.loads(s) for s in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert float(last.group(3)) == pytest.approx(epoch["train/loss"], abs=5e-4)
+    assert float(last.group(4)) == pytest.approx(epoch["train/ppl"], abs=5e-3)
+    losses = [float(re.search(r"train loss ([\d.]+)", s).group(1)) for s in lines]
+    assert len(set(losses)) > 1  # a running value, not the epoch's end repeated
+
+
+@pytest.mark.parametrize(
+    "extra,shapes",
+    [
+        ((), "emb 6, hidden 10 × 2, vocab 12, untied), fp32"),
+        (
+            ("model.hidden_dims=[10,12]", "trainer.precision=bf16"),
+            "emb 6, hidden 10 / 12, vocab 12, untied), bf16",
+        ),
+        (("model.hidden_dim=6", "model.tie_weights=true"), "emb 6, hidden 6 × 2, vocab 12, tied), fp32"),
+    ],
+)
+def test_the_first_line_names_the_shapes_and_the_precision(tmp_path, caplog, extra, shapes):
+    caplog.set_level("INFO", logger="dglstm_lm")
+    train(_tiny_cfg(tmp_path, *extra), tmp_path / "run")
+    first = next(r.getMessage() for r in caplog.records if "parameters (" in r.getMessage())
+    assert shapes in first, first
