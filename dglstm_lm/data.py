@@ -159,6 +159,21 @@ def download(root: Path, sources: list[str], hub_url: str, raw_url: str, sha256:
     )
 
 
+def check_source(data_dir: str | None) -> None:
+    """Before a run folder is made: a data folder named by data.dir (or $PTB_DIR) exists and holds the three
+    files. (Their contents are checked when the run prepares them; without a folder named, the run finds
+    or downloads PTB.)"""
+    explicit = data_dir or os.environ.get("PTB_DIR")
+    if not explicit:
+        return
+    folder = Path(explicit).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} (from {'data.dir' if data_dir else 'PTB_DIR'}) does not exist")
+    for split in SPLITS:
+        if not (folder / FILES[split]).is_file():
+            raise DataError(f"{folder / FILES[split]} is missing (a PTB folder needs {', '.join(FILES.values())})")
+
+
 def locate(
     data_dir: str | None, root: Path, download_enabled: bool, sources, hub_url: str, raw_url: str, sha256
 ) -> tuple[Path, dict[str, str]]:

@@ -97,6 +97,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_before_run(obj) -> None:
+    """What would fail a run before its first step, checked before Hydra makes its folder (a run refused
+    here leaves no `failed` folder behind to appear in every report): the device, the data folder."""
+    from .data import check_source
+
+    resolve_device(obj.trainer.device)
+    check_source(obj.data.dir)
+
+
 def default_threads() -> int | None:
     """Threads for one job when trainer.threads is null: the CPUs SLURM gave the job (or this machine's
     cores), divided among the parallel jobs of a joblib sweep; otherwise torch's default."""
@@ -715,7 +724,7 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             # the run's own overrides first, the ones given now after them (and taking precedence)
             argv, overrides = [*inherited, *argv], [*inherited, *overrides]
         cfg = compose(overrides)
-        validate(cfg)
+        check_before_run(validate(cfg))
         resume = OmegaConf.select(cfg, "trainer.resume")
         if resume and not any(o.startswith("hydra.run.dir=") for o in overrides):
             path = ckpt.resolve(resume)
@@ -750,7 +759,7 @@ def preflight(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                 compose([o.input_line for o in fixed] + firsts[:idx] + [f"{key}={v}"] + firsts[idx + 1 :])
             )
     base = compose([o.input_line for o in fixed] + firsts, return_hydra_config=True)
-    to_object(compose([o.input_line for o in fixed] + firsts))
+    check_before_run(to_object(compose([o.input_line for o in fixed] + firsts)))
     output_dir = Path(OmegaConf.select(base, "paths.output_dir"))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)  # e.g. Optuna's sqlite

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from dglstm_lm import trainer as trainer_mod
 from dglstm_lm.config import compose
@@ -73,3 +74,28 @@ def test_the_first_line_names_the_shapes_and_the_precision(tmp_path, caplog, ext
     train(_tiny_cfg(tmp_path, *extra), tmp_path / "run")
     first = next(r.getMessage() for r in caplog.records if "parameters (" in r.getMessage())
     assert shapes in first, first
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["trainer.device=cuda:5"], "error: trainer.device=cuda:5: CUDA is not available on this machine"),
+        (["data.dir=/nonexistent/ptb"], "error: data folder /nonexistent/ptb (from data.dir) does not exist"),
+        (["--multirun", "seed=1,2", "data.dir=/nonexistent/ptb"], "error: data folder /nonexistent/ptb"),
+    ]
+    if not torch.cuda.is_available()
+    else [
+        (["data.dir=/nonexistent/ptb"], "error: data folder /nonexistent/ptb (from data.dir) does not exist")
+    ],
+)
+def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, args, error):
+    """An unknown device or a missing data folder is refused before Hydra makes the run (or sweep) folder:
+    one line, a non-zero exit, and no `failed` run for every later report to list."""
+    from .conftest import PY, run_cli
+
+    out = tmp_path / "outputs"
+    res = run_cli([PY, "-m", "dglstm_lm.train", *args, f"paths.output_dir={out}", "logger=none"])
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith(error), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
