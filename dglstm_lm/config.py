@@ -449,7 +449,9 @@ def one_line_error(exc: BaseException) -> str:
         key = getattr(cause, "full_key", None)
         m = re.match(r"Key '([^']+)' not in '([^']+)'", msg)
         if m:
-            return f"unknown key '{key or m.group(1)}' (not in {m.group(2)})"
+            full = key or m.group(1)
+            schema = globals().get(m.group(2))
+            return f"unknown key '{full}' (not in {m.group(2)}){_did_you_mean(full, schema)}"
         if key:
             return f"{key}: {msg}"
         return msg
@@ -461,8 +463,21 @@ def one_line_error(exc: BaseException) -> str:
     return first
 
 
-def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
-    """Keys that `+key=value` added to a structured config (Hydra opens the struct for `+`)."""
+def _did_you_mean(full_key: str, schema) -> str:
+    """', did you mean model.num_layers?' for a key one typo away from a field of `schema` (a dataclass)."""
+    import dataclasses
+    import difflib
+
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return ""
+    *parents, last = full_key.split(".")
+    close = difflib.get_close_matches(last, [f.name for f in dataclasses.fields(schema)], n=1, cutoff=0.75)
+    return f", did you mean {'.'.join([*parents, close[0]])}?" if close else ""
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[tuple[str, str]]:
+    """Keys that `+key=value` added to a structured config (Hydra opens the struct for `+`), each with a
+    suggestion when one is close."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(schema)}
@@ -472,7 +487,7 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]
             continue
         full = f"{prefix}{key}"
         if key not in names:
-            bad.append(full)
+            bad.append((full, _did_you_mean(full, schema)))
             continue
         sub_type = OmegaConf.get_type(node, key)
         if dataclasses.is_dataclass(sub_type) and isinstance(node._get_node(key), DictConfig):
@@ -483,7 +498,8 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]
 def to_object(cfg: DictConfig) -> TrainConfig:
     bad = _unknown_keys(cfg, TrainConfig)
     if bad:
-        raise ConfigError(f"unknown key '{bad[0]}' (not in the schema; see dglstm_lm/config.py)")
+        key, hint = bad[0]
+        raise ConfigError(f"unknown key '{key}' (not in the schema; see dglstm_lm/config.py){hint}")
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

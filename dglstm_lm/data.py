@@ -171,7 +171,9 @@ def check_source(data_dir: str | None) -> None:
         raise DataError(f"data folder {folder} (from {'data.dir' if data_dir else 'PTB_DIR'}) does not exist")
     for split in SPLITS:
         if not (folder / FILES[split]).is_file():
-            raise DataError(f"{folder / FILES[split]} is missing (a PTB folder needs {', '.join(FILES.values())})")
+            raise DataError(
+                f"{folder / FILES[split]} is missing (a PTB folder needs {', '.join(FILES.values())})"
+            )
 
 
 def locate(

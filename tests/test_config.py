@@ -117,6 +117,19 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
         (["trainer.device=tpu"], "trainer.device: unknown device 'tpu'"),
         (["trainer.nonsense=1"], "unknown key 'trainer.nonsense'"),
         (["+trainer.nonsense=1"], "unknown key 'trainer.nonsense'"),
+        # one typo away from a field: the field is suggested
+        (
+            ["model.num_layer=3"],
+            "unknown key 'model.num_layer' (not in DGLSTMConfig), did you mean model.num_layers?",
+        ),
+        (
+            ["+model.num_layer=3"],
+            "(not in the schema; see dglstm_lm/config.py), did you mean model.num_layers?",
+        ),
+        (
+            ["trainer.max_epoch=3"],
+            "unknown key 'trainer.max_epoch' (not in TrainerConfig), did you mean trainer.max_epochs?",
+        ),
         (["data.batching=tokens"], "data.batching: unknown mode 'tokens'"),
         (["logger=mlflow"], "unknown option logger=mlflow"),
         (["logger.mode=cloud"], "logger.mode: unknown mode 'cloud'"),
@@ -128,6 +141,8 @@ def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as exc:
         validate(compose(overrides))
     assert "\n" not in str(exc.value)
+    if "nonsense" in message:
+        assert "did you mean" not in str(exc.value)  # nothing close: no guess
 
 
 def test_yaml_files_only_set_values():
