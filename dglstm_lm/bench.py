@@ -314,6 +314,32 @@ def describe_isa(info: dict) -> str:
     )
 
 
+CONTROL_TOLERANCE = 0.05  # the control row's ratio beyond 1 ± this: the machine was not quiet
+
+
+def quiet_machine_warnings(records: list[dict], load_start, load_end, cores: int) -> list[str]:
+    """What says the ratios may be noise: a load average above the cores (other work shared them; our own
+    threads are at most the cores), or a control row (nn.LSTM against an identical nn.LSTM) off 1.0x."""
+    out = []
+    loads = [x for x in (load_start, load_end) if x is not None]
+    if loads and max(loads) > cores + 0.75:
+        out.append(
+            f"load average {max(loads):.1f} on {cores} cores: other work shared the CPU, so these ratios are "
+            "not a measurement (stop it, or pause it with SIGSTOP, and measure again)"
+        )
+    for r in records:
+        if r["core"] != "nn.LSTM (control)":
+            continue
+        for what in ("train", "eval"):
+            ratio = r.get(f"{what}_ratio_to_nn_lstm")
+            if ratio is not None and abs(ratio - 1) > CONTROL_TOLERANCE:
+                out.append(
+                    f"the control row ({r['layers']} x {r['hidden']} {what}) is at {ratio:.2f}x where it should be "
+                    f"1.00x: the noise of this run is at least {abs(ratio - 1):.0%}"
+                )
+    return out
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -360,6 +386,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     if device.type == "cuda":  # on CUDA the python scan is the DGLSTM's; the fused C++ kernel is CPU-only
         cores = [c for c in cores if not c.startswith("dglstm[")] + ["dglstm[python]"]
     info = machine()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(
         f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"
         + (f", {info['gpu']}" if "gpu" in info else "")
@@ -432,8 +459,16 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     out.mkdir(parents=True, exist_ok=True)
     from .checkpoint import atomic_write_bytes
 
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    warnings_ = quiet_machine_warnings(records, load_start, load_end, os.cpu_count() or 1)
+    for w in warnings_:
+        print(f"warning: {w}", flush=True)
     payload = {
         "machine": info,
+        # the 1-minute load average when the measurements began and ended (this process's own threads count
+        # too: up to `threads` on an idle machine), and what it and the control rows say about the noise
+        "load_average": {"start": load_start, "end": load_end},
+        "warnings": warnings_,
         "batch": B,
         "bptt": T,
         "vocab": V,

@@ -28,3 +28,20 @@ def test_the_instruction_set_and_its_limits_are_recorded():
     assert text.endswith(
         "(emulated: ATEN_CPU_CAPABILITY=avx2, DNNL_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"
     )
+
+
+def test_a_busy_machine_or_a_stray_control_row_is_said():
+    """`make bench` on a loaded machine once reported the DGLSTM at 0.26x (control 0.41x) without a word: a
+    load average above the cores, or a control row beyond 1 ± 5%, is now a warning (and in bench.json)."""
+    from dglstm_lm.bench import quiet_machine_warnings
+
+    def control(train, evaluate):
+        return {"core": "nn.LSTM (control)", "layers": 2, "hidden": 200,
+                "train_ratio_to_nn_lstm": train, "eval_ratio_to_nn_lstm": evaluate}  # fmt: skip
+
+    assert quiet_machine_warnings([control(1.02, 0.97)], 1.9, 2.1, 2) == []  # our own 2 threads: quiet
+    (w,) = quiet_machine_warnings([control(1.0, 1.0)], 4.2, 7.9, 2)
+    assert w.startswith("load average 7.9 on 2 cores")
+    (w,) = quiet_machine_warnings([control(0.41, 1.0)], None, None, 2)
+    assert "(2 x 200 train) is at 0.41x" in w and "at least 59%" in w
+    assert len(quiet_machine_warnings([control(0.9, 1.1)], 5.0, 5.0, 2)) == 3
