@@ -33,7 +33,7 @@ _is_compare_var = $(filter $(COMPARE_VARS),$(firstword $(subst =, ,$(1))))
 COMPARE_QUOTED := $(foreach o,$(OVERRIDES),$(if $(call _is_compare_var,$(o)),,'$(subst _SP_,$(_space),$(subst ','\'',$(o)))'))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train sweep search compare eval generate bench bench-gpu report test test-fast lint format slurm-up slurm-down clean
+.PHONY: help setup data train sweep search compare eval generate bench bench-gpu runs report test test-fast lint format slurm-up slurm-down clean
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -79,6 +79,9 @@ bench:  ## throughput and memory of every core against nn.LSTM; data preparation
 
 bench-gpu:  ## on CUDA (~8 min): cuDNN LSTM, stacked, DGLSTM (triton, graphs, python), fp32/bf16, e2e smoke + resume
 	$(PY) -m dglstm_lm.bench_gpu $(ARGS)
+
+runs:  ## list the runs under outputs/ (or dir=): status, overrides, epochs, best valid ppl, data
+	$(PY) -m dglstm_lm.runs $(if $(dir),--dir '$(dir)') $(ARGS)
 
 report:  ## perplexity tables and figures from outputs/ (or dir=<run or sweep dir>, baseline=<row>) -> outputs/report/
 	$(PY) -m dglstm_lm.report $(if $(dir),--dir '$(dir)') $(if $(baseline),--baseline '$(baseline)') $(ARGS)

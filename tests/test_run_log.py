@@ -99,3 +99,30 @@ def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, args, error):
     assert res.stderr.strip().splitlines()[-1].startswith(error), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not out.exists()
+
+
+def test_make_runs_lists_each_run_with_what_finds_it(tmp_path):
+    """`make runs`: one line per run, newest first, with status, epochs, best valid ppl, test ppl, data and
+    the overrides it was started with (where and how it was watched left out)."""
+    from dglstm_lm import rundir
+
+    from .conftest import PY, run_cli
+
+    out = tmp_path / "out"
+    done = train(_tiny_cfg(tmp_path), out / "runs" / "a")
+    rundir.write_overrides(out / "runs" / "a", ["model=dglstm", "model.hidden_dim=10", "logger=none"])
+    failed = out / "multirun" / "s" / "seed=2"
+    failed.mkdir(parents=True)
+    (failed / "config.json").write_text("{}")
+    rundir.write_metrics(failed, {"status": "failed", "epochs_completed": 0, "max_epochs": 13,
+                                  "updated_at": "2000-01-01T00:00:00+00:00"})  # fmt: skip
+    res = run_cli([PY, "-m", "dglstm_lm.runs", "--dir", str(out)])
+    assert res.returncode == 0, res.stderr
+    head, first, second = res.stdout.splitlines()
+    assert head.split() == ["run", "status", "epochs", "best", "val", "test", "data", "overrides"]
+    assert first.split()[:4] == ["runs/a", "completed", "1/1", f"{done['val/ppl']:.2f}"]
+    assert first.split()[4] == f"{done['test/ppl']:.2f}" and str(tmp_path / "corpus") in first
+    assert first.endswith("model=dglstm model.hidden_dim=10")  # logger=none: how it was watched, left out
+    assert second.split()[:4] == ["multirun/s/seed=2", "failed", "0/13", "-"]
+    bad = run_cli([PY, "-m", "dglstm_lm.runs", "--dir", str(tmp_path / "nowhere")])
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nowhere'} does not exist"
