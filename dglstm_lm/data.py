@@ -257,7 +257,7 @@ class Corpus:
     verified: bool = False  # the files' SHA-256 were checked against data.sha256
 
     def identity(self) -> dict:
-        """What a run trained and was evaluated on, for its record (metrics.json, W&B): the digest of the
+        """What a run trained and was evaluated on, for its record (rundir.METRICS, W&B): the digest of the
         files read, whether they were verified (and are then PTB's when data.sha256 is PTB's), their
         SHA-256, the vocabulary size and the token counts."""
         from .config import PTB_SHA256

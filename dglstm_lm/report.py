@@ -140,7 +140,7 @@ class Run:
 
     @property
     def data(self) -> DataIdentity:
-        """The run's data: as its metrics.json records it; for a run from before that record, PTB when its
+        """The run's data: as its record (rundir.METRICS) holds it; for a run from before that record, PTB when its
         checksums were verified against PTB's (then it read exactly those files), else its folder."""
         d = (self.metrics or {}).get("data") or {}
         if d.get("digest"):

@@ -283,7 +283,7 @@ class _Run:
                 f"cannot resume {point.path}: the corpus at {corpus.source} has another vocabulary than "
                 "the one the checkpoint was trained on"
             )
-        self.data_identity = corpus.identity()  # in metrics.json and W&B: what the run trained on
+        self.data_identity = corpus.identity()  # in the run record and W&B: what the run trained on
         check_backend(obj.model, self.device)
         model = build_model(len(corpus.vocab), obj.model).to(self.device)
         self.num_params = count_parameters(model)
