@@ -407,6 +407,12 @@ def completed(run: Run) -> bool:
     return run.status == rundir.COMPLETED and run.metrics.get("test/ppl") is not None
 
 
+def _short(value) -> str:
+    """A value as a row label shows it: floats to 4 significant digits (a searched rate of
+    0.2500792911536857 reads 0.2501), everything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _row_labels(idents: list[tuple]) -> list[str]:
     """Each row's label: its model, and the keys that tell it from the other rows of its table."""
     shown_per_row, _ = distinguishing_keys([dict(ident) for ident in idents])
@@ -414,7 +420,7 @@ def _row_labels(idents: list[tuple]) -> list[str]:
     for ident, shown in zip(idents, shown_per_row, strict=True):
         cfg = dict(ident)
         extra = ", ".join(
-            f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={json.loads(cfg[k]) if k in cfg else '—'}"
+            f"{k.split('.', 1)[-1] if k.startswith('model.') else k}={_short(json.loads(cfg[k])) if k in cfg else '—'}"
             for k in shown
         )
         model = json.loads(cfg["model.name"]) if "model.name" in cfg else "?"

@@ -10,10 +10,13 @@ Each figure reads at a glance for one seed or many and one epoch or many:
 - curves: a row's completed seeds as their mean with a ± std band (no band, and "n = 1" said, for one seed),
   runs in progress as dashed lines over their finished epochs, integer epoch ticks, published valid results
   as labelled horizontal lines;
-- test: a dot per row at its mean with the 95% t-interval of the mean as an error bar (none below two seeds,
-  and "n = 1" in the row's label), its seeds as hollow dots beside it, published results as horizontal lines
-  of distinct styles with their values in the legend; the y axis spans the data (a dot plot, not bars, so it
-  need not start at 0) and the legend sits below the axes, never over the data.
+- test: a dot per row at its geometric mean with the 95% t-interval of the mean log perplexity as an error
+  bar (an interval that never goes below zero; none below two seeds, and "n = 1" in the row's label), its
+  seeds as hollow dots beside it, published results as horizontal lines of distinct styles with their values
+  in the legend; the y axis spans the data (a dot plot, not bars, so it need not start at 0) and the legend
+  sits below the axes, never over the data. Under it, each row's Δ against the table's baseline with the
+  95% CI of the table's own test (paired by seed, or Welch's): the figure shows what the table tests. Many
+  or long row labels become A, B, ... with the key spelled out under the plot.
 
 Figures are written as <slug>_<kind>.png into the report's figures folder; `remove_stale` removes the ones an
 earlier report wrote there and this one did not, so the folder never holds a figure of runs gone.
@@ -80,7 +83,7 @@ def _n_text(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- curves
-def _draw_mean(ax, s: Series, color) -> None:
+def _draw_mean(ax, s: Series, color, marker: str = "o") -> None:
     per_epoch: dict[int, list[float]] = {}
     for run in s.runs:
         for epoch, val in val_curve(run):
@@ -90,7 +93,7 @@ def _draw_mean(ax, s: Series, color) -> None:
     epochs = sorted(per_epoch)
     mean = [statistics.fmean(per_epoch[e]) for e in epochs]
     ax.plot(
-        epochs, mean, marker="o", ms=3.5, lw=1.6, color=color, label=f"{s.label} ({_n_text(len(s.runs))})"
+        epochs, mean, marker=marker, ms=3.5, lw=1.6, color=color, label=f"{s.label} ({_n_text(len(s.runs))})"
     )
     spread = [(e, m, statistics.stdev(per_epoch[e])) for e, m in zip(epochs, mean) if len(per_epoch[e]) > 1]
     if spread:  # a band only where there are two seeds or more
@@ -175,10 +178,15 @@ def draw_curves(name: str, series: list[Series], published: list[tuple[str, floa
     entries = len(series) + len(published)
     fig, ax = plt.subplots(figsize=(7.5, 4.3 + LEGEND_ENTRY_IN * entries), layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color_of: dict[str, str] = {}
+    color_of: dict[str, int] = {}
+    markers = "osD^v"  # past the colour cycle (10 rows), the marker tells rows of one colour apart
     for s in series:  # a row's completed and running runs share its colour
-        color = color_of.setdefault(s.label, colors[len(color_of) % len(colors)])
-        (_draw_running if s.running else _draw_mean)(ax, s, color)
+        k = color_of.setdefault(s.label, len(color_of))
+        color = colors[k % len(colors)]
+        if s.running:
+            _draw_running(ax, s, color)
+        else:
+            _draw_mean(ax, s, color, markers[(k // len(colors)) % len(markers)])
     for (label, value), (style, color) in zip(published, PUBLISHED_STYLES * 9):
         ax.axhline(value, ls=style, lw=1.1, color=color, label=f"{label}: valid {value:g}", zorder=1)
     ax.set_xlabel("epoch")
@@ -198,17 +206,32 @@ def draw_curves(name: str, series: list[Series], published: list[tuple[str, floa
 def points_subtitle(ns: list[int]) -> str:
     if ns and max(ns) == 1:
         return "single seed per row (n = 1): no interval"
-    text = "dot: mean; bar: 95% t-interval of the mean"
+    text = "dot: geometric mean; bar: 95% t-interval, in log perplexity"
     if ns and min(ns) == 1:
         text += " (none for n = 1)"
     return text + "\nhollow dots: the seeds"
 
 
-def _draw_row(ax, i: int, r, first: dict) -> list[float]:
-    """One row at x = i: its seeds (hollow, to the left), its mean with the CI (n ≥ 2) and the numbers (to the
-    right). Returns the y values drawn, for the limits."""
-    v = r.values()
-    m, ci, seeds = v["test_mean"], v["test_ci"], list(r.by_seed("test/ppl").values())
+def log_interval(values: list[float]) -> tuple[float, tuple[float, float] | None]:
+    """The geometric mean of perplexities and the 95% t-interval of their mean log, mapped back: an interval
+    that never goes below zero (a perplexity cannot), where the plain t-interval of two seeds can."""
+    from scipy import stats
+
+    logs = [math.log(v) for v in values if v > 0 and math.isfinite(v)]
+    if not logs:
+        return float("nan"), None
+    centre = math.exp(statistics.fmean(logs))
+    if len(logs) < 2 or statistics.stdev(logs) == 0:
+        return centre, None
+    ci = stats.ttest_1samp(logs, 0.0).confidence_interval(0.95)
+    return centre, (math.exp(ci.low), math.exp(ci.high))
+
+
+def _draw_row(ax, i: int, r, first: dict, numbers: bool = True) -> list[float]:
+    """One row at x = i: its seeds (hollow, to the left), its geometric mean with the log-space CI (n ≥ 2) and
+    the numbers (to the right). Returns the y values drawn, for the limits."""
+    seeds = list(r.by_seed("test/ppl").values())
+    m, ci = log_interval(seeds)
     drawn = [m]
     if r.n > 1:
         xs = [i - 0.22 + 0.08 * (k / max(len(seeds) - 1, 1) - 0.5) for k in range(len(seeds))]
@@ -223,7 +246,7 @@ def _draw_row(ax, i: int, r, first: dict) -> list[float]:
             label="seeds" if first.pop("seeds", False) else "_nolegend_",
         )
         drawn += seeds
-    if r.n > 1 and ci is not None and ci[1] > ci[0]:
+    if ci is not None:
         ax.errorbar(
             [i],
             [m],
@@ -242,6 +265,8 @@ def _draw_row(ax, i: int, r, first: dict) -> list[float]:
             [i], [m], "o", ms=7, color="tab:blue", label="mean" if first.pop("mean", False) else "_nolegend_"
         )
         text = f"{m:.1f}" + (" (no spread)" if r.n > 1 else "")
+    if not numbers:  # many rows: the numbers are the table's
+        return drawn
     ax.annotate(
         text,
         (i, m),
@@ -262,25 +287,115 @@ def data_limits(values: list[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def draw_test(name: str, rows: list, published: list[tuple[str, float]]):
-    """Test perplexity per row: mean and CI as a dot with an error bar, seeds beside it, published lines."""
+def row_keys(labels: list[str], width: int = 22, max_rows: int = 6) -> tuple[list[str], str]:
+    """Tick labels for the rows, and the key that spells them out: the labels themselves where they are few
+    and short, else A, B, ... with "A: <label>" lines (for the axis label below the plot)."""
+    if len(labels) <= max_rows and all(len(label) <= 2 * width for label in labels):
+        return [textwrap.fill(label, width) for label in labels], ""
+    keys = [_letters(i) for i in range(len(labels))]
+    entries = [f"{k}: {label}" for k, label in zip(keys, labels, strict=True)]
+    lines, line = [], ""
+    for e in entries:  # several entries a line, as many as fit in about 110 characters
+        if line and len(line) + 4 + len(e) > 110:
+            lines.append(line)
+            line = ""
+        line = f"{line}    {e}" if line else e
+    lines.append(line)
+    return keys, "\n".join(lines)
+
+
+def _letters(i: int) -> str:
+    out = ""
+    i += 1
+    while i:
+        i, rem = divmod(i - 1, 26)
+        out = chr(65 + rem) + out
+    return out
+
+
+def _draw_deltas(ax, rows: list, table, keys: list[str], numbers: bool = True) -> None:
+    """Each row's Δ test perplexity against the table's baseline with the 95% CI of the table's test (paired
+    by seed, or Welch's): exactly the Δ column's numbers."""
+    base = table.baseline
+    ax.axhline(0.0, color="0.4", lw=0.9, zorder=1)
+    ys = [0.0]
+    seen: set[str] = set()
+
+    def once(label: str) -> str:  # one legend entry per kind (the figure's legend gathers every panel's)
+        if label in seen:
+            return "_nolegend_"
+        seen.add(label)
+        return label
+
+    for i, r in enumerate(rows):
+        if r is base:
+            ax.plot([i], [0.0], "D", ms=6, color="0.3", label=once(f"baseline: {base.label}"))
+            continue
+        d = table.diff(r, "test/ppl")
+        if d.delta is None:
+            continue
+        if d.low is not None and d.high is not None:
+            ax.errorbar([i], [d.delta], yerr=[[d.delta - d.low], [d.high - d.delta]], fmt="o", ms=6, capsize=5,
+                        lw=1.4, color="tab:green", label=once(f"Δ vs baseline, 95% CI ({d.method})"))  # fmt: skip
+            ys += [d.low, d.high]
+            text = f"{d.delta:+.1f}\np = {d.p:.2g}" if d.p is not None else f"{d.delta:+.1f}"
+        else:
+            ax.plot(
+                [i],
+                [d.delta],
+                "o",
+                ms=6,
+                color="tab:green",
+                mfc="white",
+                label=once(f"Δ vs baseline ({d.method})"),
+            )
+            text = f"{d.delta:+.1f}"
+        ys.append(d.delta)
+        if not numbers:  # many rows: the numbers are the table's
+            continue
+        ax.annotate(text, (i, d.delta), xytext=(8, 0), textcoords="offset points", ha="left", va="center",
+                    fontsize=7.5)  # fmt: skip
+    lo, hi = min(ys), max(ys)
+    pad = max(0.15 * (hi - lo), 0.5)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel(f"Δ test ppl vs {keys[rows.index(base)]}\n(row − baseline)", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def draw_test(name: str, rows: list, published: list[tuple[str, float]], table=None):
+    """Test perplexity per row (geometric mean, log-space CI, seeds, published lines) and, under it, each row's
+    Δ against the table's baseline with the CI the table reports."""
     plt = _pyplot()
-    entries = 2 + len(published)
-    width = min(max(6.5, 1.5 * len(rows) + 2.5), 16)
-    fig, ax = plt.subplots(figsize=(width, 4.3 + LEGEND_ENTRY_IN * entries), layout="constrained")
+    ticks, key = row_keys([r.label for r in rows])
+    entries = 2 + len(published) + (2 if table is not None and table.baseline is not None else 0)
+    key_lines = key.count("\n") + 1 if key else 0
+    deltas = table is not None and table.baseline is not None and table.baseline in rows and len(rows) > 1
+    width = min(max(6.5, (0.75 if key else 1.5) * len(rows) + 3.0), 16)
+    height = 4.3 + LEGEND_ENTRY_IN * entries + 0.16 * key_lines + (2.3 if deltas else 0) + (1.0 if key else 0)
+    fig, axes = plt.subplots(2 if deltas else 1, 1, figsize=(width, height + (0.5 if deltas else 0)),
+                             layout="constrained", squeeze=False, height_ratios=[2.2, 1.3] if deltas else [1])  # fmt: skip
+    ax = axes[0][0]
     first = {"seeds": True, "ci": True, "mean": True}  # one legend entry each
     values = []
     for i, r in enumerate(rows):
-        values += _draw_row(ax, i, r, first)
+        values += _draw_row(ax, i, r, first, numbers=len(rows) <= 8)
     for (label, value), (style, color) in zip(published, PUBLISHED_STYLES * 9):
         ax.axhline(value, ls=style, lw=1.2, color=color, label=f"{label}: {value:g}", zorder=1)
         values.append(value)
-    ax.set_xticks(range(len(rows)), [textwrap.fill(r.label, 22) + f"\nn = {r.n}" for r in rows], fontsize=8)
-    ax.set_xlim(-0.6, len(rows) - 0.2)  # room for the numbers right of the last row
+    bottom = axes[-1][0]
+    for a in (ax, bottom):  # each panel labelled, so that it reads alone
+        a.set_xticks(
+            range(len(rows)), [f"{t}\nn = {r.n}" for t, r in zip(ticks, rows, strict=True)], fontsize=8
+        )
+        a.set_xlim(-0.6, len(rows) - 0.2)  # room for the numbers right of the last row
     ax.set_ylim(*data_limits(values))
-    ax.set_ylabel("test perplexity (axis spans the data, not from 0)")
+    ax.set_ylabel("test perplexity\n(axis spans the data, not from 0)")
     ax.set_title(f"{name}: test perplexity\n{points_subtitle([r.n for r in rows])}", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
+    if deltas:
+        _draw_deltas(bottom, rows, table, ticks if key else [r.label for r in rows], numbers=len(rows) <= 8)
+    if key:
+        bottom.set_xlabel(key, fontsize=7, loc="left", linespacing=1.4)
     _legend_below(fig, entries)
     return fig
 
@@ -309,7 +424,7 @@ def figures(tables: list, progress: list = ()) -> Iterator[tuple[tuple, str, obj
             if r.published and r.pub_values.get("test_mean")
         ]
         yield (ti, "curves"), f"{slug}_curves.png", draw_curves(t.name, series, valid)
-        yield (ti, "test"), f"{slug}_test.png", draw_test(t.name, rows, test)
+        yield (ti, "test"), f"{slug}_test.png", draw_test(t.name, rows, test, t)
     for gi, g in enumerate(progress):
         if g.table is None:
             series = [Series(label, runs, True) for label, runs in g.rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 import struct
 from pathlib import Path
@@ -852,3 +853,74 @@ def test_runs_on_two_corpora_are_never_pooled(tmp_path, ptb_dir, ptb_root):
     for c in ("a", "b"):
         assert not [r for r in by_data[c].rows if r.published]  # ... and nowhere else
         assert ids[c]["digest"][:8] in by_data[c].data and str(tmp_path / f"corpus_{c}") in by_data[c].data
+
+
+def _outside_the_canvas(fig) -> list[str]:
+    """Every axes (with all it draws: ticks, labels, title, annotations) and legend that reaches beyond the
+    figure, with 1 px of tolerance."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    out = []
+    for name, ext in [
+        *(
+            (f"axes {i} ({ax.get_title()[:30]!r})", ax.get_tightbbox(renderer))
+            for i, ax in enumerate(fig.axes)
+        ),
+        *((f"legend {i}", leg.get_window_extent(renderer)) for i, leg in enumerate(fig.legends)),
+        *((f"text {t.get_text()[:30]!r}", t.get_window_extent(renderer)) for t in fig.texts),
+    ]:
+        if ext.x0 < box.x0 - 1 or ext.y0 < box.y0 - 1 or ext.x1 > box.x1 + 1 or ext.y1 > box.y1 + 1:
+            out.append(f"{name}: {ext} beyond {box}")
+    return out
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 20])
+def test_figures_keep_everything_on_the_canvas(tmp_path, n_rows):
+    """1, 2 and 20 rows, two seeds each, labelled by a searched rate written to 17 digits: no text, tick label,
+    legend or axes outside the figure; rows' labels at most 4 significant digits, many rows keyed A, B, ...
+    with the key under the plot; the Δ panel draws the table's own Δ and CI."""
+    from dglstm_lm.report import build_tables, choose_baselines, find_runs
+    from dglstm_lm.report_figures import figures
+
+    root = tmp_path / "outputs"
+    for i in range(n_rows):
+        lr = 0.25 + i * 0.0123456789012345
+        for seed in (1, 2):
+            v = 100.0 + 3 * i + seed * (1 + 0.1 * i)  # paired differences that vary by seed
+            run = fake_run(root, f"r{i}-{seed}", "dglstm" if i else "stacked_lstm", seed, v, v - 4,
+                           name="zaremba_small")  # fmt: skip
+            cfg = json.loads((run / "config.json").read_text())
+            cfg["trainer"]["lr"] = lr
+            (run / "config.json").write_text(json.dumps(cfg))
+            with_history(run, _curve(300.0, v, 13))
+    tables = build_tables(find_runs(root))
+    choose_baselines(tables)
+    (t,) = tables
+    labels = [r.label for r in t.rows if not r.published]
+    assert all(
+        len(m) <= 6 for label in labels for m in re.findall(r"\d\.\d+", label)
+    )  # 0.2623, not 17 digits
+    figs = {key: fig for key, _, fig in figures(tables)}
+    try:
+        for key, fig in figs.items():
+            assert _outside_the_canvas(fig) == [], key
+        test_fig = figs[(0, "test")]
+        ticks = [x.get_text() for x in test_fig.axes[0].get_xticklabels()]
+        if n_rows == 20:
+            assert ticks[0] == "A\nn = 2" and ticks[-1] == "T\nn = 2"
+            key_text = test_fig.axes[-1].get_xlabel()
+            assert f"A: {labels[0]}" in key_text and f"T: {labels[19]}" in key_text
+        if n_rows > 1:  # the Δ panel: the table's Δ and CI for each row against the baseline
+            delta_ax = test_fig.axes[1]
+            (bar, *_) = _errorbars(delta_ax)
+            d = t.diff(t.rows[1], "test/ppl")
+            (segments,) = [c.get_segments() for c in bar.lines[2]]
+            ys = sorted(y for seg in segments for _, y in seg)
+            assert ys[0] == pytest.approx(d.low) and ys[-1] == pytest.approx(d.high)
+            assert d.method == "paired"
+        for bar in _errorbars(test_fig.axes[0]):  # log-space intervals: never below zero
+            (segments,) = [c.get_segments() for c in bar.lines[2]]
+            assert min(y for seg in segments for _, y in seg) > 0
+    finally:
+        _close(figs)
