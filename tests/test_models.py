@@ -12,8 +12,16 @@ from dglstm_lm.config import DGLSTMConfig, LSTMConfig, ResidualLSTMConfig, RNNCo
 from dglstm_lm.models import DGLSTMLayer, LanguageModel, LSTMLayer, build_core, build_model, count_parameters
 from dglstm_lm.models.kernels import cpp_extension, scan
 
-# every path of the fused kernel's per-step GEMM: as chosen for this CPU (cpp), plain BLAS, MKL packed, oneDNN
-BACKENDS = ["python"] + (["cpp", "cpp_blas", "cpp_mkl", "cpp_onednn"] if cpp_extension() is not None else [])
+# every path of the fused kernel's per-step GEMM: as chosen for this CPU (cpp), plain BLAS, and MKL's packed
+# GEMM and oneDNN forced. The forced ones run with the slow tests (`make test`, CI): cpp already runs one of
+# them, and the fast suite forces each in test_every_gemm_path_matches_the_python_scan.
+BACKENDS = ["python"]
+if cpp_extension() is not None:
+    BACKENDS += [
+        "cpp",
+        "cpp_blas",
+        *(pytest.param(b, marks=pytest.mark.slow) for b in ("cpp_mkl", "cpp_onednn")),
+    ]
 
 
 def test_cpp_kernel_is_built():
