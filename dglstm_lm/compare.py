@@ -627,6 +627,9 @@ class Compare:
 
 
 def _lock(folder: Path) -> int:
+    from .rundir import check_folder
+
+    check_folder(folder, "dir")
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -911,6 +911,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     root = Path(args.dir or "outputs")
     out = Path(args.out) if args.out else (Path("outputs") / "report")
+    rundir.check_folder(out, "--out" if args.out else "the report folder")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file, not a run or sweep folder")
     if args.dir is None and not root.exists():  # a fresh checkout: nothing has run yet
         print(f"no runs found under {root}/ (nothing has been trained yet)")
         return 0

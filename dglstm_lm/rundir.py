@@ -444,6 +444,18 @@ def release_all() -> None:
 MIN_FREE_BYTES = 1 << 20
 
 
+def check_folder(folder: str | Path, what: str) -> None:
+    """`folder` is a folder or can be made one: not a regular file, and no file where one of its parents
+    should be. Else OutputError, one line naming the setting (`what`) and the file."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            where = "" if p == folder else f" ({p} is a file)"
+            raise OutputError(f"{what}={folder} is not a folder{where}: give a folder")
+        if p.is_dir():
+            return
+
+
 def check_writable(folder: Path, probe: bool = True) -> None:
     """`folder` exists (made here if need be), is writable and has room: else OutputError, one line."""
     try:

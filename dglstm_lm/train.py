@@ -99,9 +99,11 @@ def resolve_device(name: str) -> torch.device:
 
 def check_before_run(obj) -> None:
     """What would fail a run before its first step, checked before Hydra makes its folder (a run refused
-    here leaves no `failed` folder behind to appear in every report): the device, the data folder."""
+    here leaves no `failed` folder behind to appear in every report): the output folder, the device, the
+    data folder."""
     from .data import check_source
 
+    rundir.check_folder(obj.paths.output_dir, "paths.output_dir")
     resolve_device(obj.trainer.device)
     check_source(obj.data.dir)
 

@@ -126,3 +126,43 @@ def test_make_runs_lists_each_run_with_what_finds_it(tmp_path):
     assert second.split()[:4] == ["multirun/s/seed=2", "failed", "0/13", "-"]
     bad = run_cli([PY, "-m", "dglstm_lm.runs", "--dir", str(tmp_path / "nowhere")])
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'nowhere'} does not exist"
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (
+            ["-m", "dglstm_lm.train", "paths.output_dir={f}", "logger=none"],
+            "paths.output_dir={f} is not a folder",
+        ),
+        (
+            ["-m", "dglstm_lm.train", "paths.output_dir={f}/sub", "logger=none"],
+            "paths.output_dir={f}/sub is not a folder ({f} is a file)",
+        ),
+        (
+            ["-m", "dglstm_lm.train", "--multirun", "seed=1,2", "paths.output_dir={f}"],
+            "paths.output_dir={f} is not",
+        ),
+        (["-m", "dglstm_lm.compare", "--dir", "{f}"], "dir={f} is not a folder"),
+        (["-m", "dglstm_lm.report", "--out", "{f}"], "--out={f} is not a folder"),
+        (
+            ["-m", "dglstm_lm.report", "--dir", "{f}", "--out", "{t}/report"],
+            "{f} is a file, not a run or sweep folder",
+        ),
+    ],
+    ids=["train", "train-parent", "sweep", "compare", "report-out", "report-dir"],
+)
+def test_a_file_where_a_folder_belongs_is_one_line(tmp_path, args, error):
+    """A regular file given where a folder is expected: one line naming the setting, a non-zero exit, the
+    file untouched and nothing written (a traceback of 105 lines through Hydra's error formatting before)."""
+    from .conftest import PY, run_cli
+
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    res = run_cli([PY, *(a.format(f=f, t=tmp_path) for a in args)])
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"error: {error.format(f=f, t=tmp_path)}"] or (
+        len(lines) == 1 and lines[0].startswith(f"error: {error.format(f=f, t=tmp_path)}")
+    ), res.stderr
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
