@@ -18,11 +18,23 @@ SWEEP_DIR: Path | None = None  # the running sweep's folder, as Hydra resolved i
 
 def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
     rows = []
+    refused = rundir.refused_jobs(
+        sweep_dir
+    )  # this run's refused jobs: their folders hold other runs' records
     for job in rundir.find_metrics(sweep_dir):
-        rows.append((str(job.relative_to(sweep_dir)), rundir.read_metrics(job) or {"status": "unreadable"}))
+        rel = str(job.relative_to(sweep_dir))
+        if rel in refused:
+            rows.append((rel, {"status": "refused", "error": refused.pop(rel)}))
+            continue
+        rows.append((rel, rundir.read_metrics(job) or {"status": "unreadable"}))
+    rows += [(rel, {"status": "refused", "error": why}) for rel, why in refused.items()]
     # a job refused because another run holds its directory, before that run wrote any metrics
+    listed = {rel for rel, _ in rows}
     for lock in sorted(Path(sweep_dir).glob(f"**/{rundir.LOCK_NAME}")):
-        if not (lock.parent / rundir.METRICS).exists():
+        if (
+            not (lock.parent / rundir.METRICS).exists()
+            and str(lock.parent.relative_to(sweep_dir)) not in listed
+        ):
             try:
                 holder = rundir.describe(json.loads(lock.read_text()))
             except (OSError, ValueError, AttributeError):
@@ -63,6 +75,7 @@ class SweepSummary(Callback):
         global SWEEP_DIR
         SWEEP_DIR = Path(config.hydra.sweep.dir)
         rundir.clear_sweep_stopped(SWEEP_DIR)  # a re-run continues a stopped sweep
+        rundir.clear_refused(SWEEP_DIR)  # ... and says afresh which of its jobs are refused
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

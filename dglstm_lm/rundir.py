@@ -215,6 +215,36 @@ def clear_sweep_stopped(sweep_dir: str | Path) -> None:
     (Path(sweep_dir) / SWEEP_STOPPED).unlink(missing_ok=True)
 
 
+# A job of a sweep refused its directory (it holds another run: a live one, or one of another config) leaves
+# its reason here, in the sweep's folder, never in the job's: the summary then lists it as refused.
+REFUSED_DIR = ".refused"
+
+
+def mark_refused(sweep_dir: str | Path, job_dir: str | Path, why: str) -> None:
+    folder = Path(sweep_dir) / REFUSED_DIR
+    rel = Path(job_dir).resolve().relative_to(Path(sweep_dir).resolve())
+    try:
+        folder.mkdir(exist_ok=True)
+        write_json(folder / (str(rel).replace("/", "%2F") + ".json"), {"job": str(rel), "why": why})
+    except OSError:
+        pass  # the job said why on its console already
+
+
+def refused_jobs(sweep_dir: str | Path) -> dict[str, str]:
+    """{job folder (relative to the sweep's): why it was refused} of the sweep's last run."""
+    out = {}
+    for p in sorted((Path(sweep_dir) / REFUSED_DIR).glob("*.json")):
+        rec = _read_json(p) or {}
+        if rec.get("job"):
+            out[rec["job"]] = str(rec.get("why", ""))
+    return out
+
+
+def clear_refused(sweep_dir: str | Path) -> None:
+    for p in (Path(sweep_dir) / REFUSED_DIR).glob("*.json"):
+        p.unlink(missing_ok=True)
+
+
 def find_metrics(root: str | Path) -> list[Path]:
     """Every run directory below `root` with a metrics.json (a sweep's jobs), sorted."""
     return sorted(p.parent for p in Path(root).glob(f"**/{METRICS}"))

@@ -602,6 +602,9 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
         # The directory is another run's: nothing goes into its log or its record.
         if not multirun:
             report_and_exit(exc)
+        from hydra.core.hydra_config import HydraConfig
+
+        rundir.mark_refused(HydraConfig.get().sweep.dir, run_dir, str(exc))  # the summary lists it as refused
         print(f"error: job refused: {exc}", file=sys.stderr, flush=True)
         return None
     except Interrupted as exc:

@@ -275,3 +275,27 @@ def ckpt_step(run_dir: Path) -> int:
     import torch
 
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["step"]
+
+
+@pytest.mark.slow
+def test_refused_jobs_are_reported_as_refused(tmp_path, ptb_dir, ptb_root):
+    """A finished sweep re-run into its folder with another seed: both jobs are rightly refused (their folders
+    hold runs of another config), and the summary says `refused` with the reason — not `2 of 2 jobs
+    completed` with the old numbers — and the sweep exits non-zero; the old runs are untouched. Run again with
+    the first config, the jobs are completed (skipped) and the refusals are gone."""
+    first, sweep_dir = sweep(tmp_path, ptb_dir, ptb_root, "logger=none", "model=lstm,dglstm")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = jobs(sweep_dir)
+    again, _ = sweep(
+        tmp_path, ptb_dir, ptb_root, "logger=none", "model=lstm,dglstm", "seed=2", sweep_dir=sweep_dir
+    )
+    assert again.returncode == 1
+    assert "0 of 2 jobs completed (2 refused)" in again.stdout
+    refused = [line for line in again.stdout.splitlines() if line.strip().startswith("refused")]
+    assert len(refused) == 2 and all(
+        "already holds a run with another config (differs in seed)" in r for r in refused
+    )
+    assert jobs(sweep_dir) == before  # nothing written into the refused jobs' folders
+    back, _ = sweep(tmp_path, ptb_dir, ptb_root, "logger=none", "model=lstm,dglstm", sweep_dir=sweep_dir)
+    assert back.returncode == 0 and "2 of 2 jobs completed" in back.stdout
+    assert not [line for line in back.stdout.splitlines() if line.strip().startswith("refused")]
