@@ -322,6 +322,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             "model.depth_gate_inputs",
             f"lists a term twice: {list(m.depth_gate_inputs)}",
         )
+        _check(  # an open or constant gate has no inputs: a choice of them would be silently ignored
+            m.depth_gate == "learned" or sorted(m.depth_gate_inputs) == sorted(DEPTH_GATE_INPUTS),
+            "model.depth_gate_inputs",
+            f"the terms of a learned gate; depth_gate={m.depth_gate} has none (leave it at its default)",
+        )
 
     _check(
         d.batching in ("stream", "sentence"),

@@ -89,6 +89,14 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
         (["model.depth_gate=shut"], "model.depth_gate: unknown depth gate 'shut' (learned, open, constant)"),
         (["model.depth_gate_inputs=[x,h_prev]"], "model.depth_gate_inputs: unknown term 'h_prev'"),
         (["model.depth_gate_inputs=[x,x]"], "model.depth_gate_inputs: lists a term twice"),
+        (
+            ["model.depth_gate=open", "model.depth_gate_inputs=[x]"],
+            "model.depth_gate_inputs: the terms of a learned gate; depth_gate=open has none",
+        ),
+        (
+            ["model.depth_gate=constant", "model.depth_gate_inputs=[]"],
+            "model.depth_gate_inputs: the terms of a learned gate; depth_gate=constant has none",
+        ),
         (["model=stacked_lstm", "model.depth_gate=open"], "unknown key 'model.depth_gate'"),
         (["model.dropout_kind=locked"], "model.dropout_kind: unknown kind 'locked' (standard, variational)"),
         (["model.weight_drop=1.0"], "model.weight_drop: must be in [0, 1), got 1.0"),
