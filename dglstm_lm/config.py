@@ -280,7 +280,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if m.name == "residual_lstm":
         _check(
             all(h == m.emb_dim for h in m.layer_dims),
-            "model.hidden_dim",
+            "model.hidden_dims" if m.hidden_dims else "model.hidden_dim",  # the key the user set
             f"residual_lstm's identity shortcuts need every layer as wide as model.emb_dim ({m.emb_dim}), "
             f"got {m.layer_dims}",
         )

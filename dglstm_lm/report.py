@@ -352,16 +352,23 @@ def _matches(row: Row, wanted: str) -> bool:
     return not row.published and wanted in (row.label, row.model)
 
 
+BASELINES_SHOWN = 6  # rows an unknown baseline's error names (a one-line error of 3,858 characters was seen)
+
+
 def choose_baselines(tables: list[Table], wanted: str | None = None) -> None:
     """Name each table's baseline row: `wanted` (a row label, else the first row of that model), where the
     table has it; else the stacked LSTM row, else the first row. A `wanted` no table has is an error."""
     if wanted is not None and tables and not any(_matches(r, wanted) for t in tables for r in t.rows):
-        available = "; ".join(
-            (f"{t.name}: " if len(tables) > 1 else "")
-            + ", ".join(f"'{r.label}'" for r in t.rows if not r.published)
+        rows = [
+            (f"{t.name}: " if len(tables) > 1 else "") + f"'{r.label}'"
             for t in tables
+            for r in t.rows
+            if not r.published
+        ]
+        shown = ", ".join(rows[:BASELINES_SHOWN]) + (
+            f" and {len(rows) - BASELINES_SHOWN} more (see report.md)" if len(rows) > BASELINES_SHOWN else ""
         )
-        raise UserError(f"unknown baseline '{wanted}'; the rows are: {available}")
+        raise UserError(f"unknown baseline '{wanted}'; the rows are: {shown}")
     for t in tables:
         ours = [r for r in t.rows if not r.published]
         chosen = None

@@ -105,6 +105,10 @@ def test_zaremba_recipes_match_the_paper(experiment, expect):
             ["model=residual_lstm", "model.hidden_dim=300"],
             "model.hidden_dim: residual_lstm's identity shortcuts need every layer as wide as model.emb_dim (200)",
         ),
+        (
+            ["model=residual_lstm", "model.hidden_dims=[200,300]"],
+            "model.hidden_dims: residual_lstm's identity shortcuts need every layer as wide as model.emb_dim",
+        ),
         (["trainer.lr=-0.1"], "trainer.lr: must be positive"),
         (["trainer.max_epochs=0"], "trainer.max_epochs: must be positive"),
         (["trainer.bptt=0"], "trainer.bptt: must be positive"),

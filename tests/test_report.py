@@ -924,3 +924,28 @@ def test_figures_keep_everything_on_the_canvas(tmp_path, n_rows):
             assert min(y for seg in segments for _, y in seg) > 0
     finally:
         _close(figs)
+
+
+def test_an_unknown_baseline_among_many_rows_names_a_few(tmp_path, capsys):
+    """The error lists six rows and says how many more there are (it was one line of 3,858 characters)."""
+    from dglstm_lm.report import main
+
+    root = tmp_path / "outputs"
+    for i in range(20):
+        fake_run(root, f"r{i}", "dglstm", 1, 100.0 + i, 95.0 + i, hidden_dim=100 + i)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--dir",
+                str(root),
+                "--out",
+                str(tmp_path / "rep"),
+                "--wandb-mode",
+                "disabled",
+                "--baseline",
+                "gru",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 400, err
+    assert err.endswith("and 14 more (see report.md)") and err.count("'dglstm (hidden_dim=") == 6
