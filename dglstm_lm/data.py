@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import faults
-from .errors import DataError, UserError, cli, write_error_reason
+from .errors import DataError, UserError, cli, find_write_error, write_error_reason
 from .rundir import pid_alive
 
 log = logging.getLogger(__name__)
@@ -431,6 +431,9 @@ def _build_cache(source: Path, final: Path, source_sums: dict[str, str] | None =
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would keep the cache from the other users of a cluster
     except OSError as exc:
         raise DataError(f"could not write {final.parent}: {write_error_reason(exc)}") from None
     try:
@@ -443,11 +446,19 @@ def _build_cache(source: Path, final: Path, source_sums: dict[str, str] | None =
             if not (final / MANIFEST).is_file():
                 raise
             # Another process built the same cache first; its copy is identical.
-    except OSError as exc:
-        if exc.errno is None and "disk space" in str(exc).lower():  # `datasets` checks the room itself
-            exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise DataError(f"could not write the data cache {final}: {write_error_reason(exc)}") from None
+    except Exception as exc:
+        # `datasets` wraps a full disk in its own DatasetGenerationError (the OSError is its cause) and
+        # checks the room itself (an OSError without errno)
+        cause = find_write_error(exc)
+        if (
+            cause is None
+            and isinstance(exc, OSError)
+            and exc.errno is None
+            and "disk space" in str(exc).lower()
+        ):
+            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if cause is not None:
+            raise DataError(f"could not write the data cache {final}: {write_error_reason(cause)}") from None
         raise
     finally:
         if tmp.exists():

@@ -1249,3 +1249,57 @@ def test_sweep_rerun_with_another_config_changes_nothing_in_its_jobs(tmp_path, p
             in again.stderr
         )
         assert _snapshot(sweep_dir / job) == before[job], job
+
+
+@pytest.mark.slow
+def test_data_cache_that_runs_out_of_room_midway_is_one_line(tmp_path, ptb_dir):
+    """The cache (9 MB) built on a 5 MiB tmpfs: `datasets` runs out of room inside its Arrow writer and wraps
+    ENOSPC in its own DatasetGenerationError (a 35-line traceback before). One line, exit 2, no half-built
+    cache or temporary left. Then a damaged cache on a disk without room to rebuild it: the promised
+    `cannot be rebuilt` line."""
+    _needs_root()
+    small = tmp_path / "small"
+    _mount_tmpfs(small, "5m")
+    try:
+        r = run_cli(["make", "-s", "data", f"paths.data_dir={small}"], env={"PTB_DIR": str(ptb_dir)})
+        assert r.returncode == 2
+        ours = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert ours == [
+            f"error: could not write the data cache {small}/cache/{_cache_name()}: No space left on device (disk full)"
+        ], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and list((small / "cache").iterdir()) == []
+    finally:
+        _umount(small)
+    room = tmp_path / "room"
+    _mount_tmpfs(room, "24m")
+    try:
+        assert (
+            run_cli(
+                ["make", "-s", "data", f"paths.data_dir={room}"], env={"PTB_DIR": str(ptb_dir)}
+            ).returncode
+            == 0
+        )
+        (room / "cache" / _cache_name() / "vocab.json").write_text("garbled")
+        with open(room / "filler", "wb") as f:  # no room left for a second copy
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+        r = run_cli(["make", "-s", "data", f"paths.data_dir={room}"], env={"PTB_DIR": str(ptb_dir)})
+        assert r.returncode == 2
+        (line,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert (
+            "failed its check" in line and "cannot be rebuilt" in line and "No space left on device" in line
+        ), line
+        assert "Traceback" not in r.stderr
+    finally:
+        _umount(room)
+
+
+def _cache_name() -> str:
+    from dglstm_lm.config import PTB_SHA256
+    from dglstm_lm.data import FILES, SPLITS, corpus_digest
+
+    return "ptb-" + corpus_digest({s: PTB_SHA256[FILES[s]] for s in SPLITS})
