@@ -499,3 +499,22 @@ def test_cache_check_reads_the_manifest_written_last(tiny_dir, tmp_path):
     assert set(manifest["files"]) >= {"vocab.json", "arrow/dataset_dict.json"}
     vocab, splits = data.check_cache(corpus.cache)
     assert vocab.words == corpus.vocab.words
+
+
+def test_the_cache_folder_takes_the_umask_like_any_other(tmp_path):
+    """mkdtemp makes 0700 folders: renamed into place as is, a cache shared by a cluster's users or jobs
+    under other accounts could not be read by them."""
+    import os
+
+    from dglstm_lm.data import prepare
+
+    from .conftest import write_corpus
+
+    old = os.umask(0o022)
+    try:
+        corpus = prepare(
+            data_dir=str(write_corpus(tmp_path / "c")), root=tmp_path / "root", verify_checksums=False
+        )
+    finally:
+        os.umask(old)
+    assert corpus.cache.stat().st_mode & 0o777 == 0o755
