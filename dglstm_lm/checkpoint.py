@@ -161,6 +161,7 @@ def save(state: dict, path: Path, keep_previous: bool = True, also=()) -> None:
     state["digest"] = digest(state)
     buf = io.BytesIO()
     torch.save(state, buf)
+    had_one = path.exists() or previous_of(path).exists()
     try:
         if keep_previous and path.exists():
             _replace_with(path, previous_of(path))
@@ -168,9 +169,9 @@ def save(state: dict, path: Path, keep_previous: bool = True, also=()) -> None:
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {reason}{hint}; the previous checkpoint is intact"
-        ) from None
+        # what is left: the checkpoint before this one, or (the first save) nothing at all
+        left = "the previous checkpoint is intact" if had_one else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}{hint}; {left}") from None
 
 
 def load(path: Path, map_location="cpu", require=()) -> dict:

@@ -306,7 +306,9 @@ def stale_reason(info: dict) -> str | None:
     """Why the holder recorded in `info` is gone, or None if it may still run."""
     here = socket.gethostname()
     pid = info.get("pid")
-    if info.get("host") == here and isinstance(pid, int):
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # no process could hold it
+        return f"it is damaged (no valid pid: {json.dumps(info)[:80]})"
+    if info.get("host") == here:
         if not pid_alive(pid):
             return f"its holder ({describe(info)}) is no longer running"
         started = info.get("pid_start")

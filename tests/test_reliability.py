@@ -719,12 +719,21 @@ def test_lock_of_another_host_is_held_and_the_error_says_so(tmp_path):
         "pid reused by a later process",
         "empty (killed as it started)",
         "earlier run of a requeued SLURM job",
+        "damaged: {}",
+        "damaged: pid 0",
+        "damaged: a string pid",
     ],
 )
 def test_stale_lock_is_taken_over_with_a_log_line(case, tmp_path, caplog, monkeypatch):
     run_dir = tmp_path / "run"
     holder = None
-    if case == "dead pid":
+    if case.startswith("damaged"):  # no process can hold these: taken over, not refused forever
+        run_dir.mkdir()
+        content = {"damaged: {}": {}, "damaged: pid 0": {"pid": 0}, "damaged: a string pid": {"pid": "12"}}[
+            case
+        ]
+        (run_dir / "run.lock").write_text(json.dumps(content))
+    elif case == "dead pid":
         _write_lock(run_dir, pid=_dead_pid())
     elif case == "pid reused by a later process":
         holder = _live_process()
@@ -1303,3 +1312,22 @@ def _cache_name() -> str:
     from dglstm_lm.data import FILES, SPLITS, corpus_digest
 
     return "ptb-" + corpus_digest({s: PTB_SHA256[FILES[s]] for s in SPLITS})
+
+
+def test_a_failed_first_save_does_not_promise_a_previous_checkpoint(tmp_path, monkeypatch):
+    """The full-disk message said "the previous checkpoint is intact" also when there was none."""
+    import errno as _errno
+
+    def full(*a, **k):
+        raise OSError(_errno.ENOSPC, os.strerror(_errno.ENOSPC))
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    path.parent.mkdir()
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", full)
+    with pytest.raises(CheckpointError, match=r"\(disk full\); no earlier checkpoint exists$"):
+        ckpt.save({"step": 1}, path)
+    monkeypatch.undo()
+    ckpt.save({"step": 1}, path)
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", full)
+    with pytest.raises(CheckpointError, match=r"\(disk full\); the previous checkpoint is intact$"):
+        ckpt.save({"step": 2}, path)
