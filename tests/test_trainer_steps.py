@@ -1,0 +1,76 @@
+"""Fast oracles of the training step on a tiny corpus and model (seconds): what the step does to the weights
+and what it reports, against values computed here from the model's own gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dglstm_lm.config import compose, validate
+from dglstm_lm.data import make_batches, prepare_from_config
+from dglstm_lm.models import build_model
+from dglstm_lm.tracking import Tracker
+from dglstm_lm.trainer import Trainer
+
+from .conftest import write_corpus
+
+
+def _trainer(tmp_path, *overrides):
+    corpus_dir = write_corpus(tmp_path / "corpus")
+    cfg = validate(
+        compose(
+            [
+                "experiment=smoke",
+                "model=dglstm",
+                "model.emb_dim=6",
+                "model.hidden_dim=8",
+                "logger=none",
+                "trainer.progress=off",
+                "trainer.batch_size=2",
+                "trainer.bptt=4",
+                f"data.dir={corpus_dir}",
+                "data.verify_checksums=false",
+                f"paths.data_dir={tmp_path / 'data'}",
+                *overrides,
+            ]
+        )
+    )
+    corpus = prepare_from_config(cfg.data)
+    torch.manual_seed(0)
+    model = build_model(len(corpus.vocab), cfg.model)
+    trainer = Trainer(model, corpus, cfg, tmp_path / "run", torch.device("cpu"), Tracker(), {}, "dglstm", 0)
+    return trainer, corpus, cfg
+
+
+@pytest.mark.parametrize("clip", [0.01, 1e6])
+def test_clipping_is_by_the_global_norm_and_the_logged_norm_is_before_it(tmp_path, clip):
+    """Plain SGD (lr 1) with clip_grad_norm=c: the step moves the weights by -lr * g * min(1, c / |g|) with |g|
+    the norm of the whole gradient (TensorFlow's clip_by_global_norm), so the move's global norm is at most
+    lr * c, every tensor scaled by the same factor; the norm the step returns (and logs) is |g| before the
+    clip. The gradient is computed here from a copy of the model."""
+    trainer, corpus, cfg = _trainer(tmp_path, "trainer.lr=1.0", f"trainer.clip_grad_norm={clip}")
+    model = trainer.model
+    x, y = make_batches(corpus, "train", "stream", 2, 4, shuffle=False)[0]
+    state = model.init_state(2)
+    twin = copy.deepcopy(model)
+    logits, _ = twin(x, state)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum") / y.size(1)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in twin.named_parameters()}
+    g = torch.sqrt(sum((v.double() ** 2).sum() for v in grads.values())).item()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    _, _, gnorm, _ = trainer.train_step(x, y, state)
+
+    assert float(gnorm) == pytest.approx(g, rel=1e-5)  # the pre-clip global norm
+    scale = min(1.0, clip / g)
+    moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    for n, d in moved.items():
+        torch.testing.assert_close(d, -scale * grads[n], rtol=1e-4, atol=1e-7, msg=n)
+    total = torch.sqrt(sum((d.double() ** 2).sum() for d in moved.values())).item()
+    assert total == pytest.approx(min(g, clip), rel=1e-4)
+    if clip < g:
+        assert total <= clip * (1 + 1e-4) and g > 10 * clip  # the clip was active, by a wide margin
