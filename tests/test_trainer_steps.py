@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dglstm_lm.config import compose, validate
-from dglstm_lm.data import make_batches, prepare_from_config
+from dglstm_lm.data import PAD_TARGET, make_batches, prepare_from_config
 from dglstm_lm.models import build_model
 from dglstm_lm.tracking import Tracker
 from dglstm_lm.trainer import Trainer
@@ -74,3 +74,38 @@ def test_clipping_is_by_the_global_norm_and_the_logged_norm_is_before_it(tmp_pat
     assert total == pytest.approx(min(g, clip), rel=1e-4)
     if clip < g:
         assert total <= clip * (1 + 1e-4) and g > 10 * clip  # the clip was active, by a wide margin
+
+
+def test_training_carries_the_hidden_state_between_windows(tmp_path):
+    """With the weights frozen (SGD at lr 1e-30 moves nothing), an epoch's training loss is the loss of the
+    same windows evaluated with the state carried from one window to the next (evaluate_batches): equal to
+    float noise. The model's weights are large (init ±1) so that the state matters: evaluated with a state
+    reset at every window, the loss differs by far more than that noise."""
+    from dglstm_lm.trainer import StopSignals, evaluate_batches
+
+    trainer, corpus, cfg = _trainer(
+        tmp_path,
+        "trainer.lr=1e-30",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=null",
+        "trainer.limit_eval_batches=null",
+        "model.init_range=1.0",
+        "trainer.lr_schedule=constant",
+    )
+    model = trainer.model
+    windows = trainer.train_batches
+    assert len(windows) >= 3  # several windows: a state to carry
+    nll, ntok = evaluate_batches(model, windows, torch.device("cpu"))
+    carried = nll / ntok
+    reset_nll = 0.0
+    with torch.no_grad():
+        for i in range(len(windows)):
+            x, y = windows[i]
+            logits, _ = model(x, model.init_state(x.size(1)))
+            reset_nll += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
+            ).item()
+    with StopSignals() as stop:
+        (record,) = list(trainer.fit(stop))
+    assert record["train/loss"] == pytest.approx(carried, rel=1e-6)
+    assert abs(reset_nll / ntok - carried) > 1e-3 * carried  # the state matters here
