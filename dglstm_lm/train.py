@@ -331,7 +331,12 @@ class _Run:
         self.started, self.code = _now(), code_version()
         tr = self.trainer
         if point.state is not None:
-            tr.load_state_dict(point.state)
+            from .trainer import DamagedState
+
+            try:
+                tr.load_state_dict(point.state)
+            except DamagedState as exc:
+                raise CheckpointError(f"cannot resume {point.path}: {exc}") from None
             log.info(
                 "resumed from %s: epoch %d, batch %d/%d, step %d",
                 point.path,

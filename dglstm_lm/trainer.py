@@ -160,6 +160,15 @@ def _master_state(model, state):
     return [tuple(s.to(dtype) for s in layer) for layer in state]
 
 
+class DamagedState(Exception):
+    """A checkpoint's state that cannot be restored (train.py names the file)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+
+
 @torch.no_grad()
 def evaluate_batches(
     model,
@@ -330,9 +339,21 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Restore a checkpoint's state; a part that does not fit (a hand-edited or damaged file whose digest
+        was recomputed) is a DamagedState naming the part, before anything runs with it."""
+        for key in ("epoch", "batch", "step"):
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise DamagedState(f"its {key} is {v!r}, not a count")
+        for part, restore in (
+            ("model", lambda: self.model.load_state_dict(state["model"])),
+            ("optimizer state", lambda: self.optimizer.load_state_dict(state["optimizer"])),
+            ("scheduler state", lambda: self.scheduler.load_state_dict(state["scheduler"])),
+        ):
+            try:
+                restore()
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+                raise DamagedState(f"its {part} does not fit ({_first_line(exc)})") from None
         self.pos = Position(state["epoch"], state["batch"], state["step"])
         self.hidden = (
             None
@@ -344,7 +365,10 @@ class Trainer:
         self.history = list(state["history"])
         self.wall_s = state["wall_s"]
         self.train_time = dict(state["train_time"])
-        set_rng_state(state["rng"])
+        try:
+            set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise DamagedState(f"its RNG state does not fit ({_first_line(exc)})") from None
 
     def save_checkpoint(self, best: bool = False) -> Path:
         path = self.ckpt_dir / ckpt.LAST

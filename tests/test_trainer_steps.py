@@ -109,3 +109,40 @@ def test_training_carries_the_hidden_state_between_windows(tmp_path):
         (record,) = list(trainer.fit(stop))
     assert record["train/loss"] == pytest.approx(carried, rel=1e-6)
     assert abs(reset_nll / ntok - carried) > 1e-3 * carried  # the state matters here
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda s: s.update(epoch="1"), "its epoch is '1', not a count"),
+        (lambda s: s.update(step=-3), "its step is -3, not a count"),
+        (lambda s: s.update(optimizer={}), "its optimizer state does not fit"),
+        (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "its RNG state does not fit"),
+    ],
+    ids=["string epoch", "negative step", "empty optimizer state", "RNG state of the wrong size"],
+)
+def test_a_hand_edited_checkpoint_is_one_line_on_resume(tmp_path, edit, message):
+    """A checkpoint edited by hand (its digest recomputed, so it loads): each part that does not fit is one
+    line naming the file and the part, not a traceback, and the run is not started."""
+    from dglstm_lm import checkpoint as ckpt
+    from dglstm_lm.errors import CheckpointError
+    from dglstm_lm.train import train
+
+    corpus_dir = write_corpus(tmp_path / "corpus")
+    ov = [
+        "experiment=smoke", "model=lstm", "model.emb_dim=6", "model.hidden_dim=8", "logger=none",
+        "trainer.progress=off", "trainer.batch_size=2", "trainer.bptt=4", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=null", f"data.dir={corpus_dir}", "data.verify_checksums=false",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]  # fmt: skip
+    run_dir = tmp_path / "run"
+    train(compose(ov), run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state.pop("digest")
+    edit(state)
+    ckpt.save(state, last, keep_previous=False)
+    with pytest.raises(CheckpointError) as exc:
+        train(compose([*ov, "trainer.max_epochs=2", f"trainer.resume={run_dir}"]), run_dir)
+    text = str(exc.value)
+    assert text.startswith(f"cannot resume {last}: {message}") and "\n" not in text, text
