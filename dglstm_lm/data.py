@@ -405,6 +405,16 @@ def check_cache(cache: Path) -> tuple[Vocab, dict[str, Split]]:
     return vocab, splits
 
 
+def _check_cache_here(cache: Path) -> tuple[Vocab, dict[str, Split]]:
+    """check_cache, where a file that vanishes while it is being checked (another process on the same damaged
+    cache moved it aside) makes the cache one to rebuild, as a damaged one is: the rebuild then finds the
+    other process's new copy or makes its own (the rename of the first one wins; they are identical)."""
+    try:
+        return check_cache(cache)
+    except FileNotFoundError as exc:
+        raise CacheDamaged(f"{exc.filename or cache} vanished while it was being checked") from None
+
+
 def _tmp_prefix(final: Path) -> str:
     """Temporary folders are named after their writer, so one left by a killed process can be recognised."""
     return f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
@@ -566,7 +576,7 @@ def prepare(
         t0 = time.perf_counter()
         try:
             before = os.lstat(cache).st_ino
-            loaded = check_cache(cache)
+            loaded = _check_cache_here(cache)
             check_s = time.perf_counter() - t0
         except CacheDamaged as exc:
             reason = str(exc)

@@ -518,3 +518,35 @@ def test_the_cache_folder_takes_the_umask_like_any_other(tmp_path):
     finally:
         os.umask(old)
     assert corpus.cache.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_cache_moved_aside_by_another_process_while_checked_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """Two processes on a damaged cache: one moves it aside while the other is still checking it (a
+    FileNotFoundError from check_cache, 2 of 9 tries of two `make data` 0.05 s apart). The checking one looks
+    again, rebuilds, and gets the same corpus, no traceback."""
+    from dglstm_lm import data
+
+    from .conftest import write_corpus
+
+    src = write_corpus(tmp_path / "c")
+    root = tmp_path / "root"
+    first = data.prepare(data_dir=str(src), root=root, verify_checksums=False)
+    real = data._digest_file
+    calls = []
+
+    def other_process_moves_it(path):
+        calls.append(path)
+        if len(calls) == 1:  # the other process: the cache moved aside after our check read its manifest
+            cache = first.cache
+            os.rename(cache, cache.with_name(cache.name + ".damaged-elsewhere"))
+        return real(path)
+
+    monkeypatch.setattr(data, "_digest_file", other_process_moves_it)
+    with caplog.at_level("WARNING", logger="dglstm_lm.data"):
+        again = data.prepare(data_dir=str(src), root=root, verify_checksums=False)
+    assert again.vocab.words == first.vocab.words and again.digest == first.digest
+    assert again.cache == first.cache and (again.cache / "manifest.json").is_file()
+    assert (
+        "vanished while it was being checked" in caplog.text
+        and "another process moved it aside" in caplog.text
+    )
