@@ -488,6 +488,9 @@ def check_folder(folder: str | Path, what: str) -> None:
             return
 
 
+MIN_FREE_INODES = 64  # a run makes a few dozen files (checkpoints, W&B's, temporaries)
+
+
 def check_writable(folder: Path, probe: bool = True) -> None:
     """`folder` exists (made here if need be), is writable and has room: else OutputError, one line."""
     try:
@@ -497,10 +500,14 @@ def check_writable(folder: Path, probe: bool = True) -> None:
     try:
         st = os.statvfs(folder)
         free = st.f_bavail * st.f_frsize
+        # files that can still be made (0 files in all: a file system that does not count them)
+        inodes = st.f_favail if st.f_files else None
     except OSError:
-        free = None
+        free = inodes = None
     if free is not None and free < MIN_FREE_BYTES:
         raise OutputError(f"could not write {folder}: {os.strerror(errno.ENOSPC)} (disk full)")
+    if inodes is not None and inodes < MIN_FREE_INODES:
+        raise OutputError(f"could not write {folder}: {os.strerror(errno.ENOSPC)} (no inodes left: {inodes} free)")
     if probe:
         try:
             with tempfile.TemporaryFile(dir=folder):

@@ -1331,3 +1331,23 @@ def test_a_failed_first_save_does_not_promise_a_previous_checkpoint(tmp_path, mo
     monkeypatch.setattr(ckpt, "atomic_write_bytes", full)
     with pytest.raises(CheckpointError, match=r"\(disk full\); the previous checkpoint is intact$"):
         ckpt.save({"step": 2}, path)
+
+
+def test_a_folder_without_inodes_left_is_refused_before_the_run(tmp_path):
+    """Room in bytes but (almost) no inodes: the pre-check says so in one line before anything is written
+    (it looked at bytes only, and the run died later with ERROR lines)."""
+    _needs_root()
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m,nr_inodes=50", "tmpfs", str(fs)], check=True)
+    try:
+        for i in range(36):
+            (fs / f"f{i}").touch()
+        r = run_cli(
+            [PY, "-m", "dglstm_lm.train", "experiment=smoke", f"paths.output_dir={fs}/out", "logger=none"]
+        )
+        assert r.returncode == 2
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith(f"error: could not write {fs}/out/runs/") and "(no inodes left:" in line, line
+    finally:
+        _umount(fs)
