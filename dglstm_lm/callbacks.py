@@ -78,12 +78,17 @@ class SweepSummary(Callback):
         rundir.clear_refused(SWEEP_DIR)  # ... and says afresh which of its jobs are refused
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = job_statuses(sweep_dir)
-        task = list(config.hydra.overrides.task)
+        # the overrides as typed: iterating the ListConfig would resolve `hydra.sweep.subdir='seed=${seed}'`
+        # to the last job's `seed=1`, and the printed command would send every job into that one folder
+        given = OmegaConf.to_container(config.hydra.overrides, resolve=False)
+        task = [str(o) for o in given["task"]]
         total = grid_size(task) if "hparams_search" not in str(task) else None
         # the launcher and its settings (hydra/launcher=joblib, hydra.launcher.n_jobs=...) are Hydra's overrides
-        task = [*config.hydra.overrides.hydra, *task]
+        task = [*(str(o) for o in given["hydra"]), *task]
         if not rows:
             return
         counts: dict[str, int] = {}

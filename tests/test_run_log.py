@@ -166,3 +166,38 @@ def test_a_file_where_a_folder_belongs_is_one_line(tmp_path, args, error):
         len(lines) == 1 and lines[0].startswith(f"error: {error.format(f=f, t=tmp_path)}")
     ), res.stderr
     assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_stopped_sweeps_continue_command_keeps_a_templated_job_folder(tmp_path, capsys):
+    """make compare's final stage names its jobs `hydra.sweep.subdir='seed=${seed}'`: the continue command
+    printed when such a sweep stops must keep the template (it printed the last job's resolved seed=1, so
+    run as printed seed 2 was refused and the sweep exited 0)."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from dglstm_lm import rundir
+    from dglstm_lm.callbacks import SweepSummary
+
+    sweep = tmp_path / "final"
+    rundir.write_metrics(sweep / "seed=1", {"status": "completed", "val/ppl": 1.0, "test/ppl": 1.0})
+    rundir.write_metrics(sweep / "seed=2", {"status": "interrupted", "error": "stopped by SIGINT"})
+    rundir.mark_sweep_stopped(sweep, "SIGINT")
+    config = OmegaConf.create(
+        {
+            "seed": 1,  # the last job's, as Hydra's config at the sweep's end holds it
+            "hydra": {
+                "sweep": {"dir": str(sweep)},
+                "overrides": {
+                    "hydra": ["hydra.sweep.subdir=seed=${seed}", "hydra/launcher=joblib"],
+                    "task": ["model=dglstm", "seed=1,2"],
+                },
+            },
+        }
+    )
+    SweepSummary().on_multirun_end(config)
+    out = capsys.readouterr().out
+    (command,) = [line.strip() for line in out.splitlines() if line.strip().startswith("make sweep")]
+    args = shlex.split(command)
+    assert "hydra.sweep.subdir=seed=${seed}" in args and "seed=1,2" in args
+    assert f"hydra.sweep.dir={sweep}" in args and "hydra.sweep.subdir=seed=1" not in args
