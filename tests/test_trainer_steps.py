@@ -146,3 +146,39 @@ def test_a_hand_edited_checkpoint_is_one_line_on_resume(tmp_path, edit, message)
         train(compose([*ov, "trainer.max_epochs=2", f"trainer.resume={run_dir}"]), run_dir)
     text = str(exc.value)
     assert text.startswith(f"cannot resume {last}: {message}") and "\n" not in text, text
+
+
+def test_a_uniform_model_run_reports_the_vocabulary_size_everywhere(tmp_path):
+    """The fast twin of test_oracles' uniform oracle (which trains on PTB and runs with the slow tests): a
+    model with a zero decoder predicts the uniform distribution over the tiny corpus's 12 words, and frozen
+    (lr 1e-30) it keeps doing so, so every perplexity a run reports — each epoch's train ppl and val ppl in
+    history.jsonl, the best val, the test and the final train ppl in metrics.json — is exactly 12."""
+    import json
+
+    from dglstm_lm import checkpoint as ckpt
+    from dglstm_lm.train import train
+
+    corpus_dir = write_corpus(tmp_path / "corpus")
+    ov = [
+        "experiment=smoke", "model=stacked_lstm", "model.emb_dim=6", "model.hidden_dim=8", "logger=none",
+        "trainer.progress=off", "trainer.batch_size=2", "trainer.eval_batch_size=2", "trainer.bptt=4",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=null", "trainer.limit_eval_batches=null",
+        f"data.dir={corpus_dir}", "data.verify_checksums=false", f"paths.data_dir={tmp_path / 'data'}",
+    ]  # fmt: skip
+    cfg = validate(compose(ov))
+    model = build_model(12, cfg.model)
+    with torch.no_grad():
+        model.decoder.weight.zero_(), model.decoder.bias.zero_()
+    start = tmp_path / "uniform.pt"
+    ckpt.save({"model": model.state_dict()}, start, keep_previous=False)
+    run_dir = tmp_path / "run"
+    m = train(compose([*ov, f"trainer.init_from={start}", "trainer.lr=1e-30"]), run_dir)
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2
+    for rec in history:
+        assert rec["train/ppl"] == pytest.approx(12, rel=1e-6) and rec["val/ppl"] == pytest.approx(
+            12, rel=1e-6
+        )
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("val/ppl", "test/ppl", "train/ppl"):
+        assert m[key] == saved[key] == pytest.approx(12, rel=1e-6), key
