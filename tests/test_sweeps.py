@@ -108,7 +108,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_split_threads(tmp_path, ptb_
         lines = (sweep_dir / job / "train.log").read_text().splitlines()
         spans.append(
             (
-                stamp(next(ln for ln in lines if " parameters, " in ln)),
+                stamp(next(ln for ln in lines if " parameters (" in ln)),
                 stamp(next(ln for ln in lines if "][INFO] done: " in ln)),
             )
         )
