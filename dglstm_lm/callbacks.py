@@ -17,31 +17,28 @@ SWEEP_DIR: Path | None = None  # the running sweep's folder, as Hydra resolved i
 
 
 def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:
+    # this run's refused jobs: their folders hold other runs' records, which are not theirs to report
+    refused = rundir.refused_jobs(sweep_dir)
     rows = []
-    refused = rundir.refused_jobs(
-        sweep_dir
-    )  # this run's refused jobs: their folders hold other runs' records
     for job in rundir.find_metrics(sweep_dir):
         rel = str(job.relative_to(sweep_dir))
         if rel in refused:
             rows.append((rel, {"status": "refused", "error": refused.pop(rel)}))
             continue
         rows.append((rel, rundir.read_metrics(job) or {"status": "unreadable"}))
-    rows += [(rel, {"status": "refused", "error": why}) for rel, why in refused.items()]
-    # a job refused because another run holds its directory, before that run wrote any metrics
+    # a job refused because another run holds its directory, before that run wrote any metrics: in use
     listed = {rel for rel, _ in rows}
     for lock in sorted(Path(sweep_dir).glob(f"**/{rundir.LOCK_NAME}")):
-        if (
-            not (lock.parent / rundir.METRICS).exists()
-            and str(lock.parent.relative_to(sweep_dir)) not in listed
-        ):
-            try:
-                holder = rundir.describe(json.loads(lock.read_text()))
-            except (OSError, ValueError, AttributeError):
-                holder = "unknown"
-            rows.append(
-                (str(lock.parent.relative_to(sweep_dir)), {"status": "in use", "error": f"held by {holder}"})
-            )
+        rel = str(lock.parent.relative_to(sweep_dir))
+        if (lock.parent / rundir.METRICS).exists() or rel in listed:
+            continue
+        refused.pop(rel, None)
+        try:
+            holder = rundir.describe(json.loads(lock.read_text()))
+        except (OSError, ValueError, AttributeError):
+            holder = "unknown"
+        rows.append((rel, {"status": "in use", "error": f"held by {holder}"}))
+    rows += [(rel, {"status": "refused", "error": why}) for rel, why in refused.items()]
     return sorted(rows, key=lambda r: r[0])
 
 

@@ -507,7 +507,9 @@ def check_writable(folder: Path, probe: bool = True) -> None:
     if free is not None and free < MIN_FREE_BYTES:
         raise OutputError(f"could not write {folder}: {os.strerror(errno.ENOSPC)} (disk full)")
     if inodes is not None and inodes < MIN_FREE_INODES:
-        raise OutputError(f"could not write {folder}: {os.strerror(errno.ENOSPC)} (no inodes left: {inodes} free)")
+        raise OutputError(
+            f"could not write {folder}: {os.strerror(errno.ENOSPC)} (no inodes left: {inodes} free)"
+        )
     if probe:
         try:
             with tempfile.TemporaryFile(dir=folder):
