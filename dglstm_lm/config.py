@@ -104,7 +104,8 @@ class DataConfig:
     root: str = "${paths.data_dir}"  # downloads and caches
     batching: str = "stream"  # stream (continuous, truncated BPTT) | sentence (one sentence per sequence)
     verify_checksums: bool = True
-    sha256: dict[str, str] = field(default_factory=lambda: dict(PTB_SHA256))
+    # null in a run's record (config.json) when data.verify_checksums=false: no sums were checked
+    sha256: dict[str, str] | None = field(default_factory=lambda: dict(PTB_SHA256))
     download: bool = True
     sources: list[str] = field(default_factory=lambda: ["hub", "github"])
     hub_url: str = "hf://datasets/ptb-text-only/ptb_text_only@refs%2Fconvert%2Fparquet/penn_treebank/{split}/0000.parquet"

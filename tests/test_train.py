@@ -454,12 +454,22 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
         "rnn",
         "stacked_lstm",
         "dglstm",
+        "dglstm[cpp_mkl]",
+        "dglstm[cpp_onednn]",
         "dglstm[cpp_blas]",
         "dglstm[python]",
+        "nn.LSTM bf16",
+        "stacked_lstm bf16",
+        "dglstm bf16",
     }
-    # what ran in the fused kernel is on record: its rows' instruction set and its per-step GEMM
+    # what ran in the fused kernel is on record: its rows' instruction set and its per-step GEMM, in float32
+    # and under bf16; each bf16 row's ratios to nn.LSTM in both precisions
     assert payload["machine"]["fused_rows"] in ("AVX-512", "AVX2", "baseline")
-    assert payload["machine"]["fused_gemm"] in ("MKL packed", "BLAS")
+    assert payload["machine"]["fused_gemm"] in ("MKL packed", "oneDNN", "BLAS")
+    assert payload["machine"]["fused_gemm_bf16"] in ("MKL packed", "oneDNN", "oneDNN bf16", "BLAS")
+    bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
+    assert len(bf16) == 3 and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
+    assert set(payload["load_average"]) == {"start", "end"} and isinstance(payload["warnings"], list)
     for rec in payload["records"]:
         assert {
             "core",
