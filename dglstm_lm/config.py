@@ -104,7 +104,7 @@ class DataConfig:
     root: str = "${paths.data_dir}"  # downloads and caches
     batching: str = "stream"  # stream (continuous, truncated BPTT) | sentence (one sentence per sequence)
     verify_checksums: bool = True
-    # null in a run's record (config.json) when data.verify_checksums=false: no sums were checked
+    # null in a run's record (rundir.CONFIG) when data.verify_checksums=false: no sums were checked
     sha256: dict[str, str] | None = field(default_factory=lambda: dict(PTB_SHA256))
     download: bool = True
     sources: list[str] = field(default_factory=lambda: ["hub", "github"])
