@@ -83,7 +83,7 @@ class SweepSummary(Callback):
         # to the last job's `seed=1`, and the printed command would send every job into that one folder
         given = OmegaConf.to_container(config.hydra.overrides, resolve=False)
         task = [str(o) for o in given["task"]]
-        total = grid_size(task) if "hparams_search" not in str(task) else None
+        total = grid_size(task)
         # the launcher and its settings (hydra/launcher=joblib, hydra.launcher.n_jobs=...) are Hydra's overrides
         task = [*(str(o) for o in given["hydra"]), *task]
         if not rows:
@@ -99,11 +99,12 @@ class SweepSummary(Callback):
                 else m.get("error", "")
             )
             lines.append(f"  {status:<11} {job}  {ppl}")
-            if status != rundir.COMPLETED:
+            if status not in (rundir.COMPLETED, rundir.PRUNED):  # a pruned trial ended as its study asked
                 FAILED_JOBS.append(job)
         total = max(total or 0, len(rows))
         done = counts.get(rundir.COMPLETED, 0)
         parts = [f"{n} {status}" for status, n in sorted(counts.items()) if status != rundir.COMPLETED]
+        done += counts.get(rundir.PRUNED, 0)  # ended, as their study asked
         if total > len(rows):
             parts.append(f"{total - len(rows)} not started")
         lines.append(f"{done} of {total} jobs completed" + (f" ({', '.join(parts)})" if parts else ""))

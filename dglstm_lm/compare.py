@@ -1,26 +1,29 @@
 """`make compare`: an equal-budget tuned comparison of models, in one resumable command.
 
-    python -m dglstm_lm.compare --models stacked_lstm,dglstm --trials 20 --seeds 1,2,3 \\
-        --proxy zaremba_small_proxy --experiment zaremba_small --dir outputs/compare/zaremba_small [overrides]
+    python -m dglstm_lm.compare --models stacked_lstm,dglstm --trials 24 --seeds 1,2,3 \\
+        --proxy tuned_small_proxy --experiment tuned_small --dir outputs/compare/tuned_small [overrides]
 
-Stages, each one a `python -m dglstm_lm.train --multirun ...` subprocess (so Hydra, Optuna and the launchers
-run exactly as in `make search` and `make sweep`):
+Stages:
 
-1. search: for every model, an Optuna search over the same space (conf/hparams_search/<space>.yaml), with the
-   same number of trials, on the same proxy recipe; each model's study in <dir>/optuna/<model>.sqlite, its
-   trial runs in <dir>/search/<model>/<params>/. `trials` is a total per model: a re-run counts the COMPLETE
-   trials of the study and runs only the missing ones. A trial cut short (still RUNNING in the study) is
-   marked failed and its parameters are tried again first, in the same run directory, so the run resumes
-   from its checkpoint.
-2. best: the best trial of each model (lowest proxy validation perplexity among its first `trials` complete
-   trials) read from its study → <dir>/summary.json.
+1. search: for every model, an Optuna study (tune.py) over the same space (conf/space/<space>.yaml), with the
+   same sampler seeded the same way, the same pruner and the same number of trials, on the same proxy recipe;
+   each model's study in the journal file <dir>/optuna/<model>.journal, its trial runs in
+   <dir>/search/<model>/trial=<n>/. The trials are asked in batches of `jobs` and each batch runs as one
+   `python -m dglstm_lm.train --multirun tune.trial=...` subprocess, through the configured launcher. `trials`
+   is a total per model of finished trials (complete or pruned; a failed trial is drawn again): a re-run
+   counts them and runs only the missing ones; a trial cut short (still RUNNING in its study) is run again in
+   its folder and resumes from its checkpoint.
+2. best: the best complete trial of each model (lowest proxy validation perplexity among its first `trials`
+   finished trials) → <dir>/summary.json, with each model's spent budget (trials complete / pruned / failed,
+   epochs, CPU-seconds) and its expected best validation perplexity vs the number of trials
+   (<dir>/expected_best.png, <dir>/tuning.md).
 3. final: each model's best parameters trained on the full recipe with every seed, a Hydra multirun into
    <dir>/final/<model>/seed=<s>/: a re-run skips completed jobs and resumes unfinished ones.
 4. report: `python -m dglstm_lm.report --dir <dir>/final --out <dir>/report`.
 
-Overrides (`key=value`) apply to every stage; those under `hydra.sweeper.` to the search only. Killing the
-command anywhere and running it again continues it; a second command on the same folder is refused while the
-first one runs.
+Overrides (`key=value`) apply to every stage. Killing the command anywhere and running it again continues it;
+a second command on the same folder is refused while the first one runs. `make search model=<m>` is this
+command's search stage for one model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import re
 import shlex
@@ -48,34 +50,32 @@ class CompareError(UserError):
 
 
 DEFAULT_MODELS = "stacked_lstm,dglstm"
-DEFAULT_TRIALS = 20
+DEFAULT_TRIALS = 24
 DEFAULT_SEEDS = "1,2,3"
-DEFAULT_PROXY = "zaremba_small_proxy"
-DEFAULT_EXPERIMENT = "zaremba_small"
-DEFAULT_SPACE = "compare"
+DEFAULT_PROXY = "tuned_small_proxy"
+DEFAULT_EXPERIMENT = "tuned_small"
+DEFAULT_SPACE = "lstm_lm"
 STAGES = ("search", "final", "report")
+MAX_FAILED = 3  # failed trials (errors, not divergence) per missing trial before the search gives up
 
 # Set by this command itself: given as overrides they would break the equal budget or the folder layout.
 RESERVED = {
     "model": "models=",
     "experiment": "experiment= (the final recipe) and proxy= (the search's)",
-    "hparams_search": "space=",
     "seed": "seeds=",
-    "optimized_metric": "the space's config",
     "trainer.resume": "nothing: re-run the same command to continue",
+    "tune": "nothing: make compare sets it on its trials",
+    "tune.storage": "dir=",
+    "tune.study": "dir=",
+    "tune.trial": "trials=",
     "hydra.sweep.dir": "dir=",
     "hydra.sweep.subdir": "dir=",
     "hydra.run.dir": "dir=",
-    "hydra.sweeper.n_trials": "trials=",
-    "hydra.sweeper.storage": "dir=",
-    "hydra.sweeper.study_name": "dir=",
-    "hydra.sweeper.sampler.seed": "the space's config (sampler.seed)",
-    "hydra.sweeper.direction": "the space's config",
-    "hydra/sweeper": "the space's config",
-    "hydra.job.config.override_dirname.exclude_keys": "nothing",
+    "hydra/sweeper": "nothing (make compare drives Optuna itself)",
+    "hydra.sweeper": "nothing (make compare drives Optuna itself)",
 }
 # Settings that may change between runs on the same folder without changing what was computed.
-_LOCATION_KEYS = ("hydra/launcher", "hydra.launcher", "hydra.sweeper.n_jobs")
+_LOCATION_KEYS = ("hydra/launcher", "hydra.launcher")
 
 
 def _say(msg: str) -> None:
@@ -167,40 +167,55 @@ class Plan:
             raise ConfigError(f"seeds={args.seeds}: expected whole numbers, e.g. seeds=1,2,3") from None
         self.proxy = _option(args.proxy, "experiment", "proxy recipe")
         self.experiment = _option(args.experiment, "experiment", "experiment")
-        self.space = _option(args.space, "hparams_search", "space")
+        from .tune import Space
+
+        self.space = Space.load(args.space)
         self.stages = _parse_list(args.stages, "stages")
         for s in self.stages:
             if s not in STAGES:
                 raise ConfigError(f"unknown stage {s!r} (available: {', '.join(STAGES)})")
 
         parser = OverridesParser.create()
-        self.common, self.search_only, self.proxy_overrides = [], [], []
+        self.common, self.proxy_overrides = [], []
         for given, kind in ((args.overrides, "override"), (args.proxy_override or [], "proxy override")):
             try:
                 parsed = parser.parse_overrides(list(given))
             except Exception as exc:
                 raise ConfigError(f"cannot parse {kind}s: {str(exc).splitlines()[0]}") from None
             for o in parsed:
-                key = o.key_or_group
+                key = o.key_or_group.lstrip("+~")
                 if o.is_sweep_override():
                     raise ConfigError(
                         f"{o.input_line}: make compare takes single values (the search space is the "
                         f"space's config, the seeds seeds=)"
                     )
-                if key in RESERVED:
-                    raise ConfigError(f"{o.input_line}: set by make compare; use {RESERVED[key]}")
-                if kind == "proxy override":
-                    self.proxy_overrides.append(o.input_line)
-                elif key.startswith("hydra.sweeper."):
-                    self.search_only.append(o.input_line)
-                else:
-                    self.common.append(o.input_line)
+                matches = [r for r in RESERVED if key == r or key.startswith(r + ".")]
+                reserved = max(matches, key=len) if matches else None  # the most specific rule
+                if reserved is not None:
+                    raise ConfigError(f"{o.input_line}: set by make compare; use {RESERVED[reserved]}")
+                (self.proxy_overrides if kind == "proxy override" else self.common).append(o.input_line)
+        jobs = next(
+            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra.launcher.n_jobs=")),
+            None,
+        )
+        try:
+            self.jobs = int(args.jobs if args.jobs is not None else (jobs or 1))
+        except ValueError:
+            raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1") from None
+        if self.jobs < 1:
+            raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1")
 
         out_root = next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("paths.output_dir=")),
             "outputs",
         )
-        self.dir = Path(args.dir or Path(out_root) / "compare" / self.experiment).resolve()
+        # (the search stage alone, `make search`: outputs/search/<models>)
+        default = Path(out_root) / (
+            Path("search") / "+".join(self.models)
+            if self.stages == ["search"]
+            else Path("compare") / self.experiment
+        )
+        self.dir = Path(args.dir or default).resolve()
         _quote(self.dir)
         self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
         self.logger_mode = next(
@@ -209,43 +224,29 @@ class Plan:
 
     # ---- composition checks: every config this command will train composes and validates
     def check_configs(self) -> None:
-        from omegaconf import OmegaConf
-
         from .config import compose, flatten, resolved_container, validate
 
+        given = {o.split("=", 1)[0].lstrip("+~") for o in self.common + self.proxy_overrides}
+        searched = sorted(given & set(self.space.params))
+        if searched:
+            raise ConfigError(f"{searched[0]} is searched (space={self.space.name}); it cannot also be fixed")
         for m in self.models:
-            cfg = compose(self.search_overrides(m), return_hydra_config=True)
-            sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
-            space = dict(sweeper.get("params") or {})
-            if not space:
-                raise ConfigError(f"space={self.space}: hydra.sweeper.params is empty")
-            given = {o.split("=", 1)[0].lstrip("+~") for o in self.common + self.proxy_overrides}
-            searched = sorted(given & set(space))
-            if searched:
-                raise ConfigError(f"{searched[0]} is searched (space={self.space}); it cannot also be fixed")
             job = compose(self.search_overrides(m))
             validate(job)
             keys = set(flatten(resolved_container(job)))
-            for key in space:
+            for key in self.space.params:
                 if key not in keys:
-                    raise ConfigError(f"space={self.space}: {key} is not a key of the {m} config")
-            self.space_params = {k: str(v) for k, v in space.items()}
-            sampler = dict(sweeper.get("sampler") or {})
-            self.base_seed = int(sampler.pop("seed", None) or 0)
-            self.sampler = sampler
-            self.direction = str(sweeper.get("direction"))
-            self.metric = OmegaConf.select(cfg, "optimized_metric")
-            self.exclude_keys = list(OmegaConf.select(cfg, "hydra.job.config.override_dirname.exclude_keys"))
+                    raise ConfigError(f"space={self.space.name}: {key} is not a key of the {m} config")
             validate(compose(self.final_overrides(m, {}, self.seeds[0])))
+        self.base_seed = int(self.space.sampler.get("seed", 0) or 0)
+        self.metric = self.space.metric
 
     def search_overrides(self, model: str) -> list[str]:
         return [
-            f"hparams_search={self.space}",
             f"model={model}",
             f"experiment={self.proxy}",
             *self.proxy_overrides,
             *self.common,
-            *self.search_only,
         ]
 
     def final_overrides(self, model: str, params: dict, seeds) -> list[str]:
@@ -271,13 +272,8 @@ class Plan:
             "proxy_overrides": sorted(self.proxy_overrides),
             "experiment": self.experiment,
             "overrides": sorted(o for o in self.common if matters(o)),
-            "search_overrides": sorted(o for o in self.search_only if matters(o)),
-            "space": self.space,
-            "params": self.space_params,
-            "sampler": self.sampler,
-            "sampler_seed": self.base_seed,
-            "direction": self.direction,
-            "metric": self.metric,
+            "space": self.space.name,
+            **self.space.as_dict(),
         }
 
 
@@ -301,9 +297,7 @@ class Runner:
 
     def run(self, args: list[str]) -> int:
         _say("$ " + " ".join(_shell(a) for a in ["python", *args[1:]]))
-        env = dict(os.environ)
-        env.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
-        self.proc = subprocess.Popen(args, env=env, pass_fds=(self.lock_fd,))
+        self.proc = subprocess.Popen(args, pass_fds=(self.lock_fd,))
         interrupted = False
         while True:
             try:
@@ -327,54 +321,6 @@ def _train_cmd(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "dglstm_lm.train", "--multirun", *overrides]
 
 
-# ------------------------------------------------------------------------------------------------ studies
-
-
-def _study(path: Path, name: str, direction: str, create: bool):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{path}"
-    if not create and not path.exists():
-        return None
-    return optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
-
-
-def complete_trials(study) -> list:
-    from optuna.trial import TrialState
-
-    return sorted(
-        (t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE),
-        key=lambda t: t.number,
-    )
-
-
-def best_of(study, budget: int):
-    """The best of the first `budget` complete trials (so every model is judged on the same budget even if
-    a study holds more), or None."""
-    done = complete_trials(study)[:budget]
-    scored = [t for t in done if t.value is not None and math.isfinite(t.value)]
-    return min(scored, key=lambda t: (t.value, t.number)) if scored else None
-
-
-def recover_interrupted(study, budget_left: int) -> list[dict]:
-    """Trials left RUNNING by a killed search (this command holds the folder's lock, so none is really
-    running): mark them failed and enqueue their parameters again, so that the next trials retry them,
-    in the same run directory (named after the parameters), resuming from its checkpoint."""
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.trial import TrialState
-
-    retried = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
-        if len(retried) < budget_left and t.params:
-            with warnings.catch_warnings():  # "enqueue_trial is experimental" (it is stable in optuna 2.10)
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                study.enqueue_trial(dict(t.params))
-            retried.append(dict(t.params))
-    return retried
-
-
 # ------------------------------------------------------------------------------------------------- stages
 
 
@@ -385,7 +331,7 @@ class Compare:
         self.summary_path = self.dir / "summary.json"
         self.summary = self._load_summary()
 
-    # ---- summary.json: settings, the best params per model, the final runs
+    # ---- summary.json: settings, the best params per model, the budgets, the final runs
     def _load_summary(self) -> dict:
         try:
             old = json.loads(self.summary_path.read_text())
@@ -400,13 +346,13 @@ class Compare:
         p = self.plan
         return {
             "what": (
-                "equal-budget tuned comparison: every model was searched over the same space, with the same "
-                f"number of complete trials ({p.trials}), on the same proxy recipe ({p.proxy}"
+                "equal-budget tuned comparison: every model was searched over the same space "
+                f"({p.space.name}), with the same sampler seeded the same way (the space's seed plus the number "
+                "of trials already in the study at each batch), the same pruner and the same number of finished "
+                f"trials ({p.trials}: complete or pruned), on the same proxy recipe ({p.proxy}"
                 + (f" with {' '.join(p.proxy_overrides)}" if p.proxy_overrides else "")
-                + "), with the same sampler seeded the same way (the space's seed plus the number of trials "
-                "already in the study at each start, so that uninterrupted searches draw the same first points "
-                "for every model); each model's best trial (lowest proxy "
-                f"{p.metric} among its first {p.trials} complete trials) was then trained on {p.experiment} "
+                + "); each model's best complete trial (lowest proxy "
+                f"{p.metric} among its first {p.trials} finished trials) was then trained on {p.experiment} "
                 f"with the same seeds ({','.join(map(str, p.seeds))}). Test perplexity played no part in "
                 "the selection."
             ),
@@ -416,6 +362,8 @@ class Compare:
             "seeds": p.seeds,
             "overrides": p.common,
             "best": {m: v for m, v in (old or {}).get("best", {}).items() if m in p.models},
+            "budget": {m: v for m, v in (old or {}).get("budget", {}).items() if m in p.models},
+            "expected_best": {m: v for m, v in (old or {}).get("expected_best", {}).items() if m in p.models},
             "final": {m: v for m, v in (old or {}).get("final", {}).items() if m in p.models},
         }
 
@@ -432,88 +380,197 @@ class Compare:
 
     # ---- 1. search
     def study_path(self, model: str) -> Path:
-        return self.dir / "optuna" / f"{model}.sqlite"
+        return self.dir / "optuna" / f"{model}.journal"
 
-    def search(self, i: int, model: str) -> None:
+    def study(self, model: str, seed: int = 0, create: bool = False):
+        from .tune import open_study
+
+        return open_study(self.study_path(model), model, self.plan.space, seed=seed, create=create)
+
+    def search(self, i: int, model: str) -> bool:
+        """One batch of `model`'s search (the trials cut short first, else `jobs` new ones); False when its
+        study already holds the budget's finished trials."""
+        from optuna.trial import TrialState
+
+        from .tune import finished, trials_by_state
+
         p = self.plan
         head = f"[search {i}/{len(p.models)}] {model}"
-        path = self.study_path(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        study = _study(path, model, p.direction, create=True)
-        done = len(complete_trials(study))
-        left = p.trials - done
-        retried = recover_interrupted(study, max(left, 0))
-        if left <= 0:
-            _say(f"{head}: {done} of {p.trials} trials complete; nothing to run")
-            return
-        for params in retried:
-            _say(f"{head}: a trial was cut short; trying its parameters again first ({_fmt_params(params)})")
         search_dir = self.dir / "search" / model
+        study = self.study(model, create=True)
+        if "space" not in study.user_attrs:  # what the trial jobs read their pruner and metric from
+            study.set_user_attr("space", p.space.as_dict())
+        by_state = trials_by_state(study)
+        done = len(finished(study))
+        if done >= p.trials:
+            ran = self._failed.get(model) is not None
+            _say(f"{head}: {done} of {p.trials} trials finished" + ("" if ran else "; nothing to run"))
+            return False
+        # trials cut short (RUNNING: this command holds the folder's lock, so none is really running)
+        batch = [t.number for t in by_state["running"]][: p.jobs]
+        if batch:
+            _say(
+                f"{head}: cut short before, running again in their folders: trials {', '.join(map(str, batch))}"
+            )
         seed = p.base_seed + len(study.get_trials(deepcopy=False))
+        study = self.study(model, seed=seed)
+        left = p.trials - done - len(by_state["running"])
+        dists = p.space.distributions()
+        while len(batch) < p.jobs and left > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant_liar and friends are "experimental"
+                batch.append(study.ask(dists).number)
+            left -= 1
         _say(
-            f"{head}: {done} of {p.trials} trials complete; running {left} on {p.proxy} "
-            f"(sampler seed {seed}) → {search_dir}"
+            f"{head}: {done} of {p.trials} trials finished; running trial{'s' if len(batch) > 1 else ''} "
+            f"{', '.join(map(str, batch))} on {p.proxy} (sampler seed {seed}) → {search_dir}"
         )
-        fixed = p.search_overrides(model)
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        exclude = p.exclude_keys + [o.key_or_group for o in OverridesParser.create().parse_overrides(fixed)]
+        self._failed.setdefault(model, 0)
         rc = self.runner.run(
             _train_cmd(
                 [
-                    *fixed,
-                    f"hydra.sweeper.n_trials={left}",
-                    f"hydra.sweeper.storage={_quote(f'sqlite:///{path}')}",
-                    f"hydra.sweeper.study_name={model}",
-                    f"hydra.sweeper.sampler.seed={seed}",
+                    *p.search_overrides(model),
+                    f"tune.storage={_quote(self.study_path(model))}",
+                    f"tune.study={model}",
+                    "tune.trial=" + ",".join(map(str, batch)),
                     f"hydra.sweep.dir={_quote(search_dir)}",
+                    "hydra.sweep.subdir='trial=${tune.trial}'",
                     *self.group("search"),
-                    "hydra.job.config.override_dirname.exclude_keys=["
-                    + ",".join(_quote(k) for k in dict.fromkeys(exclude))
-                    + "]",
                 ]
             )
         )
-        study = _study(path, model, p.direction, create=False)
-        done = len(complete_trials(study)) if study is not None else 0
-        if done < p.trials:
+        study = self.study(model)
+        for n in batch:  # a job that ended without telling its trial (it crashed): the trial failed
+            if study.trials[n].state == TrialState.RUNNING:
+                study.tell(n, state=TrialState.FAIL)
+        self._failed[model] += sum(study.trials[n].state == TrialState.FAIL for n in batch)
+        if self._failed[model] > MAX_FAILED * p.trials:
             raise CompareError(
-                f"search of {model} stopped with {done} of {p.trials} trials complete (exit status {rc}; "
-                f"the trials' runs are in {search_dir}); run the same command again to add the missing ones"
+                f"search of {model}: {self._failed[model]} trials failed (exit status {rc}; their runs are in "
+                f"{search_dir}); fix the cause and run the same command again"
             )
-        note = f" (exit status {rc}: some trial runs did not complete; see above)" if rc else ""
-        _say(f"{head}: {done} of {p.trials} trials complete{note}")
+        self.budget(model)
+        return True
+
+    def search_all(self) -> None:
+        """The models' searches batch by batch in turn, so that wherever the command is stopped the models
+        have spent (nearly) the same budget."""
+        self._failed: dict[str, int] = {}
+        todo = list(enumerate(self.plan.models, 1))
+        while todo:
+            todo = [(i, m) for i, m in todo if self.search(i, m)]
+
+    def budget(self, model: str) -> dict:
+        """What the search of `model` spent: trials by state, epochs trained, CPU- and wall-seconds."""
+        from . import rundir
+        from .tune import trials_by_state
+
+        study = self.study(model)
+        by_state = trials_by_state(study) if study is not None else {}
+        epochs = cpu = wall = 0.0
+        for run in sorted((self.dir / "search" / model).glob("trial=*")):
+            m = rundir.read_metrics(run) or {}
+            epochs += m.get("epochs_completed") or 0
+            cpu += m.get("cpu_s") or 0.0
+            wall += m.get("wall_s") or 0.0
+        entry = {
+            "trials_complete": len(by_state.get("complete", [])),
+            "trials_pruned": len(by_state.get("pruned", [])),
+            "trials_failed": len(by_state.get("failed", [])),
+            "epochs_trained": int(epochs),
+            "cpu_s": round(cpu, 1),
+            "wall_s": round(wall, 1),
+        }
+        self.summary["budget"][model] = entry
+        self._save_summary()
+        return entry
 
     # ---- 2. best
     def best(self, model: str) -> dict:
+        from optuna.trial import TrialState
+
+        from .tune import expected_best_curve, finished, trial_score
+
         p = self.plan
-        study = _study(self.study_path(model), model, p.direction, create=False)
-        n = len(complete_trials(study)) if study is not None else 0
-        if n < p.trials:
+        study = self.study(model)
+        done = finished(study)[: p.trials] if study is not None else []
+        if len(done) < p.trials:
             raise UserError(
-                f"the study of {model} has {n} of {p.trials} complete trials; run the search stage first"
+                f"the study of {model} has {len(done)} of {p.trials} finished trials; run the search stage first"
             )
-        t = best_of(study, p.trials)
-        if t is None:
-            raise CompareError(
-                f"none of the {p.trials} trials of {model} has a finite {p.metric} (all diverged?)"
-            )
+        complete = [t for t in done if t.state == TrialState.COMPLETE and trial_score(t) is not None]
+        if not complete:
+            raise CompareError(f"none of the {p.trials} trials of {model} completed with a finite {p.metric}")
+        t = min(complete, key=lambda t: (t.value, t.number))
         entry = {
             "params": dict(t.params),
             "trial": t.number,
             f"proxy {p.metric}": t.value,
-            "complete_trials": p.trials,
+            "finished_trials": p.trials,
             "study": str(self.study_path(model)),
             "study_name": model,
-            # per trial in order; null: diverged (a trial all the same)
-            "trial_values": [
-                x.value if math.isfinite(x.value) else None for x in complete_trials(study)[: p.trials]
-            ],
+            # per finished trial in order: [number, state, score]; a score of null: diverged
+            "trials": [[x.number, x.state.name.lower(), trial_score(x)] for x in done],
         }
         self.summary["best"][model] = entry
-        self._save_summary()
+        scores = [trial_score(x) for x in done]
+        finite = [v for v in scores if v is not None]
+        worst = max(finite)
+        # a diverged trial counts as no better than the worst finite one (its perplexity is unbounded)
+        self.summary["expected_best"][model] = expected_best_curve(
+            [v if v is not None else worst for v in scores]
+        )
+        self.budget(model)
         _say(f"[best] {model}: trial {t.number}, proxy {p.metric} {t.value:.2f}: {_fmt_params(t.params)}")
         return entry
+
+    def tuning_report(self) -> None:
+        """<dir>/tuning.md and <dir>/expected_best.png: the budgets side by side, and the expected best proxy
+        validation perplexity vs the number of trials per model (with its 95% bootstrap band)."""
+        from .checkpoint import atomic_write_bytes
+        from .report_figures import expected_best_figure
+
+        models = [m for m in self.plan.models if m in self.summary["expected_best"]]
+        if not models:
+            return
+        b, e = self.summary["budget"], self.summary["expected_best"]
+        lines = [
+            f"# Tuning: {', '.join(models)} on {self.plan.proxy}",
+            "",
+            "## The budget each model's search spent",
+            "",
+            "| model | trials complete | pruned | failed | epochs | CPU hours | best proxy val ppl |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for m in models:
+            x, best = b.get(m, {}), self.summary["best"][m]
+            lines.append(
+                f"| {m} | {x.get('trials_complete')} | {x.get('trials_pruned')} | {x.get('trials_failed')} | "
+                f"{x.get('epochs_trained')} | {x.get('cpu_s', 0) / 3600:.2f} | {best[f'proxy {self.plan.metric}']:.2f} |"
+            )
+        n_max = max(len(e[m]) for m in models)
+        shown = sorted({n for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, n_max) if n <= n_max})
+        lines += [
+            "",
+            "## Expected best proxy validation perplexity after n trials (95% bootstrap band)",
+            "",
+            "Tang et al. (2020)'s unbiased estimator of Dodge et al. (2019)'s curve over the finished trials in "
+            "their order (a pruned trial counts with its last reported perplexity, a diverged one as the worst).",
+            "",
+            "| n | " + " | ".join(models) + " |",
+            "| ---: | " + " | ".join("---:" for _ in models) + " |",
+        ]
+        for n in shown:
+            cells = []
+            for m in models:
+                r = e[m][n - 1] if n <= len(e[m]) else None
+                cells.append(f"{r['expected_best']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" if r else "")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "![expected best vs trials](expected_best.png)", ""]
+        atomic_write_bytes(self.dir / "tuning.md", "\n".join(lines).encode())
+        expected_best_figure({m: e[m] for m in models}, self.dir / "expected_best.png", self.plan.proxy)
+        self.summary["tuning_report"] = str(self.dir / "tuning.md")
+        self._save_summary()
 
     # ---- 3. final
     def final(self, model: str, params: dict) -> list[str]:
@@ -603,13 +660,14 @@ class Compare:
     def run(self) -> int:
         p = self.plan
         _say(
-            f"{', '.join(p.models)}: {p.trials} trial{'s' if p.trials > 1 else ''} each over {', '.join(f'{k} {v}' for k, v in p.space_params.items())} "
-            f"on {p.proxy}, then {p.experiment} × seeds {','.join(map(str, p.seeds))} → {self.dir}"
+            f"{', '.join(p.models)}: {p.trials} trial{'s' if p.trials > 1 else ''} each over space {p.space.name} "
+            f"({len(p.space.params)} parameters), {p.jobs} at a time, on {p.proxy}"
+            + (f", then {p.experiment} × seeds {','.join(map(str, p.seeds))}" if "final" in p.stages else "")
+            + f" → {self.dir}"
         )
         self._save_summary()
         if "search" in p.stages:
-            for i, m in enumerate(p.models, 1):
-                self.search(i, m)
+            self.search_all()
         problems = []
         if "final" in p.stages:
             best = {m: self.best(m) for m in p.models}
@@ -618,6 +676,8 @@ class Compare:
         elif "search" in p.stages:
             for m in p.models:
                 self.best(m)
+        if "search" in p.stages or "final" in p.stages:
+            self.tuning_report()
         if "report" in p.stages:
             self.report()
         if problems:
@@ -645,11 +705,14 @@ def _lock(folder: Path) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="make compare", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
-    ap.add_argument("--trials", default=DEFAULT_TRIALS, help="complete trials per model, in total")
+    ap.add_argument("--trials", default=DEFAULT_TRIALS, help="finished trials per model, in total")
+    ap.add_argument(
+        "--jobs", default=None, help="trials run at a time (default hydra.launcher.n_jobs, else 1)"
+    )
     ap.add_argument("--seeds", default=DEFAULT_SEEDS, help="seeds of the final runs")
     ap.add_argument("--proxy", default=DEFAULT_PROXY, help="the search's recipe (conf/experiment/)")
     ap.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="the final recipe (conf/experiment/)")
-    ap.add_argument("--space", default=DEFAULT_SPACE, help="the search space (conf/hparams_search/)")
+    ap.add_argument("--space", default=DEFAULT_SPACE, help="the search space (conf/space/)")
     ap.add_argument(
         "--dir", default=None, help="the comparison's folder (default outputs/compare/<experiment>)"
     )
@@ -657,7 +720,6 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help="which stages to run (default all)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. model.hidden_dim=400")
     args = ap.parse_intermixed_args(argv)
-    os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
     plan = Plan(args)
     plan.check_configs()
     fd = _lock(plan.dir)

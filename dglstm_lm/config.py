@@ -48,6 +48,10 @@ class ModelConfig:
     num_layers: int = 2
     hidden_dims: list[int] | None = None  # one width per layer; replaces hidden_dim × num_layers
     dropout: float = 0.0  # on the embedding, between layers and before the decoder
+    # per place, where set (null: model.dropout): the embedding's output, between layers, before the decoder
+    dropout_emb: float | None = None
+    dropout_layers: float | None = None
+    dropout_out: float | None = None
     dropout_kind: str = "standard"  # standard (new mask every step) | variational (one mask per sequence)
     weight_drop: float = 0.0  # DropConnect on every W_hh, one mask per forward pass (Merity et al. 2017)
     embed_dropout: float = 0.0  # drop whole word types from the embedding
@@ -128,6 +132,8 @@ class TrainerConfig:
     lr_decay: float = 0.5
     lr_decay_start: int = 4  # epochs at the initial rate (zaremba)
     plateau_patience: int = 0  # plateau: epochs without improvement before the rate is multiplied by lr_decay
+    # stop training once the best validation perplexity is this many epochs old (null: train max_epochs)
+    early_stop_patience: int | None = None
     min_lr: float = 0.0
     clip_grad_norm: float | None = 5.0  # global gradient norm; null disables
     # per_sequence: sum over time, mean over the batch (Zaremba et al.'s loss, for which lr=1 is right);
@@ -174,6 +180,16 @@ class PathsConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Set by `make compare` on its search's jobs: the job is this trial of this study (its parameters come
+    from the study; it reports its validation perplexity per epoch, and its pruner may stop it)."""
+
+    storage: str | None = None  # the study's journal file (Optuna's JournalStorage)
+    study: str | None = None
+    trial: int | None = None  # the trial's number in the study
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -184,6 +200,7 @@ class TrainConfig:
     name: str = "zaremba_small"  # the recipe: experiments set it, reports group runs by it
     tags: list[str] = field(default_factory=list)
     optimized_metric: str | None = None  # returned to a sweeper (Optuna), e.g. "val/ppl"
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def register_configs() -> None:
@@ -273,6 +290,9 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     for key in ("dropout", "weight_drop", "embed_dropout"):
         v = getattr(m, key)
         _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1), got {v}")
+    for key in ("dropout_emb", "dropout_layers", "dropout_out"):
+        v = getattr(m, key)
+        _check(v is None or 0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1) or null, got {v}")
     _check(
         m.dropout_kind in ("standard", "variational"),
         "model.dropout_kind",
@@ -373,6 +393,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _check(t.lr_decay_start >= 0, "trainer.lr_decay_start", f"must be non-negative, got {t.lr_decay_start}")
     _check(
         t.plateau_patience >= 0, "trainer.plateau_patience", f"must be non-negative, got {t.plateau_patience}"
+    )
+    _check(
+        t.early_stop_patience is None or t.early_stop_patience > 0,
+        "trainer.early_stop_patience",
+        f"must be positive or null, got {t.early_stop_patience}",
     )
     _check(
         t.clip_grad_norm is None or t.clip_grad_norm > 0,
@@ -603,7 +628,18 @@ def config_from_dict(d: dict) -> TrainConfig:
                 k: v
                 for k, v in d.items()
                 if k
-                in ("model", "data", "trainer", "logger", "paths", "seed", "name", "tags", "optimized_metric")
+                in (
+                    "model",
+                    "data",
+                    "trainer",
+                    "logger",
+                    "paths",
+                    "seed",
+                    "name",
+                    "tags",
+                    "optimized_metric",
+                    "tune",
+                )
             },
         )
     except (KeyError, OmegaConfBaseException) as exc:

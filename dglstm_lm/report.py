@@ -53,6 +53,7 @@ OUTPUT_ONLY = (
     "logger",
     "tags",
     "optimized_metric",
+    "tune",
     "trainer.resume",
     "trainer.auto_resume",
     "trainer.progress",

@@ -463,3 +463,26 @@ def _save_fig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def expected_best_figure(curves: dict[str, list[dict]], path: Path, proxy: str) -> None:
+    """make compare: the expected best proxy validation perplexity after n trials, per model, with its 95%
+    bootstrap band (rows of tune.expected_best_curve)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (model, rows) in enumerate(curves.items()):
+        color = f"C{i}"
+        ns = [r["n"] for r in rows]
+        ax.plot(ns, [r["expected_best"] for r in rows], marker="o", ms=3, color=color, label=model)
+        ax.fill_between(ns, [r["lo"] for r in rows], [r["hi"] for r in rows], color=color, alpha=0.18, lw=0)
+    ax.set_xlabel("trials (n)")
+    ax.set_ylabel("expected best validation perplexity")
+    ax.set_title(f"Expected best of n trials on {proxy} (95% bootstrap band)", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)

@@ -63,15 +63,16 @@ HYDRA_CONFIG = ".hydra/config.yaml"
 HYDRA_OVERRIDES = ".hydra/overrides.yaml"
 
 # metrics.json's `status`
-RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED = (
+RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED, PRUNED = (
     "running",
     "completed",
     "diverged",
     "interrupted",
     "failed",
+    "pruned",  # a tuning trial stopped early by the study's pruner (make compare): final, not a failure
 )
-STATUSES = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED)
-ENDED = (COMPLETED, DIVERGED, INTERRUPTED)  # a run that stopped on its own terms: its record is final
+STATUSES = (RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED, PRUNED)
+ENDED = (COMPLETED, DIVERGED, INTERRUPTED, PRUNED)  # a run that stopped on its own terms: its record is final
 
 # A sweep's folder (above its jobs' run directories): a stopped sweep's marker, so that the jobs not yet started
 # do not start (written by the sweep's process or a job that was stopped; removed when the sweep is re-run)

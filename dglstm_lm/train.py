@@ -144,8 +144,12 @@ def train(
     run_name: str | None = None,
     group: str | None = None,
     overrides: list[str] | None = None,
+    on_epoch=None,
 ) -> dict:
     """Train and test one model in `run_dir`; return the final metrics (also the run's record).
+
+    `on_epoch(record)`, if given, is called after each epoch's record is written; raising trainer.Pruned
+    there ends the run as `pruned` (a tuning trial stopped by its pruner): no test, the record is final.
 
     `overrides` (the command line's, under Hydra) are recorded in the run directory once the run is
     under way: what `trainer.resume=<run_dir>` composes the run from again.
@@ -165,6 +169,7 @@ def train(
         config_dict["data"]["sha256"] = None
     with _claim(run_dir, obj, config_dict):
         run = _Run(cfg, obj, run_dir, config_dict)
+        run.on_epoch = on_epoch
         try:
             point = _resume_point(obj, run_dir, config_dict)
             if point.completed is not None:
@@ -173,7 +178,8 @@ def train(
             if overrides is not None:  # every check has passed: these are the overrides the run trains with
                 rundir.write_overrides(run_dir, overrides)
             run.start(point)
-            run.fit()
+            if run.fit() == rundir.PRUNED:
+                return run.metrics(rundir.PRUNED)
             return run.finish()
         except BaseException as exc:
             replacement = run.failed(exc)
@@ -230,6 +236,10 @@ def _resume_point(obj, run_dir: Path, config_dict: dict) -> _ResumePoint:
         stored = rundir.read_config(run_dir)
         # continuing on its own is only right for the same computation (asked again under the lock)
         check_same_run(run_dir, config_dict)
+        if previous is not None and previous.get("status") == rundir.PRUNED:
+            log.info("%s was pruned (a tuning trial stopped early); nothing to do", run_dir)
+            point.completed = previous
+            return point
         done = previous is not None and previous.get("status") == rundir.COMPLETED
         if done and (stored is None or stored.get("trainer", {}).get("max_epochs") == t.max_epochs):
             log.info(
@@ -263,6 +273,7 @@ class _Run:
 
     def __init__(self, cfg: DictConfig, obj, run_dir: Path, config_dict: dict):
         self.cfg, self.obj, self.run_dir, self.config_dict = cfg, obj, run_dir, config_dict
+        self.on_epoch = None  # called with each epoch's record (a tuning trial's pruner)
         self.tracker = self.trainer = None
 
     def build(self, point: _ResumePoint, name: str, group: str | None) -> None:
@@ -350,16 +361,26 @@ class _Run:
         self.record(rundir.RUNNING)
         self.tracker.summary({"data": self.data_identity, "code": self.code})
 
-    def fit(self) -> None:
+    def fit(self) -> str | None:
         """The epochs, then the test of the best epoch's weights; history and metrics after each epoch. A
-        divergence or a stop signal is recorded as the run's status before it is raised on."""
-        from .trainer import Diverged, Interrupted, StopSignals
+        divergence or a stop signal is recorded as the run's status before it is raised on; a pruned trial
+        is recorded as such and returns PRUNED."""
+        from .trainer import Diverged, Interrupted, Pruned, StopSignals
 
         try:
             with StopSignals() as stop:
-                for _record in self.trainer.fit(stop):
+                for record in self.trainer.fit(stop):
                     self.record(rundir.RUNNING)
+                    if self.on_epoch is not None:
+                        self.on_epoch(record)
                 self.final = self.trainer.test(stop)
+        except Pruned as exc:
+            self.trainer._update_wall()
+            self.record(rundir.PRUNED, error=str(exc))
+            self.tracker.summary({"status": rundir.PRUNED})
+            self.tracker.finish()
+            log.info("pruned: %s", exc)
+            return rundir.PRUNED
         except Diverged as exc:
             self.record(rundir.DIVERGED, error=str(exc))
             self.tracker.summary({"status": rundir.DIVERGED})
@@ -423,6 +444,8 @@ class _Run:
             "train/ppl": hist[-1]["train/ppl"] if hist else None,
             "train/tokens_per_s": tt["tokens"] / tt["seconds"] if tt["seconds"] else None,
             "wall_s": tr.wall_s,
+            "cpu_s": tr.cpu_s,
+            "stopped_early": tr.stopped_early(),
             "step": tr.pos.step,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
@@ -601,8 +624,17 @@ def _hydra_task(cfg: DictConfig):
 def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_dir: Path):
     from .trainer import Interrupted
 
+    trial = None  # a tuning trial of make compare (tune.trial): its parameters, pruner and result
     try:
-        metrics = train(cfg, run_dir, run_name=name, group=group, overrides=_task_overrides())
+        overrides, on_epoch = _task_overrides(), None
+        if OmegaConf.select(cfg, "tune.trial") is not None:
+            from .tune import TrialJob
+
+            trial = TrialJob(cfg)
+            cfg, overrides, on_epoch = trial.cfg, [*overrides, *trial.overrides], trial.on_epoch
+        metrics = train(cfg, run_dir, run_name=name, group=group, overrides=overrides, on_epoch=on_epoch)
+        if trial is not None:
+            trial.tell(metrics)
     except RunDirRefused as exc:
         # The directory is another run's: nothing goes into its log or its record.
         if not multirun:
@@ -637,6 +669,10 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
             previous(exc.signum, None)
         sys.exit(128 + exc.signum)
     except Exception as exc:
+        if trial is not None and isinstance(exc, DivergedError):
+            trial.diverged()  # a point of the space all the same (a bad one)
+        elif trial is not None:
+            trial.failed()  # re-drawn by make compare
         _record_failure(run_dir, cfg, exc)
         if not multirun:
             if isinstance(exc, UserError):
@@ -863,7 +899,13 @@ def claim_output(argv: list[str]) -> list[str]:
         rundir.check_writable(target, probe=False)  # the lock file is the probe
         rundir.check_free(target)  # a live holder first: it is what the user needs to know
         try:
-            if not OmegaConf.select(hcfg, "trainer.resume") and OmegaConf.select(hcfg, "trainer.auto_resume"):
+            # (a tuning trial's config is complete only once its parameters are read from its study: the
+            # job compares it itself)
+            if (
+                not OmegaConf.select(hcfg, "trainer.resume")
+                and OmegaConf.select(hcfg, "trainer.auto_resume")
+                and OmegaConf.select(hcfg, "tune.trial") is None
+            ):
                 task = hcfg.copy()
                 with open_dict(task):
                     del task["hydra"]
@@ -939,9 +981,6 @@ _patch_hydra_config_writes()
 
 def main() -> None:
     from . import callbacks
-
-    # optuna < 3 (pinned by hydra-optuna-sweeper) uses SQLAlchemy 1.4 APIs that warn about 2.0 on every import
-    os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
 
     try:
         argv, env = preflight(sys.argv[1:])

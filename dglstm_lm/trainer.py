@@ -66,6 +66,10 @@ class Diverged(Exception):
         self.epoch, self.step = epoch, step
 
 
+class Pruned(Exception):
+    """Raised by an epoch hook (a tuning trial's pruner): stop training here; the run's record says pruned."""
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int, checkpoint_path: Path):
         super().__init__(signal.Signals(signum).name)
@@ -307,6 +311,7 @@ class Trainer:
         self.best_val, self.best_epoch = float("inf"), -1
         self.history: list[dict] = []
         self.wall_s = 0.0  # over every process of this run
+        self.cpu_s = 0.0  # CPU time (every thread of the process) over every process of this run
         self.train_time = {"seconds": 0.0, "tokens": 0}  # over every process: train/tokens_per_s
         self.progress = t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty() and not _ci())
         self._last_ckpt_time = time.monotonic()
@@ -335,6 +340,7 @@ class Trainer:
             "model_name": self.model_name,
             "num_params": self.num_params,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "train_time": dict(self.train_time),
         }
 
@@ -364,6 +370,7 @@ class Trainer:
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.history = list(state["history"])
         self.wall_s = state["wall_s"]
+        self.cpu_s = float(state.get("cpu_s", 0.0))  # (checkpoints before it was recorded: from here on)
         self.train_time = dict(state["train_time"])
         try:
             set_rng_state(state["rng"])
@@ -428,13 +435,21 @@ class Trainer:
         A stop signal checkpoints the position and raises Interrupted; a divergence raises Diverged."""
         self.model.train()
         self._wall0, self._wall_base = time.monotonic(), self.wall_s
-        while self.pos.epoch < self.t.max_epochs:
+        self._cpu0, self._cpu_base = time.process_time(), self.cpu_s
+        while self.pos.epoch < self.t.max_epochs and not self.stopped_early():
             self._train_epoch(stop)
             yield self._end_epoch(stop)
         self._update_wall()
 
+    def stopped_early(self) -> bool:
+        """trainer.early_stop_patience epochs have passed since the best validation perplexity (decided from
+        the position and the best epoch alone, so that a resumed run decides the same)."""
+        patience = getattr(self.t, "early_stop_patience", None)
+        return bool(patience) and self.best_epoch >= 0 and self.pos.epoch - 1 - self.best_epoch >= patience
+
     def _update_wall(self) -> None:
         self.wall_s = self._wall_base + time.monotonic() - self._wall0
+        self.cpu_s = self._cpu_base + time.process_time() - self._cpu0
 
     def _interrupt(self, stop: StopSignals, message: str, *args):
         """Checkpoint where we are; the Interrupted to raise (the resumed run continues from there)."""

@@ -18,13 +18,29 @@ MODELS = ("stacked_lstm", "dglstm")
 def _study(folder: Path, model: str):
     import optuna
 
-    return optuna.load_study(study_name=model, storage=f"sqlite:///{folder / 'optuna' / f'{model}.sqlite'}")
+    from dglstm_lm.tune import storage
+
+    return optuna.load_study(study_name=model, storage=storage(folder / "optuna" / f"{model}.journal"))
 
 
 def _complete(study) -> list:
     import optuna
 
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+SPACE_KEYS = {
+    "trainer.lr",
+    "trainer.lr_decay",
+    "model.dropout_emb",
+    "model.dropout_layers",
+    "model.dropout_out",
+    "model.dropout_kind",
+    "model.weight_drop",
+    "model.embed_dropout",
+    "model.tie_weights",
+    "model.init_range",
+}
 
 
 def _metrics_files(folder: Path) -> dict[str, tuple[str, int]]:
@@ -70,7 +86,7 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
     r = run_cli(cmd, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for m in MODELS:
-        assert f"{m}: 1 of 2 trials complete; running 1" in r.stdout
+        assert f"{m}: 1 of 2 trials finished; running trial 1 on smoke" in r.stdout
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["trials_per_model"] == 2 and summary["settings"]["proxy"] == "smoke"
     studies = {m: _study(folder, m) for m in MODELS}
@@ -78,7 +94,7 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
         done = _complete(study)
         assert len(done) == 2
         best = min(done, key=lambda t: t.value)
-        assert set(best.params) == {"trainer.lr", "model.dropout"}
+        assert set(best.params) == SPACE_KEYS
         assert summary["best"][m]["params"] == best.params and summary["best"][m]["trial"] == best.number
         for seed in (1, 2):
             run = folder / "final" / m / f"seed={seed}"
@@ -86,7 +102,8 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
             config = json.loads((run / "config.json").read_text())
             assert metrics["status"] == "completed" and metrics["model"] == m and metrics["seed"] == seed
             assert config["trainer"]["lr"] == best.params["trainer.lr"]
-            assert config["model"]["dropout"] == best.params["model.dropout"]
+            assert config["model"]["dropout_layers"] == best.params["model.dropout_layers"]
+            assert config["model"]["tie_weights"] == best.params["model.tie_weights"]
             assert config["name"] == "smoke" and config["trainer"]["max_epochs"] == 1
     # the same budget, drawn the same way: both studies tried the same points in the same order
     assert [t.params for t in studies["stacked_lstm"].trials] == [t.params for t in studies["dglstm"].trials]
@@ -102,6 +119,14 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "dglstm_lm.train" not in r.stdout  # no training subprocess was started
     assert r.stdout.count("nothing to run") == 2 * len(MODELS)
+    # the budget each model spent, and the expected-best curve
+    assert set(summary["budget"]) == set(MODELS)
+    for m in MODELS:
+        b = summary["budget"][m]
+        assert b["trials_complete"] + b["trials_pruned"] == 2 and b["trials_failed"] == 0
+        assert b["epochs_trained"] == 2 and b["cpu_s"] > 0
+        assert [r["n"] for r in summary["expected_best"][m]] == [1, 2]
+    assert (folder / "expected_best.png").stat().st_size > 0 and (folder / "tuning.md").is_file()
     assert {m: len(_study(folder, m).trials) for m in MODELS} == trials_before
     assert _metrics_files(folder) == before
     assert (folder / "report" / "report.csv").is_file()
@@ -119,7 +144,11 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
         (["--seeds", "1,x"], "error: seeds=1,x: expected whole numbers"),
         (["--proxy", "tiny"], "error: unknown proxy recipe 'tiny' (available: "),
         (["seed=3"], "error: seed=3: set by make compare; use seeds="),
-        (["trainer.lr=2"], "error: trainer.lr is searched (space=compare); it cannot also be fixed"),
+        (["trainer.lr=2"], "error: trainer.lr is searched (space=lstm_lm); it cannot also be fixed"),
+        (["tune.trial=3"], "error: tune.trial=3: set by make compare; use trials="),
+        (["hydra.sweeper.n_trials=3"], "error: hydra.sweeper.n_trials=3: set by make compare; use nothing"),
+        (["--space", "nope"], "error: unknown space 'nope' (available: lstm_lm"),
+        (["--jobs", "0"], "error: jobs=0: expected a whole number ≥ 1"),
         (["model.hidden_dim=100,200"], "error: model.hidden_dim=100,200: make compare takes single values"),
         (["trainer.bptt=-1"], "error: trainer.bptt"),
     ],
@@ -151,23 +180,33 @@ def test_a_folder_holds_one_comparison(tmp_path, capsys):
     )
 
 
-def test_a_trial_cut_short_is_retried_with_its_parameters(tmp_path):
-    """A trial left RUNNING by a killed search is marked failed and its parameters are asked again first
-    (so the retry lands in the same run directory and resumes from its checkpoint)."""
-    import optuna
-
-    from dglstm_lm.compare import complete_trials, recover_interrupted
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="m", storage=f"sqlite:///{tmp_path / 's.sqlite'}")
-    done = study.ask()
-    done.suggest_float("trainer.lr", 0.25, 4.0, log=True)
-    study.tell(done, 3.0)
-    cut = study.ask()
-    lr = cut.suggest_float("trainer.lr", 0.25, 4.0, log=True)
-    assert recover_interrupted(study, budget_left=1) == [{"trainer.lr": lr}]
-    states = {t.number: t.state for t in study.trials}
-    assert states[cut.number] == optuna.trial.TrialState.FAIL
-    retry = study.ask()
-    assert retry.suggest_float("trainer.lr", 0.25, 4.0, log=True) == lr
-    assert [t.number for t in complete_trials(study)] == [done.number]
+@pytest.mark.slow
+def test_the_acceptance_command_writes_budgets_and_the_expected_best_figure(tmp_path, ptb_dir, ptb_root):
+    """`make compare proxy=smoke experiment=smoke trials=4 seeds=1,2 logger=none`, as typed (plus where its
+    data and outputs are): every model's budget in summary.json, the same for both, and the figure."""
+    folder = tmp_path / "out" / "compare" / "smoke"
+    cmd = ["make", "-s", "compare", "proxy=smoke", "experiment=smoke", "trials=4", "seeds=1,2", "logger=none"]
+    cmd += [f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={ptb_root}", f"data.dir={ptb_dir}"]
+    r = run_cli(cmd, env={"PTB_DIR": str(ptb_dir)}, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["budget"]) == set(MODELS)
+    for m in MODELS:
+        b = summary["budget"][m]
+        assert set(b) == {
+            "trials_complete",
+            "trials_pruned",
+            "trials_failed",
+            "epochs_trained",
+            "cpu_s",
+            "wall_s",
+        }
+        assert b["trials_complete"] + b["trials_pruned"] == 4
+        assert len(summary["expected_best"][m]) == 4
+        assert summary["final"][m]["runs"]["1"]["status"] == "completed"
+    # the same sampler, seeded the same: the same points, in the same order, for both models
+    studies = [_study(folder, m) for m in MODELS]
+    assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]
+    assert summary["settings"]["pruner"] == {"name": "median", "n_startup_trials": 8, "n_warmup_steps": 2}
+    assert (folder / "expected_best.png").stat().st_size > 10_000
+    assert "| stacked_lstm |" in (folder / "tuning.md").read_text()

@@ -151,33 +151,6 @@ def test_unknown_option_in_a_sweep_fails_before_any_job(tmp_path, ptb_dir, ptb_r
     assert not sweep_dir.exists()
 
 
-def test_optuna_search_resumes_from_its_sqlite_file(tmp_path, ptb_dir, ptb_root):
-    import optuna
-
-    storage = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
-    common = [
-        "hparams_search=dglstm_lr",
-        "logger=none",
-        f"hydra.sweeper.storage={storage}",
-        "hydra.sweeper.study_name=test",
-    ]
-    r, first = sweep(
-        tmp_path, ptb_dir, ptb_root, *common, "hydra.sweeper.n_trials=2", sweep_dir=tmp_path / "s1"
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    r, second = sweep(
-        tmp_path, ptb_dir, ptb_root, *common, "hydra.sweeper.n_trials=1", sweep_dir=tmp_path / "s2"
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    study = optuna.load_study(study_name="test", storage=storage)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 3
-    vals = [m["val/ppl"] for d in (first, second) for m in jobs(d).values()]
-    assert sorted(t.value for t in complete) == pytest.approx(sorted(vals))
-    assert study.best_value == pytest.approx(min(vals))
-    assert (tmp_path / "s2" / "optimization_results.yaml").is_file()
-
-
 def test_make_sweep_target(tmp_path, ptb_dir, ptb_root):
     r = run_cli(
         [

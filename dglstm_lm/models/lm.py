@@ -1,9 +1,10 @@
 """The language model: embedding → dropout → recurrent core → dropout → decoder over the vocabulary.
 
 Regularisers, all off by default: `dropout` on the embedding output, between layers (in the core) and before
-the decoder, either standard or variational (`dropout_kind`); `embed_dropout` drops whole word types (a row
-of the embedding, the same for every occurrence of the word in the window, Merity et al. 2017); the core's
-`weight_drop` is DropConnect on W_hh."""
+the decoder (a place may have a rate of its own: `dropout_emb`, `dropout_layers`, `dropout_out`), either
+standard or variational (`dropout_kind`); `embed_dropout` drops whole word types (a row of the embedding, the
+same for every occurrence of the word in the window, Merity et al. 2017); the core's `weight_drop` is
+DropConnect on W_hh."""
 
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ class LanguageModel(nn.Module):
         tie_weights=False,
         dropout_kind: str = "standard",
         embed_dropout: float = 0.0,
+        dropout_out: float | None = None,
     ):
         super().__init__()
         self.vocab_size, self.emb_dim = vocab_size, emb_dim
         self.encoder = nn.Embedding(vocab_size, emb_dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout)  # on the embedding's output
+        self.drop_out = nn.Dropout(dropout if dropout_out is None else dropout_out)  # before the decoder
         self.dropout_kind, self.embed_dropout = dropout_kind, embed_dropout
         self.core = core
         self.decoder = nn.Linear(core.output_dim, vocab_size)
@@ -57,7 +60,7 @@ class LanguageModel(nn.Module):
             x = x * keep[tokens].unsqueeze(-1)
         x = sequence_dropout(x, self.drop.p, self.dropout_kind, self.training)
         out, state = self.core(x, state)  # (T, B, H_last)
-        return self.decoder(sequence_dropout(out, self.drop.p, self.dropout_kind, self.training)), state
+        return self.decoder(sequence_dropout(out, self.drop_out.p, self.dropout_kind, self.training)), state
 
     def reset_parameters(
         self, init: str = "uniform", init_range: float = 0.1, depth_gate_bias: float | None = None
@@ -161,13 +164,19 @@ def _check_triton_backend(backend: str, device) -> None:
         )
 
 
+def _place(cfg, key: str) -> float:
+    """The dropout rate at one place: its own key where set, else model.dropout."""
+    v = getattr(cfg, key, None)
+    return cfg.dropout if v is None else v
+
+
 def build_model(vocab_size: int, cfg) -> LanguageModel:
     """Build the LM described by a model config (see `dglstm_lm.config`: RNNConfig ... DGLSTMConfig)."""
     core = build_core(
         cfg.name,
         cfg.emb_dim,
         list(cfg.layer_dims),
-        dropout=cfg.dropout,
+        dropout=_place(cfg, "dropout_layers"),
         gate_input=getattr(cfg, "gate_input", False),
         peephole=getattr(cfg, "peephole", False),
         coupled=getattr(cfg, "coupled_gates", False),
@@ -182,10 +191,11 @@ def build_model(vocab_size: int, cfg) -> LanguageModel:
         vocab_size,
         cfg.emb_dim,
         core,
-        dropout=cfg.dropout,
+        dropout=_place(cfg, "dropout_emb"),
         tie_weights=cfg.tie_weights,
         dropout_kind=cfg.dropout_kind,
         embed_dropout=cfg.embed_dropout,
+        dropout_out=_place(cfg, "dropout_out"),
     )
     model.reset_parameters(cfg.init, cfg.init_range, getattr(cfg, "depth_gate_bias", None))
     return model
