@@ -1012,15 +1012,23 @@ class _SweepStop:
     """The sweep's own process on SIGINT / SIGTERM: the running jobs get the signal too (a terminal's Ctrl-C,
     SLURM and `kill -- -<pgid>` signal the whole process group), save a checkpoint after their current step
     and return; the jobs not started yet do not start (rundir.SWEEP_STOPPED); the sweep's summary then lists
-    every job and prints the one command that continues them all. A second signal stops at once."""
+    every job and prints the one command that continues them all. A second signal stops at once (the same
+    signal again within 2 s is the same stop: the process group's and a parent's, as make compare forwards it)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.received: int | None = None
+        self._at = 0.0
         self._previous: dict = {}
 
     def __enter__(self):
+        # imported here, not in the handler: a signal that arrives while the handler imports would find a
+        # half-initialised module
+        from . import callbacks
+        from .trainer import StopSignals
+
+        self._callbacks, self._stop_signals = callbacks, StopSignals
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         # joblib's workers and their resource tracker: a stopped sweep is not a leak worth a warning
@@ -1030,15 +1038,16 @@ class _SweepStop:
         return self
 
     def _handle(self, signum, frame):
-        from . import callbacks
-        from .trainer import StopSignals
-
         if self.received is not None:
+            if signum == self.received and time.monotonic() - self._at < 2.0:
+                return  # the same stop twice (the process group's signal and a parent's, e.g. make compare)
             raise KeyboardInterrupt
-        self.received = signum
-        StopSignals.pending = signum  # the basic launcher's job, if it is between its loop's handlers
-        if callbacks.SWEEP_DIR is not None:  # the sweep's folder, as Hydra resolved it
-            rundir.mark_sweep_stopped(callbacks.SWEEP_DIR, f"{signal.Signals(signum).name} to the sweep")
+        self.received, self._at = signum, time.monotonic()
+        self._stop_signals.pending = signum  # the basic launcher's job, if it is between its loop's handlers
+        if self._callbacks.SWEEP_DIR is not None:  # the sweep's folder, as Hydra resolved it
+            rundir.mark_sweep_stopped(
+                self._callbacks.SWEEP_DIR, f"{signal.Signals(signum).name} to the sweep"
+            )
 
     def __exit__(self, *exc):
         for s, prev in self._previous.items():

@@ -292,3 +292,81 @@ def expected_best_curve(values: list[float], boot: int = 1000, seed: int = 0) ->
         hi = bs[int(math.ceil(0.975 * (len(bs) - 1)))] if bs else est
         rows.append({"n": n, "expected_best": est, "lo": lo, "hi": hi})
     return rows
+
+
+# ------------------------------------------------------------------------------- pruners, replayed
+PRUNERS = {
+    "median": {"name": "median", "n_startup_trials": 4, "n_warmup_steps": 2},
+    "successive_halving": {"name": "successive_halving", "min_resource": 1, "reduction_factor": 3},
+    "hyperband": {"name": "hyperband", "min_resource": 1, "max_resource": 8, "reduction_factor": 3},
+}
+
+
+def replay_pruners(curves: list[list[float]], pruners: dict | None = None) -> dict:
+    """Each pruner replayed on learning curves that ran to the end (validation perplexity per epoch, in the
+    order the trials ran): the epochs it would have trained, and whether it would have stopped the trial with
+    the best final perplexity. A measurement on the project's own curves, not a simulation of the sampler."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    best = min(range(len(curves)), key=lambda i: min(curves[i]))
+    out = {}
+    for name, spec in (pruners or PRUNERS).items():
+        study = optuna.create_study(pruner=make_pruner(spec), sampler=optuna.samplers.RandomSampler(seed=0))
+        epochs, pruned = 0, []
+        for i, curve in enumerate(curves):
+            trial = study.ask()
+            for epoch, v in enumerate(curve, 1):
+                epochs += 1
+                trial.report(v, epoch)
+                if trial.should_prune():
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    pruned.append(i)
+                    break
+            else:
+                study.tell(trial, min(curve))
+        full = sum(len(c) for c in curves)
+        out[name] = {
+            "epochs": epochs,
+            "epochs_unpruned": full,
+            "saved": 1 - epochs / full if full else 0.0,
+            "pruned_trials": pruned,
+            "best_pruned": best in pruned,
+        }
+    return out
+
+
+def _curves(search_dir: Path) -> list[list[float]]:
+    """The validation curves of the trials of a search folder that were not pruned (completed: every epoch,
+    or until early stopping), in trial order, the models' trials interleaved."""
+    from . import rundir
+
+    rows = []
+    for run in search_dir.glob("*/trial=*"):
+        m = rundir.read_metrics(run) or {}
+        hist = rundir.read_history(run)
+        if m.get("status") == "completed" and hist:
+            rows.append((int(run.name.split("=", 1)[1]), run.parent.name, [h["val/ppl"] for h in hist]))
+    return [c for *_, c in sorted(rows)]
+
+
+def main(argv=None) -> int:
+    """`python -m dglstm_lm.tune <compare dir>`: the pruners replayed on its trials that ran to the end."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m dglstm_lm.tune", description=main.__doc__)
+    ap.add_argument("dir", help="a make compare folder (its search/<model>/trial=<n>/ runs)")
+    args = ap.parse_args(argv)
+    curves = _curves(Path(args.dir) / "search")
+    if len(curves) < 3:
+        print(f"error: {args.dir}: {len(curves)} trials ran to the end; the replay needs 3 or more")
+        return 2
+    print(json.dumps({"trials": len(curves), "pruners": replay_pruners(curves)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -27,6 +27,7 @@ TIME_KEYS = {
     "train/tokens_per_s",
     "elapsed_s",
     "wall_s",
+    "cpu_s",
     "updated_at",
     "started_at",
     "wandb_id",
@@ -73,6 +74,7 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
         "test/ppl",
         "train/tokens_per_s",
         "wall_s",
+        "cpu_s",
         "status",
     ):
         assert m[key] is not None, key

@@ -287,3 +287,15 @@ def test_early_stopping_ends_training_and_the_run_says_so(tmp_path, ptb_dir, ptb
 
 def test_space_dir_is_the_conf_folder():
     assert tune.SPACE_DIR == Path(__file__).resolve().parent.parent / "conf" / "space"
+
+
+def test_pruner_replay_counts_epochs_and_keeps_the_best():
+    good = [300.0, 200.0, 150.0, 130.0, 120.0, 115.0, 112.0, 110.0]
+    curves = [[v * f for v in good] for f in (1.3, 1.2, 1.25, 1.15, 1.6, 1.7, 1.0, 1.8)]
+    out = tune.replay_pruners(curves)
+    assert set(out) == {"median", "successive_halving", "hyperband"}
+    med = out["median"]
+    assert med["epochs_unpruned"] == 64 and med["epochs"] < 64 and 0 < med["saved"] < 1
+    assert 4 in med["pruned_trials"] and 6 not in med["pruned_trials"]  # the worst stopped, the best kept
+    assert med["best_pruned"] is False
+    assert all(r["epochs"] <= 64 for r in out.values())

@@ -25,7 +25,8 @@ Two implementations of the same forward and backward:
   when no compiler is available.
 - ``triton`` (triton_scan.py): the GPU backend, one fused Triton kernel per step forward and backward with
   the per-step GEMMs on cuBLAS; ``triton_graph`` is the same with each window's loops captured in CUDA
-  graphs. ``auto`` picks ``triton`` for float32 on CUDA when Triton is installed (torch's CUDA builds bring it).
+  graphs. ``auto`` picks the Triton scan for float32 on CUDA when Triton is installed (torch's CUDA builds bring it): the
+  eager loop for its first call (a kernel that cannot compile there falls back to ``python``), then ``triton_graph``.
 All save the gate activations in the forward pass, so that the backward pass is elementwise work plus
 ``dh_{t-1} = dz_t W_hh`` per step, with dW_hh as one GEMM over all steps afterwards.
 
@@ -512,7 +513,9 @@ def scan(
                     _auto_triton = None
                     log.warning("the Triton scan failed (%s); model.backend=auto uses the python one", exc)
         else:
-            return _triton(*args, coupled=coupled, backend="triton")
+            # with CUDA graphs: 1.4-1.6x cuDNN's nn.LSTM at 2 x 200 and 2 x 650 on an H200, 2.5-4.8x the eager
+            # Triton loop (make bench-gpu, docs/bench-gpu-h200.md); a shape met once runs the eager loop
+            return _triton(*args, coupled=coupled, backend="triton_graph")
     if backend in TRITON_BACKENDS:
         return _triton(*args, coupled=coupled, backend=backend)
     if backend == "auto":
