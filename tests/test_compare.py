@@ -210,3 +210,38 @@ def test_the_acceptance_command_writes_budgets_and_the_expected_best_figure(tmp_
     assert summary["settings"]["pruner"] == {"name": "median", "n_startup_trials": 8, "n_warmup_steps": 2}
     assert (folder / "expected_best.png").stat().st_size > 10_000
     assert "| stacked_lstm |" in (folder / "tuning.md").read_text()
+
+
+def test_the_best_trial_is_chosen_by_validation_not_test_perplexity(tmp_path):
+    """Three complete trials whose validation and test orderings differ (their runs' metrics say so): the
+    best is the lowest validation perplexity (trial 1), never the lowest test perplexity (trial 2)."""
+    import argparse
+
+    from dglstm_lm import tune
+    from dglstm_lm.compare import Compare, Plan
+
+    folder = tmp_path / "cmp"
+    args = argparse.Namespace(
+        models="stacked_lstm", trials="3", seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
+        stages="search,final", overrides=["logger=none"], proxy_override=None, dir=str(folder), jobs=None,
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    cmp = Compare(plan, runner=None)
+    study = cmp.study("stacked_lstm", create=True)
+    dists = plan.space.distributions()
+    for n, (val, test) in enumerate([(120.0, 115.0), (100.0, 118.0), (110.0, 90.0)]):
+        t = study.ask(dists)
+        t.report(val + 5, 1)
+        study.tell(t, val)
+        run = folder / "search" / "stacked_lstm" / f"trial={n}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(
+            json.dumps({"status": "completed", "val/ppl": val, "test/ppl": test, "epochs_completed": 1})
+        )
+    entry = cmp.best("stacked_lstm")
+    assert entry["trial"] == 1 and entry["proxy val/ppl"] == 100.0
+    assert entry["params"] == study.trials[1].params
+    assert [s for _, _, s in entry["trials"]] == [120.0, 100.0, 110.0]
+    assert tune.expected_best([120.0, 100.0, 110.0], 3) == 100.0
+    assert cmp.summary["expected_best"]["stacked_lstm"][-1]["expected_best"] == 100.0
