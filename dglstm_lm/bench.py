@@ -11,6 +11,7 @@ set of a fresh process over three training steps (CPU), or torch's peak allocati
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -193,7 +194,8 @@ def bench_data(ptb_dir: str | None) -> dict | None:
 
 
 def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict | None:
-    """The trainer's loop on real PTB against the bare step on the same batches, in the same process."""
+    """The trainer's loop on real PTB against the bare step on the same batches, in the same process; and the
+    loop with logger.layer_grad_norms off, which prices the per-layer gradient norms (on by default)."""
     from .config import compose, validate
     from .data import make_batches, prepare_from_config
     from .models import build_model
@@ -219,14 +221,17 @@ def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict |
             )
         )
         corpus = prepare_from_config(cfg.data)
+        no_norms = copy.deepcopy(cfg)
+        no_norms.logger.layer_grad_norms = False
         results = {}
         for rnd in range(3):
-            torch.manual_seed(0)
-            m = build_model(len(corpus.vocab), cfg.model).to(device)
-            trainer = Trainer(m, corpus, cfg, Path(tmp) / f"run{rnd}", device, Tracker(), {}, model, 0)
-            with StopSignals() as stop:
-                for record in trainer.fit(stop):
-                    results.setdefault("trainer", []).append(record["train/tokens_per_s"])
+            for key, c in (("trainer", cfg), ("trainer_no_layer_norms", no_norms)):
+                torch.manual_seed(0)
+                m = build_model(len(corpus.vocab), c.model).to(device)
+                trainer = Trainer(m, corpus, c, Path(tmp) / f"run{rnd}{key}", device, Tracker(), {}, model, 0)
+                with StopSignals() as stop:
+                    for record in trainer.fit(stop):
+                        results.setdefault(key, []).append(record["train/tokens_per_s"])
             # the bare step on the same windows
             torch.manual_seed(0)
             m = build_model(len(corpus.vocab), cfg.model).to(device)
@@ -250,6 +255,7 @@ def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict |
             _sync(device)
             results.setdefault("bare", []).append(ntok / (time.perf_counter() - t0))
     trainer_tps, bare_tps = statistics.median(results["trainer"]), statistics.median(results["bare"])
+    off_tps = statistics.median(results["trainer_no_layer_norms"])
     return {
         "model": model,
         "bptt": cfg.trainer.bptt,
@@ -257,6 +263,8 @@ def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict |
         "trainer_tokens_per_s": trainer_tps,
         "bare_tokens_per_s": bare_tps,
         "ratio": trainer_tps / bare_tps,
+        "trainer_no_layer_norms_tokens_per_s": off_tps,
+        "layer_norms_ratio": trainer_tps / off_tps,  # 1 - this: what the per-layer norms cost a step
     }
 
 
@@ -454,7 +462,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     if trainer:
         print(
             f"trainer: {trainer['model']} bptt {trainer['bptt']}: {trainer['trainer_tokens_per_s']:,.0f} tok/s in the trainer's loop,"
-            f" {trainer['bare_tokens_per_s']:,.0f} bare ({trainer['ratio']:.3f}x)"
+            f" {trainer['bare_tokens_per_s']:,.0f} bare ({trainer['ratio']:.3f}x);"
+            f" per-layer gradient norms on / off {trainer['layer_norms_ratio']:.3f}x"
         )
     out.mkdir(parents=True, exist_ok=True)
     from .checkpoint import atomic_write_bytes

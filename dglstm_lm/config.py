@@ -171,6 +171,9 @@ class LoggerConfig:
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
     log_every_n_steps: int = 10
+    # the norm of each layer's parameter gradient, before clipping: W&B every log_every_n_steps
+    # (grad_norm/layer_<i>), history.jsonl per epoch (the mean over its steps)
+    layer_grad_norms: bool = True
 
 
 @dataclass

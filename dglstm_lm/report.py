@@ -670,7 +670,7 @@ def _md_table(ti: int, t: Table, root: Path, figures: dict) -> list[str]:
     }
     out += [*TABLE_HEADER, *(_md_row(t, r, best) for r in t.rows), ""]
     out += [_md_caption(t), "", *_md_repeats(t, root)]
-    for kind in ("curves", "test"):
+    for kind in ("curves", "test", "gradnorms"):
         out += _md_figure(kind, figures.get((ti, kind)), root)
     return out
 

@@ -38,7 +38,7 @@ from .checkpoint import atomic_write_bytes
 # The names of the figures the report writes (and so may remove): <table>_<index>_curves.png and
 # <table>_<index>_test.png per table, <recipe>_progress<index>_curves.png per group of runs in progress
 # without a table.
-OWN_FIGURE = re.compile(r".+_(\d+|progress\d+)_(curves|test)\.png")
+OWN_FIGURE = re.compile(r".+_(\d+|progress\d+)_(curves|test|gradnorms)\.png")
 
 # published results: distinct styles and colours, so that two nearly equal values stay two readable lines
 PUBLISHED_STYLES = [("--", "tab:red"), (":", "black"), ("-.", "tab:purple"), ((0, (5, 1, 1, 1)), "tab:brown")]
@@ -425,11 +425,69 @@ def figures(tables: list, progress: list = ()) -> Iterator[tuple[tuple, str, obj
         ]
         yield (ti, "curves"), f"{slug}_curves.png", draw_curves(t.name, series, valid)
         yield (ti, "test"), f"{slug}_test.png", draw_test(t.name, rows, test, t)
+        norms = {r.label: layer_norms(r.runs) for r in rows}
+        norms = {k: v for k, v in norms.items() if v}
+        if norms:
+            yield (ti, "gradnorms"), f"{slug}_gradnorms.png", draw_grad_norms(t.name, norms)
     for gi, g in enumerate(progress):
         if g.table is None:
             series = [Series(label, runs, True) for label, runs in g.rows]
             fig = draw_curves(g.name, series, g.published_valid)
             yield (gi, "progress"), f"{_slug(g.name)}_progress{gi}_curves.png", fig
+
+
+def layer_norms(runs) -> list[tuple[float, float, int]] | None:
+    """Per layer (1…L): (mean, std, n) over the runs of each run's gradient norm at its last recorded epoch
+    (history's grad_norm/layer_<i>, the epoch's mean over its steps); None when no run recorded them."""
+    per_run = []
+    for run in runs:
+        last = next((r for r in reversed(run.history) if "grad_norm/layer_1" in r), None)
+        if last is None:
+            continue
+        vals, i = [], 1
+        while isinstance(last.get(f"grad_norm/layer_{i}"), (int, float)):
+            vals.append(float(last[f"grad_norm/layer_{i}"]))
+            i += 1
+        per_run.append(vals)
+    depth = {len(v) for v in per_run}
+    if not per_run or len(depth) != 1:
+        return None
+    out = []
+    for col in zip(*per_run):
+        out.append((statistics.fmean(col), statistics.stdev(col) if len(col) > 1 else 0.0, len(col)))
+    return out
+
+
+def draw_grad_norms(name: str, norms: dict):
+    """The gradient norm reaching each layer at the final epoch, per row (mean ± std over its seeds), log y."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (label, rows) in enumerate(norms.items()):
+        layers = list(range(1, len(rows) + 1))
+        mean = [m for m, _, _ in rows]
+        std = [s for _, s, _ in rows]
+        n = rows[0][2]
+        ax.errorbar(
+            layers,
+            mean,
+            yerr=std,
+            marker="o",
+            ms=4,
+            capsize=3,
+            color=f"C{i}",
+            label=f"{label} ({_n_text(n)})",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (1 = next to the embedding)")
+    ax.set_ylabel("gradient norm of the layer's parameters")
+    ax.set_title(f"{name}: gradient norm by layer, final epoch (mean over its steps)", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def make_figures(tables: list, fig_dir: Path, progress: list = ()) -> dict:

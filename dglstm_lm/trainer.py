@@ -306,8 +306,16 @@ class Trainer:
         self.optimizer = make_optimizer(model.parameters(), t)
         self.scheduler = make_scheduler(self.optimizer, t)
         self.pos = Position()
+        # logger.layer_grad_norms: each recurrent layer's parameters, for the norms of their gradients
+        self.layer_params = (
+            [list(layer.parameters()) for layer in model.core.layers]
+            if getattr(cfg.logger, "layer_grad_norms", False)
+            and hasattr(getattr(model, "core", None), "layers")
+            else []
+        )
+        self._step_layer_norms: list[float] = []
         self.hidden = None  # carried state (stream mode)
-        self.epoch_sums = {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+        self.epoch_sums = self._new_epoch_sums()
         self.best_val, self.best_epoch = float("inf"), -1
         self.history: list[dict] = []
         self.wall_s = 0.0  # over every process of this run
@@ -366,7 +374,7 @@ class Trainer:
             if state["hidden"] is None
             else [tuple(t.to(self.device) for t in layer) for layer in state["hidden"]]
         )
-        self.epoch_sums = dict(state["epoch_sums"])
+        self.epoch_sums = {**self._new_epoch_sums(), **state["epoch_sums"]}  # (older checkpoints: no norms)
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.history = list(state["history"])
         self.wall_s = state["wall_s"]
@@ -394,6 +402,25 @@ class Trainer:
             x, y = batches[i]
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def _new_epoch_sums(self) -> dict:
+        n = len(self.layer_params)
+        return {"nll": 0.0, "tokens": 0, "seconds": 0.0, "layer_grad_norms": [0.0] * n, "grad_norm_steps": 0}
+
+    def layer_grad_norms(self) -> list[float]:
+        """The L2 norm of each recurrent layer's parameter gradient (all its tensors together), as it is after
+        backward and before clipping."""
+        out = []
+        for params in self.layer_params:
+            grads = [p.grad for p in params if p.grad is not None]
+            out.append(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else None
+            )
+        if not out or any(v is None for v in out):
+            return [0.0 if v is None else float(v) for v in out]
+        return torch.stack(out).tolist()
+
     def train_step(self, x, y, state):
         """One optimizer step on a (T, B) window. Returns (summed NLL, target tokens, grad norm, state)."""
         with precision_context(self.device, self.precision):  # trainer.precision=bf16: autocast
@@ -409,6 +436,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         faults.point("step")
+        if self.layer_params:
+            self._step_layer_norms = self.layer_grad_norms()
+            sums = self.epoch_sums
+            sums["layer_grad_norms"] = [
+                a + b for a, b in zip(sums["layer_grad_norms"], self._step_layer_norms)
+            ]
+            sums["grad_norm_steps"] += 1
         # global norm of the whole gradient (TensorFlow's clip_by_global_norm); an infinite bound only measures it
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_grad_norm or float("inf"))
         self.optimizer.step()
@@ -461,7 +495,7 @@ class Trainer:
         """The remaining training windows of the current epoch (all of them, or those after a resume point)."""
         epoch = self.pos.epoch
         if self.pos.batch == 0:
-            self.epoch_sums = {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+            self.epoch_sums = self._new_epoch_sums()
             self.hidden = None
         bar = tqdm(
             total=self.n_train,
@@ -570,6 +604,7 @@ class Trainer:
                 "train/ppl": ppl(loss),
                 "train/lr": lr,
                 "train/grad_norm": float(gnorm),
+                **{f"grad_norm/layer_{i}": v for i, v in enumerate(self._step_layer_norms, 1)},
                 "train/tokens_per_s": tps,
                 "epoch": self.pos.epoch + (self.pos.batch - 1) / self.n_train,
             },
@@ -620,6 +655,9 @@ class Trainer:
             "train/tokens_per_s": self.epoch_sums["tokens"] / max(self.epoch_sums["seconds"], 1e-9),
             "elapsed_s": self.wall_s,
         }
+        steps = self.epoch_sums.get("grad_norm_steps", 0)
+        for i, total in enumerate(self.epoch_sums.get("layer_grad_norms", []), 1):
+            record[f"grad_norm/layer_{i}"] = total / steps if steps else None  # the epoch's mean
         self.history.append(record)
         self.tracker.log(
             {"val/ppl": val_ppl, "train/epoch_ppl": record["train/ppl"], "epoch": epoch + 1},

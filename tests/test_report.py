@@ -949,3 +949,31 @@ def test_an_unknown_baseline_among_many_rows_names_a_few(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and len(err) < 400, err
     assert err.endswith("and 14 more (see report.md)") and err.count("'dglstm (hidden_dim=") == 6
+
+
+def test_the_gradient_norms_by_layer_figure_is_the_mean_over_seeds_at_the_final_epoch(tmp_path):
+    """grad_norm/layer_<i> from each run's last epoch: one line per row, its points the mean over the seeds,
+    its error bars their standard deviation; rows without the norms draw none, and no figure without any."""
+    norms = {1: [1e-3, 1e-2, 1e-1], 2: [3e-3, 3e-2, 3e-1]}
+    for seed, last in norms.items():
+        run = fake_run(tmp_path / "with", f"s{seed}", "stacked_lstm", seed, 100.0 + seed, 95.0)
+        hist = [
+            {"epoch": 1, "val/ppl": 150.0, **{f"grad_norm/layer_{i}": 9.0 for i in (1, 2, 3)}},
+            {"epoch": 2, "val/ppl": 100.0, **{f"grad_norm/layer_{i}": v for i, v in enumerate(last, 1)}},
+        ]
+        (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+    figs = _figures(tmp_path / "with")
+    try:
+        (ax,) = figs[(0, "gradnorms")].axes
+        (line,) = ax.get_lines()[:1]
+        assert list(line.get_xdata()) == [1, 2, 3]
+        assert list(line.get_ydata()) == pytest.approx([2e-3, 2e-2, 2e-1])
+        assert ax.get_yscale() == "log"
+    finally:
+        _close(figs)
+    fake_run(tmp_path / "without", "s1", "stacked_lstm", 1, 100.0, 95.0)
+    figs = _figures(tmp_path / "without")
+    try:
+        assert (0, "gradnorms") not in figs
+    finally:
+        _close(figs)

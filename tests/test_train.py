@@ -589,3 +589,29 @@ def test_a_resumed_wandb_run_continues_the_same_run_without_gaps(tmp_path, ptb_d
     assert steps == list(range(1, 13))
     val_steps = [h["_step"] for _, items in files for h in items if "val/ppl" in h]
     assert val_steps == [6, 12]
+
+
+@pytest.mark.parametrize("model", ["stacked_lstm", "dglstm"])
+def test_an_8_layer_smoke_run_records_each_layers_gradient_norm(tmp_path, ptb_dir, ptb_root, model):
+    """history.jsonl per epoch (the mean over its steps) and W&B every log_every_n_steps: grad_norm/layer_1..8."""
+    run_dir = tmp_path / "run"
+    cfg = smoke_cfg(
+        tmp_path,
+        ptb_dir,
+        ptb_root,
+        f"model={model}",
+        "model.num_layers=8",
+        "logger=wandb",
+        "logger.log_every_n_steps=5",
+        "trainer.limit_train_batches=10",
+        "trainer.max_epochs=1",
+    )
+    train(cfg, run_dir)
+    keys = [f"grad_norm/layer_{i}" for i in range(1, 9)]
+    (epoch,) = read_history(run_dir)
+    assert all(epoch[k] > 0 and math.isfinite(epoch[k]) for k in keys), epoch
+    assert "grad_norm/layer_9" not in epoch
+    ((_, items),) = _wandb_records(run_dir)
+    logged = [h for h in items if "grad_norm/layer_1" in h]
+    assert [h["_step"] for h in logged] == [5, 10]
+    assert all(all(h[k] > 0 for k in keys) for h in logged)

@@ -182,3 +182,39 @@ def test_a_uniform_model_run_reports_the_vocabulary_size_everywhere(tmp_path):
     saved = json.loads((run_dir / "metrics.json").read_text())
     for key in ("val/ppl", "test/ppl", "train/ppl"):
         assert m[key] == saved[key] == pytest.approx(12, rel=1e-6), key
+
+
+@pytest.mark.parametrize("model", ["stacked_lstm", "residual_lstm", "dglstm"])
+def test_layer_gradient_norms_are_each_layers_own_before_clipping(tmp_path, model):
+    """8 layers: the norm the step records for layer i is the L2 norm of layer i's parameter gradients, from
+    a copy of the model here (names core.layers.<i-1>.*), before clipping (a clip far below them)."""
+    trainer, corpus, cfg = _trainer(
+        tmp_path, f"model={model}", "model.num_layers=8", "model.hidden_dim=6", "trainer.clip_grad_norm=1e-4"
+    )
+    m = trainer.model
+    x, y = make_batches(corpus, "train", "stream", 2, 4, shuffle=False)[0]
+    state = m.init_state(2)
+    twin = copy.deepcopy(m)
+    logits, _ = twin(x, state)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum") / y.size(1)
+    loss.backward()
+    expected = []
+    for i in range(8):
+        sq = sum(
+            (p.grad.double() ** 2).sum()
+            for n, p in twin.named_parameters()
+            if n.startswith(f"core.layers.{i}.") and p.grad is not None
+        )
+        expected.append(float(torch.sqrt(sq)))
+    trainer.train_step(x, y, state)
+    assert trainer._step_layer_norms == pytest.approx(expected, rel=1e-5)
+    assert trainer.epoch_sums["grad_norm_steps"] == 1
+    assert trainer.epoch_sums["layer_grad_norms"] == pytest.approx(expected, rel=1e-5)
+    assert max(expected) > 1e-4  # the clip (1e-4, global) was active: the norms are from before it
+
+
+def test_layer_gradient_norms_off(tmp_path):
+    trainer, corpus, _ = _trainer(tmp_path, "logger.layer_grad_norms=false")
+    x, y = make_batches(corpus, "train", "stream", 2, 4, shuffle=False)[0]
+    trainer.train_step(x, y, trainer.model.init_state(2))
+    assert trainer._step_layer_norms == [] and trainer.epoch_sums["grad_norm_steps"] == 0
