@@ -14,7 +14,7 @@ stored there); each differing key is judged by the first rule of POLICY that cov
 A sweep's job folder re-entered on its own accepts only the keys whose rule says so (`in_job_folder`): any
 other difference means the folder holds another job, and the job is refused (RunDirRefused).
 
-The README's "A different config on resume" table is `python -m dglstm_lm.resume`'s output (a test keeps
+The "A different config on resume" table of docs/outputs.md is `python -m dglstm_lm.resume`'s output (a test keeps
 them the same). Beyond the config, a checkpoint trained on another vocabulary is refused too (train.py checks
 it once the corpus is loaded).
 """
@@ -186,7 +186,7 @@ def check_job_folder(run_dir: Path, stored_config: dict, new_config: dict) -> No
 
 
 def markdown() -> str:
-    """POLICY as the README's table."""
+    """POLICY as docs/outputs.md's table."""
     rows = ["| config keys | on resume | in a sweep's job folder | why |", "| --- | --- | --- | --- |"]
     for r in POLICY:
         keys = "any other key" if r.keys == (ANY,) else ", ".join(f"`{k}`" for k in r.keys)

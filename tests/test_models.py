@@ -703,7 +703,7 @@ def test_parameter_count_equals_closed_form(cfg, _, capsys):
 
 
 def test_ptb_sizes_parameter_counts():
-    """At PTB sizes the counts are the ones the README lists."""
+    """At PTB sizes the counts are the ones docs/models.md lists."""
     V = 10_000
     counts = {}
     for cfg in (
@@ -718,7 +718,7 @@ def test_ptb_sizes_parameter_counts():
         assert n == closed_form_params(
             cfg.name, V, 200, cfg.layer_dims, depth_gate=getattr(cfg, "depth_gate", "learned")
         )
-    # the README's table
+    # docs/models.md's table
     assert counts[("stacked_lstm", None)] == counts[("residual_lstm", None)] == 4_653_200
     assert counts[("dglstm", "learned")] == 4_693_800
     assert counts[("dglstm", "open")] == 4_653_200

@@ -1,7 +1,7 @@
-"""The resume policy (dglstm_lm/resume.py): every change the README lists, judged as the README says.
+"""The resume policy (dglstm_lm/resume.py): every change docs/outputs.md lists, judged as it says.
 
-The expected outcomes below are written from the README's list and the issue that asked for it, not read from
-POLICY; a test then checks that every rule of POLICY is reached by one of them, and that the README's table is
+The expected outcomes below are written from that list and the issue that asked for it, not read from
+POLICY; a test then checks that every rule of POLICY is reached by one of them, and that its table is
 POLICY's own rendering. The end-to-end refusals (a real checkpoint, nothing written) are in
 test_reliability.py; a finished sweep job continued by a larger max_epochs is at the end of this file.
 """
@@ -119,9 +119,9 @@ def test_a_refusal_is_mid_epoch_only_for_the_data_layout():
 
 
 def test_the_readme_table_is_the_policy():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "outputs.md").read_text()  # the README's reference pages
     header = policy.markdown().splitlines()[0]
-    assert header in readme, "the README shows the resume policy's table"
+    assert header in readme, "docs/outputs.md shows the resume policy's table"
     start = readme.index(header)
     shown = readme[start:].split("\n\n", 1)[0].rstrip("\n") + "\n"
     assert shown == policy.markdown()

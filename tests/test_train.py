@@ -432,7 +432,7 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
 
 
 def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
-    """`make bench` end to end at a toy size (no timing is asserted; the numbers live in the README)."""
+    """`make bench` end to end at a toy size (no timing is asserted; the numbers live in docs/models.md)."""
     r = run_cli(
         [
             PY,
