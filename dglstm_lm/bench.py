@@ -371,6 +371,56 @@ def machine() -> dict:
 
 
 @cli
+def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
+    """One size's records (each core against nn.LSTM of its precision; bf16 also against fp32), printed."""
+    from .models import count_parameters
+
+    records = []
+    for c in cores:
+        # each row's ratio to nn.LSTM in the same precision; bf16 rows also to nn.LSTM in float32
+        bf16 = c.endswith(BF16)
+        ref = "nn.LSTM bf16" if bf16 else "nn.LSTM"
+
+        def ratio(tps, ref=ref, c=c):
+            return tps[c] / tps[ref] if ref in tps else None
+
+        rec = {
+            "core": c,
+            "precision": "bf16" if bf16 else "fp32",
+            "layers": args.layers,
+            "hidden": dim,
+            "params": count_parameters(models[c]),
+            "train_tokens_per_s": train_tps[c],
+            "eval_tokens_per_s": eval_tps[c],
+            "train_ratio_to_nn_lstm": ratio(train_tps),
+            "eval_ratio_to_nn_lstm": ratio(eval_tps),
+            "peak_memory_mb": peak_memory_mb(c, dim, args.layers, args.device),
+            "device": str(device),
+            "threads": args.threads,
+        }
+        if bf16:
+            rec["train_ratio_to_nn_lstm_fp32"] = ratio(train_tps, "nn.LSTM")
+            rec["eval_ratio_to_nn_lstm_fp32"] = ratio(eval_tps, "nn.LSTM")
+        records.append(rec)
+
+        def fmt(r):
+            return "  -  " if r is None else f"{r:.2f}x"
+
+        extra = (
+            f"  vs nn.LSTM fp32: train {fmt(rec['train_ratio_to_nn_lstm_fp32'])}"
+            f" eval {fmt(rec['eval_ratio_to_nn_lstm_fp32'])}"
+            if bf16
+            else ""
+        )
+        print(
+            f"{args.layers}x{dim:<5} {c:<19} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
+            f" ({fmt(rec['train_ratio_to_nn_lstm'])})  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
+            f" ({fmt(rec['eval_ratio_to_nn_lstm'])})  peak {rec['peak_memory_mb']:,.0f} MB{extra}",
+            flush=True,
+        )
+    return records
+
+
 def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
@@ -407,50 +457,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         )  # short rounds: all cores see the same noise
         train_tps = measure(models, device, rounds, steps, train=True)
         eval_tps = measure(models, device, rounds, steps * 3, train=False)
-        for c in cores:
-            from .models import count_parameters
-
-            # each row's ratio to nn.LSTM in the same precision; bf16 rows also to nn.LSTM in float32
-            bf16 = c.endswith(BF16)
-            ref = "nn.LSTM bf16" if bf16 else "nn.LSTM"
-
-            def ratio(tps, ref=ref, c=c):
-                return tps[c] / tps[ref] if ref in tps else None
-
-            rec = {
-                "core": c,
-                "precision": "bf16" if bf16 else "fp32",
-                "layers": args.layers,
-                "hidden": dim,
-                "params": count_parameters(models[c]),
-                "train_tokens_per_s": train_tps[c],
-                "eval_tokens_per_s": eval_tps[c],
-                "train_ratio_to_nn_lstm": ratio(train_tps),
-                "eval_ratio_to_nn_lstm": ratio(eval_tps),
-                "peak_memory_mb": peak_memory_mb(c, dim, args.layers, args.device),
-                "device": str(device),
-                "threads": args.threads,
-            }
-            if bf16:
-                rec["train_ratio_to_nn_lstm_fp32"] = ratio(train_tps, "nn.LSTM")
-                rec["eval_ratio_to_nn_lstm_fp32"] = ratio(eval_tps, "nn.LSTM")
-            records.append(rec)
-
-            def fmt(r):
-                return "  -  " if r is None else f"{r:.2f}x"
-
-            extra = (
-                f"  vs nn.LSTM fp32: train {fmt(rec['train_ratio_to_nn_lstm_fp32'])}"
-                f" eval {fmt(rec['eval_ratio_to_nn_lstm_fp32'])}"
-                if bf16
-                else ""
-            )
-            print(
-                f"{args.layers}x{dim:<5} {c:<19} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
-                f" ({fmt(rec['train_ratio_to_nn_lstm'])})  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
-                f" ({fmt(rec['eval_ratio_to_nn_lstm'])})  peak {rec['peak_memory_mb']:,.0f} MB{extra}",
-                flush=True,
-            )
+        records += _rows(cores, models, dim, args, device, train_tps, eval_tps)
         del models
     data = None if args.quick else bench_data(args.ptb_dir)
     if data:

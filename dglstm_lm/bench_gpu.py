@@ -263,7 +263,7 @@ def markdown(payload: dict) -> str:
 
 
 @cli
-def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make bench-gpu", description=__doc__.splitlines()[0])
     p.add_argument(
         "--sizes", default="200,650,1500", help="hidden sizes (= embedding sizes), comma-separated"
@@ -279,7 +279,11 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training runs")
     p.add_argument("--quick", action="store_true", help="one short round of everything (to check the script)")
     p.add_argument("--out", default="outputs/bench")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:  # long on purpose: each measurement in the order of the table
+    args = _parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise UserError("make bench-gpu needs a CUDA device (torch.cuda.is_available() is False)")
     from .models import count_parameters, triton_scan

@@ -13,7 +13,7 @@ from . import rundir
 log = logging.getLogger("dglstm_lm.sweep")
 
 FAILED_JOBS: list[str] = []  # read by train.main() to exit non-zero when a job of the sweep failed
-SWEEP_DIR: Path | None = None  # the running sweep's folder, as Hydra resolved it (train._SweepStop marks it)
+SWEEP_DIR: Path | None = None  # the running sweep's folder, as Hydra resolved it (sweep._SweepStop marks it)
 
 
 def job_statuses(sweep_dir: Path) -> list[tuple[str, dict]]:

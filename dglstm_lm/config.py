@@ -12,6 +12,7 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     log_every_n_steps: int = 10
     # the norm of each layer's parameter gradient, before clipping: W&B every log_every_n_steps
-    # (grad_norm/layer_<i>), history.jsonl per epoch (the mean over its steps)
+    # (grad_norm/layer_<i>), the run's history per epoch (the mean over its steps)
     layer_grad_norms: bool = True
 
 
@@ -268,187 +269,242 @@ def _check(cond: bool, key: str, message: str):
         raise ConfigError(f"{key}: {message}")
 
 
-def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Check values and their combinations; return the config as dataclass objects.
+@dataclass(frozen=True)
+class Rule:
+    """One check of the config: `key` (the one the message names), `ok(obj)`, the message after "<key>: ",
+    and `applies(obj)` (default: always). VALIDATION lists them in the schema's order; the first that fails is
+    the one-line error."""
 
-    (Long on purpose: one flat list of checks, in the order of the schema, each a line with its message, so
-    that a reader finds every rule on a key in one place.)"""
-    obj = to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-    m, d, t, lg = obj.model, obj.data, obj.trainer, obj.logger
+    key: str
+    ok: Callable
+    message: Callable
+    applies: Callable = lambda obj: True
+    named: Callable | None = None  # the key to name, when it depends on the config (else `key`)
 
-    _check(m.name in MODEL_NAMES, "model.name", f"unknown model {m.name!r} (one of {', '.join(MODEL_NAMES)})")
-    for key in ("emb_dim", "hidden_dim", "num_layers"):
-        _check(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
-    if m.hidden_dims is not None:
-        _check(
-            len(m.hidden_dims) == m.num_layers,
-            "model.hidden_dims",
-            f"has {len(m.hidden_dims)} sizes but model.num_layers={m.num_layers}",
-        )
-        _check(
-            all(h > 0 for h in m.hidden_dims),
-            "model.hidden_dims",
-            f"sizes must be positive, got {list(m.hidden_dims)}",
-        )
-    for key in ("dropout", "weight_drop", "embed_dropout"):
-        v = getattr(m, key)
-        _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1), got {v}")
-    for key in ("dropout_emb", "dropout_layers", "dropout_out"):
-        v = getattr(m, key)
-        _check(v is None or 0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1) or null, got {v}")
-    _check(
-        m.dropout_kind in ("standard", "variational"),
-        "model.dropout_kind",
-        f"unknown kind {m.dropout_kind!r} (standard, variational)",
-    )
-    if m.name == "residual_lstm":
-        _check(
-            all(h == m.emb_dim for h in m.layer_dims),
-            "model.hidden_dims" if m.hidden_dims else "model.hidden_dim",  # the key the user set
-            f"residual_lstm's identity shortcuts need every layer as wide as model.emb_dim ({m.emb_dim}), "
-            f"got {m.layer_dims}",
-        )
-    _check(m.init in ("uniform", "xavier"), "model.init", f"unknown init {m.init!r} (uniform, xavier)")
-    _check(m.init_range > 0, "model.init_range", f"must be positive, got {m.init_range}")
-    if m.tie_weights:
-        _check(
-            m.layer_dims[-1] == m.emb_dim,
-            "model.tie_weights",
-            f"needs the last hidden size ({m.layer_dims[-1]}) to equal model.emb_dim ({m.emb_dim})",
-        )
-    if m.name == "lstm":
-        _check(
-            m.num_layers == 1,
-            "model.num_layers",
-            f"model=lstm has one layer (got {m.num_layers}); use model=stacked_lstm",
-        )
-    if isinstance(m, DGLSTMConfig):
-        _check(
-            m.backend in BACKENDS,
-            "model.backend",
-            f"unknown backend {m.backend!r} ({', '.join(BACKENDS)})",
-        )
-        if m.depth_gate_bias is not None:
-            _check(math.isfinite(m.depth_gate_bias), "model.depth_gate_bias", "must be finite")
-        _check(
-            m.depth_gate in DEPTH_GATES,
-            "model.depth_gate",
-            f"unknown depth gate {m.depth_gate!r} ({', '.join(DEPTH_GATES)})",
-        )
-        bad = [k for k in m.depth_gate_inputs if k not in DEPTH_GATE_INPUTS]
-        _check(
-            not bad,
-            "model.depth_gate_inputs",
-            f"unknown term {bad[0] if bad else ''!r} (any of x, c_prev, c_lower)",
-        )
-        _check(
-            len(set(m.depth_gate_inputs)) == len(m.depth_gate_inputs),
-            "model.depth_gate_inputs",
-            f"lists a term twice: {list(m.depth_gate_inputs)}",
-        )
-        _check(  # an open or constant gate has no inputs: a choice of them would be silently ignored
-            m.depth_gate == "learned" or sorted(m.depth_gate_inputs) == sorted(DEPTH_GATE_INPUTS),
-            "model.depth_gate_inputs",
-            f"the terms of a learned gate; depth_gate={m.depth_gate} has none (leave it at its default)",
-        )
 
-    _check(
-        d.batching in ("stream", "sentence"),
-        "data.batching",
-        f"unknown mode {d.batching!r} (stream, sentence)",
-    )
-    _check(
-        not d.verify_checksums or bool(d.sha256), "data.sha256", "is empty while data.verify_checksums is on"
-    )
-    for s in d.sources:
-        _check(s in ("hub", "github"), "data.sources", f"unknown source {s!r} (hub, github)")
+def _get(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
-    _check(t.max_epochs > 0, "trainer.max_epochs", f"must be positive, got {t.max_epochs}")
-    for key in ("batch_size", "eval_batch_size", "bptt"):
-        _check(getattr(t, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(t, key)}")
-    for key in ("limit_train_batches", "limit_eval_batches", "checkpoint_every_steps", "threads"):
-        v = getattr(t, key)
-        _check(v is None or v > 0, f"trainer.{key}", f"must be positive or null, got {v}")
-    _check(
-        t.optimizer in ("sgd", "adam", "adamw"),
-        "trainer.optimizer",
-        f"unknown optimizer {t.optimizer!r} (sgd, adam, adamw)",
+
+def positive(key, finite=False):
+    ok = (lambda v: math.isfinite(v) and v > 0) if finite else (lambda v: v > 0)
+    return Rule(key, lambda o: ok(_get(o, key)), lambda o: f"must be positive, got {_get(o, key)}")
+
+
+def positive_or_null(key):
+    return Rule(
+        key,
+        lambda o: _get(o, key) is None or _get(o, key) > 0,
+        lambda o: f"must be positive or null, got {_get(o, key)}",
     )
-    _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}")
-    _check(t.momentum >= 0, "trainer.momentum", f"must be non-negative, got {t.momentum}")
-    _check(
-        t.momentum == 0 or t.optimizer == "sgd",
+
+
+def non_negative(key):
+    return Rule(key, lambda o: _get(o, key) >= 0, lambda o: f"must be non-negative, got {_get(o, key)}")
+
+
+def rate(key, nullable=False):
+    """A probability of dropping: [0, 1), or null where a null means "use another key"."""
+    if nullable:
+        return Rule(
+            key,
+            lambda o: _get(o, key) is None or 0.0 <= _get(o, key) < 1.0,
+            lambda o: f"must be in [0, 1) or null, got {_get(o, key)}",
+        )
+    return Rule(key, lambda o: 0.0 <= _get(o, key) < 1.0, lambda o: f"must be in [0, 1), got {_get(o, key)}")
+
+
+def one_of(key, choices, noun, listing=None):
+    """`unknown <noun> 'x' (<the choices>)`; listing: how the choices are shown, if not joined by commas."""
+    shown = listing or ", ".join(choices)
+    return Rule(
+        key, lambda o: _get(o, key) in choices, lambda o: f"unknown {noun} {_get(o, key)!r} ({shown})"
+    )
+
+
+def rule(key, ok, message, applies=lambda o: True, named=None):
+    """A check that no helper above states: ok(obj), message(obj), applies(obj)."""
+    return Rule(key, ok, message, applies, named)
+
+
+def _is_dglstm(o) -> bool:
+    return isinstance(o.model, DGLSTMConfig)
+
+
+def _bad_gate_inputs(o) -> list:
+    return [k for k in o.model.depth_gate_inputs if k not in DEPTH_GATE_INPUTS]
+
+
+# Every rule on the config, in the order of the schema: adding a key means adding its line here.
+VALIDATION: tuple[Rule, ...] = (
+    one_of("model.name", MODEL_NAMES, "model", listing=f"one of {', '.join(MODEL_NAMES)}"),
+    positive("model.emb_dim"),
+    positive("model.hidden_dim"),
+    positive("model.num_layers"),
+    rule(
+        "model.hidden_dims",
+        lambda o: len(o.model.hidden_dims) == o.model.num_layers,
+        lambda o: f"has {len(o.model.hidden_dims)} sizes but model.num_layers={o.model.num_layers}",
+        applies=lambda o: o.model.hidden_dims is not None,
+    ),
+    rule(
+        "model.hidden_dims",
+        lambda o: all(h > 0 for h in o.model.hidden_dims),
+        lambda o: f"sizes must be positive, got {list(o.model.hidden_dims)}",
+        applies=lambda o: o.model.hidden_dims is not None,
+    ),
+    rate("model.dropout"),
+    rate("model.weight_drop"),
+    rate("model.embed_dropout"),
+    rate("model.dropout_emb", nullable=True),
+    rate("model.dropout_layers", nullable=True),
+    rate("model.dropout_out", nullable=True),
+    one_of("model.dropout_kind", ("standard", "variational"), "kind"),
+    rule(
+        "model.hidden_dim",
+        lambda o: all(h == o.model.emb_dim for h in o.model.layer_dims),
+        lambda o: (
+            f"residual_lstm's identity shortcuts need every layer as wide as model.emb_dim "
+            f"({o.model.emb_dim}), got {o.model.layer_dims}"
+        ),
+        applies=lambda o: o.model.name == "residual_lstm",
+        named=lambda o: (
+            "model.hidden_dims" if o.model.hidden_dims else "model.hidden_dim"
+        ),  # the key the user set
+    ),
+    one_of("model.init", ("uniform", "xavier"), "init"),
+    positive("model.init_range"),
+    rule(
+        "model.tie_weights",
+        lambda o: o.model.layer_dims[-1] == o.model.emb_dim,
+        lambda o: (
+            f"needs the last hidden size ({o.model.layer_dims[-1]}) to equal model.emb_dim ({o.model.emb_dim})"
+        ),
+        applies=lambda o: o.model.tie_weights,
+    ),
+    rule(
+        "model.num_layers",
+        lambda o: o.model.num_layers == 1,
+        lambda o: f"model=lstm has one layer (got {o.model.num_layers}); use model=stacked_lstm",
+        applies=lambda o: o.model.name == "lstm",
+    ),
+    rule(
+        "model.backend",
+        lambda o: o.model.backend in BACKENDS,
+        lambda o: f"unknown backend {o.model.backend!r} ({', '.join(BACKENDS)})",
+        applies=_is_dglstm,
+    ),
+    rule(
+        "model.depth_gate_bias",
+        lambda o: math.isfinite(o.model.depth_gate_bias),
+        lambda o: "must be finite",
+        applies=lambda o: _is_dglstm(o) and o.model.depth_gate_bias is not None,
+    ),
+    rule(
+        "model.depth_gate",
+        lambda o: o.model.depth_gate in DEPTH_GATES,
+        lambda o: f"unknown depth gate {o.model.depth_gate!r} ({', '.join(DEPTH_GATES)})",
+        applies=_is_dglstm,
+    ),
+    rule(
+        "model.depth_gate_inputs",
+        lambda o: not _bad_gate_inputs(o),
+        lambda o: f"unknown term {_bad_gate_inputs(o)[0]!r} (any of x, c_prev, c_lower)",
+        applies=_is_dglstm,
+    ),
+    rule(
+        "model.depth_gate_inputs",
+        lambda o: len(set(o.model.depth_gate_inputs)) == len(o.model.depth_gate_inputs),
+        lambda o: f"lists a term twice: {list(o.model.depth_gate_inputs)}",
+        applies=_is_dglstm,
+    ),
+    rule(  # an open or constant gate has no inputs: a choice of them would be silently ignored
+        "model.depth_gate_inputs",
+        lambda o: (
+            o.model.depth_gate == "learned" or sorted(o.model.depth_gate_inputs) == sorted(DEPTH_GATE_INPUTS)
+        ),
+        lambda o: (
+            f"the terms of a learned gate; depth_gate={o.model.depth_gate} has none (leave it at its default)"
+        ),
+        applies=_is_dglstm,
+    ),
+    one_of("data.batching", ("stream", "sentence"), "mode"),
+    rule(
+        "data.sha256",
+        lambda o: not o.data.verify_checksums or bool(o.data.sha256),
+        lambda o: "is empty while data.verify_checksums is on",
+    ),
+    rule(
+        "data.sources",
+        lambda o: all(s in ("hub", "github") for s in o.data.sources),
+        lambda o: (
+            f"unknown source {next(s for s in o.data.sources if s not in ('hub', 'github'))!r} (hub, github)"
+        ),
+    ),
+    positive("trainer.max_epochs"),
+    positive("trainer.batch_size"),
+    positive("trainer.eval_batch_size"),
+    positive("trainer.bptt"),
+    positive_or_null("trainer.limit_train_batches"),
+    positive_or_null("trainer.limit_eval_batches"),
+    positive_or_null("trainer.checkpoint_every_steps"),
+    positive_or_null("trainer.threads"),
+    one_of("trainer.optimizer", ("sgd", "adam", "adamw"), "optimizer"),
+    positive("trainer.lr", finite=True),
+    non_negative("trainer.momentum"),
+    rule(
         "trainer.momentum",
-        f"applies to optimizer=sgd only (optimizer={t.optimizer})",
-    )
-    _check(t.weight_decay >= 0, "trainer.weight_decay", f"must be non-negative, got {t.weight_decay}")
-    _check(
-        t.lr_schedule in ("constant", "zaremba", "plateau"),
-        "trainer.lr_schedule",
-        f"unknown schedule {t.lr_schedule!r} (constant, zaremba, plateau)",
-    )
-    _check(0 < t.lr_decay <= 1, "trainer.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
-    _check(
-        t.lr_schedule != "plateau" or t.lr_decay < 1,
+        lambda o: o.trainer.momentum == 0 or o.trainer.optimizer == "sgd",
+        lambda o: f"applies to optimizer=sgd only (optimizer={o.trainer.optimizer})",
+    ),
+    non_negative("trainer.weight_decay"),
+    one_of("trainer.lr_schedule", ("constant", "zaremba", "plateau"), "schedule"),
+    rule(
         "trainer.lr_decay",
-        f"must be below 1 with lr_schedule=plateau (the factor applied on a plateau), got {t.lr_decay}",
-    )
-    _check(t.lr_decay_start >= 0, "trainer.lr_decay_start", f"must be non-negative, got {t.lr_decay_start}")
-    _check(
-        t.plateau_patience >= 0, "trainer.plateau_patience", f"must be non-negative, got {t.plateau_patience}"
-    )
-    _check(
-        t.early_stop_patience is None or t.early_stop_patience > 0,
-        "trainer.early_stop_patience",
-        f"must be positive or null, got {t.early_stop_patience}",
-    )
-    _check(
-        t.clip_grad_norm is None or t.clip_grad_norm > 0,
-        "trainer.clip_grad_norm",
-        f"must be positive or null, got {t.clip_grad_norm}",
-    )
-    _check(
-        t.loss in ("per_sequence", "per_token"),
-        "trainer.loss",
-        f"unknown loss {t.loss!r} (per_sequence, per_token)",
-    )
-    _check(
-        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        lambda o: 0 < o.trainer.lr_decay <= 1,
+        lambda o: f"must be in (0, 1], got {o.trainer.lr_decay}",
+    ),
+    rule(
+        "trainer.lr_decay",
+        lambda o: o.trainer.lr_schedule != "plateau" or o.trainer.lr_decay < 1,
+        lambda o: (
+            f"must be below 1 with lr_schedule=plateau (the factor applied on a plateau), got {o.trainer.lr_decay}"
+        ),
+    ),
+    non_negative("trainer.lr_decay_start"),
+    non_negative("trainer.plateau_patience"),
+    positive_or_null("trainer.early_stop_patience"),
+    positive_or_null("trainer.clip_grad_norm"),
+    one_of("trainer.loss", ("per_sequence", "per_token"), "loss"),
+    rule(
         "trainer.device",
-        f"unknown device {t.device!r} (auto, cpu, cuda, cuda:N)",
-    )
-    _check(
-        t.checkpoint_every_min is None or t.checkpoint_every_min > 0,
-        "trainer.checkpoint_every_min",
-        f"must be positive or null, got {t.checkpoint_every_min}",
-    )
-    _check(
-        t.diverge_threshold is None or t.diverge_threshold > 0,
-        "trainer.diverge_threshold",
-        f"must be positive or null, got {t.diverge_threshold}",
-    )
-    _check(
-        t.progress in ("auto", "on", "off"),
-        "trainer.progress",
-        f"unknown value {t.progress!r} (auto, on, off)",
-    )
-    _check(
-        t.precision in PRECISIONS,
-        "trainer.precision",
-        f"unknown precision {t.precision!r} ({', '.join(PRECISIONS)})",
-    )
-    _check(not (t.resume and t.init_from), "trainer.init_from", "cannot be combined with trainer.resume")
+        lambda o: re.fullmatch(r"auto|cpu|cuda(:\d+)?", o.trainer.device) is not None,
+        lambda o: f"unknown device {o.trainer.device!r} (auto, cpu, cuda, cuda:N)",
+    ),
+    positive_or_null("trainer.checkpoint_every_min"),
+    positive_or_null("trainer.diverge_threshold"),
+    one_of("trainer.progress", ("auto", "on", "off"), "value"),
+    one_of("trainer.precision", PRECISIONS, "precision"),
+    rule(
+        "trainer.init_from",
+        lambda o: not (o.trainer.resume and o.trainer.init_from),
+        lambda o: "cannot be combined with trainer.resume",
+    ),
+    one_of("logger.name", ("wandb", "none"), "logger"),
+    one_of("logger.mode", ("offline", "online", "disabled"), "mode"),
+    positive("logger.log_every_n_steps"),
+    non_negative("seed"),
+)
 
-    _check(lg.name in ("wandb", "none"), "logger.name", f"unknown logger {lg.name!r} (wandb, none)")
-    _check(
-        lg.mode in ("offline", "online", "disabled"),
-        "logger.mode",
-        f"unknown mode {lg.mode!r} (offline, online, disabled)",
-    )
-    _check(
-        lg.log_every_n_steps > 0, "logger.log_every_n_steps", f"must be positive, got {lg.log_every_n_steps}"
-    )
-    _check(obj.seed >= 0, "seed", f"must be non-negative, got {obj.seed}")
+
+def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Check values and their combinations (VALIDATION, in order); return the config as dataclass objects."""
+    obj = to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    for r in VALIDATION:
+        if r.applies(obj) and not r.ok(obj):
+            raise ConfigError(f"{r.named(obj) if r.named else r.key}: {r.message(obj)}")
     return obj
 
 

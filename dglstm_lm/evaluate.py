@@ -39,7 +39,7 @@ def evaluate_checkpoint(
     """Perplexity per split, over the batches the run evaluated: the whole split, or its first
     trainer.limit_eval_batches batches for a run that set that (smoke runs), unless `full`."""
     from .data import make_batches, prepare_from_config
-    from .train import resolve_device
+    from .runtime import resolve_device
     from .trainer import evaluate_batches, ppl
 
     dev = resolve_device(device)

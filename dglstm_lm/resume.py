@@ -21,11 +21,16 @@ it once the corpus is loaded).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import checkpoint as ckpt
+from . import rundir
 from .config import flatten, with_defaults
 from .errors import CheckpointError, RunDirRefused
+
+log = logging.getLogger("dglstm_lm.train")
 
 FREE, WARN, REFUSE, REFUSE_MID_EPOCH = "free", "warn", "refuse", "refuse mid-epoch"
 ANY = "*"  # the last rule's key: every key no earlier rule covers
@@ -128,6 +133,58 @@ POLICY: tuple[Rule, ...] = (
     ),
     Rule((ANY,), WARN, False, "applied from the resumed step on (e.g. `trainer.clip_grad_norm`)"),
 )
+
+
+def check_same_run(run_dir: Path, config_dict: dict) -> None:
+    """A directory that holds a run (a stored config beside a checkpoint or a record) may only be
+    continued on its own by the same job (a requeued job, a re-run sweep): else RunDirRefused, naming the keys."""
+    stored = rundir.read_config(run_dir)
+    if stored is not None and (rundir.has_checkpoint(run_dir) or rundir.read_metrics(run_dir)):
+        check_job_folder(run_dir, stored, config_dict)
+
+
+@dataclass
+class ResumePoint:
+    path: Path | None = None  # the checkpoint resumed from
+    state: dict | None = None  # its content
+    completed: dict | None = None  # the metrics of a job folder that is already done: nothing to train
+
+
+def resume_point(obj, run_dir: Path, config_dict: dict) -> ResumePoint:
+    """Where the run starts: a checkpoint to resume (explicit, or this directory's own when it holds an
+    unfinished run: a requeued job, a re-run sweep), nothing (a new run), or a finished job. The resume
+    policy (resume.py) is applied here, before anything is built or written."""
+    t = obj.trainer
+    point = ResumePoint()
+    if t.resume:
+        point.path, point.state = ckpt.load_for_resume(t.resume)
+    elif t.auto_resume:
+        previous = rundir.read_metrics(run_dir)
+        stored = rundir.read_config(run_dir)
+        # continuing on its own is only right for the same computation (asked again under the lock)
+        check_same_run(run_dir, config_dict)
+        if previous is not None and previous.get("status") == rundir.PRUNED:
+            log.info("%s was pruned (a tuning trial stopped early); nothing to do", run_dir)
+            point.completed = previous
+            return point
+        done = previous is not None and previous.get("status") == rundir.COMPLETED
+        if done and (stored is None or stored.get("trainer", {}).get("max_epochs") == t.max_epochs):
+            log.info(
+                "%s already completed (test ppl %.2f); nothing to do",
+                run_dir,
+                previous.get("test/ppl") or float("nan"),
+            )
+            point.completed = previous
+            return point
+        if rundir.has_checkpoint(run_dir):  # unfinished, or finished with fewer epochs than now asked for
+            point.path, point.state = ckpt.load_for_resume(rundir.last_checkpoint(run_dir))
+    if point.state is not None:
+        s = point.state
+        ckpt.check_keys(s, ckpt.RESUME_KEYS, point.path)
+        warned = check_resume(s["config"], config_dict, point.path, s["epoch"], s.get("batch", 0))
+        if warned:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(warned))
+    return point
 
 
 def rule_for(key: str, old: dict) -> Rule:

@@ -38,3 +38,16 @@ def test_no_function_is_over_80_lines_unless_it_says_why():
                 if not re.search(r"long on purpose", head, re.IGNORECASE):
                     long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert long == []
+
+
+def test_the_entry_point_is_thin_and_no_function_is_long():
+    """train.py is the run (≤ 400 lines; the Hydra application is app.py, sweep control sweep.py), and no
+    function in dglstm_lm/ is over 100 lines (the config's rules are a table, config.VALIDATION)."""
+    assert len((PACKAGE / "train.py").read_text().splitlines()) <= 400
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 100:
+                    long.append(f"{path.name}:{node.name}")
+    assert not long, long

@@ -246,7 +246,7 @@ def _stopped_run(tmp_path: Path, hydra_overrides=None, effective=None) -> Path:
 
 
 def test_resume_composes_the_run_from_its_own_overrides(tmp_path):
-    from dglstm_lm.train import preflight
+    from dglstm_lm.app import preflight
 
     run = _stopped_run(tmp_path, ["experiment=smoke", "model=lstm", "trainer.lr=0.5", "+tags=[a b]"])
     argv, _ = preflight([f"trainer.resume={run}", "trainer.max_epochs=5"])
@@ -259,7 +259,7 @@ def test_resume_composes_the_run_from_its_own_overrides(tmp_path):
 
 
 def test_resume_inherits_what_the_run_last_trained_with_not_a_refused_attempt(tmp_path):
-    from dglstm_lm.train import preflight
+    from dglstm_lm.app import preflight
 
     run = _stopped_run(
         tmp_path, ["experiment=smoke", "model=lstm"], effective=["experiment=smoke", "model=lstm", "seed=3"]
@@ -272,7 +272,7 @@ def test_resume_inherits_what_the_run_last_trained_with_not_a_refused_attempt(tm
 
 
 def test_resume_of_a_run_made_outside_hydra_inherits_nothing(tmp_path):
-    from dglstm_lm.train import preflight
+    from dglstm_lm.app import preflight
 
     run = _stopped_run(tmp_path)
     argv, _ = preflight([f"trainer.resume={run}", "model=lstm"])

@@ -1,0 +1,134 @@
+"""What a run needs around it: the time stamp, the code version, the device and the threads, the checks
+before it starts, its log file, its shapes in one line, and the record of a run that failed."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import rundir
+from .errors import ConfigError, RunDirRefused, UserError
+
+log = logging.getLogger("dglstm_lm.train")
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def code_version() -> str:
+    """The commit of this checkout (+dirty with local changes), else the package version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            rev = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if rev.returncode == 0:
+                return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dglstm-lm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def check_before_run(obj) -> None:
+    """What would fail a run before its first step, checked before Hydra makes its folder (a run refused
+    here leaves no `failed` folder behind to appear in every report): the output folder, the device, the
+    data folder."""
+    from .data import check_source
+
+    rundir.check_folder(obj.paths.output_dir, "paths.output_dir")
+    resolve_device(obj.trainer.device)
+    check_source(obj.data.dir)
+
+
+def default_threads() -> int | None:
+    """Threads for one job when trainer.threads is null: the CPUs SLURM gave the job (or this machine's
+    cores), divided among the parallel jobs of a joblib sweep; otherwise torch's default."""
+    parallel = max(1, int(os.environ.get("DGLSTM_PARALLEL_JOBS", "1") or 1))
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]) // parallel)
+    if parallel > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // parallel)
+    return None
+
+
+def _file_log_handler(run_dir: Path) -> logging.Handler | None:
+    """Hydra logs to <run dir>/train.log; outside Hydra (tests calling train()) add that handler ourselves."""
+    target = (run_dir / rundir.LOG).resolve()
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target:
+            return None
+    handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    return handler
+
+
+def model_shapes(m, vocab_size: int) -> str:
+    """The model's shapes in words, for the run's first log line: e.g. `emb 200, hidden 650 × 2, vocab
+    10,000, untied` (a hidden_dim that left the embedding at its own width shows here)."""
+    dims = m.layer_dims
+    hidden = f"{dims[0]} × {len(dims)}" if len(set(dims)) == 1 else " / ".join(map(str, dims))
+    return f"emb {m.emb_dim}, hidden {hidden}, vocab {vocab_size:,}, {'tied' if m.tie_weights else 'untied'}"
+
+
+def record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
+    """A job that failed before or during training still leaves a record saying why (not one refused
+    because the directory holds another run: that run's record stays as it is)."""
+    if isinstance(exc, RunDirRefused):
+        return
+    previous = rundir.read_metrics(run_dir) or {}
+    if previous.get("status") in rundir.ENDED:
+        return
+    if isinstance(exc, KeyboardInterrupt):
+        status, error = rundir.INTERRUPTED, "stopped by a second Ctrl-C (no checkpoint of the current step)"
+    else:
+        status = rundir.FAILED
+        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    model = OmegaConf.select(cfg, "model.name", default=None)
+    previous.update(
+        status=status,
+        error=error,
+        model=previous.get("model", model),
+        name=previous.get("name", OmegaConf.select(cfg, "name", default=None)),
+        seed=previous.get("seed", OmegaConf.select(cfg, "seed", default=None)),
+        run_dir=str(run_dir),
+        updated_at=_now(),
+    )
+    try:
+        rundir.write_metrics(run_dir, previous)
+    except OSError as write_error:  # e.g. the disk that is full holds the run directory too
+        log.error("could not record the failure in %s: %s", run_dir / rundir.METRICS, write_error)
