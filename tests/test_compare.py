@@ -245,3 +245,21 @@ def test_the_best_trial_is_chosen_by_validation_not_test_perplexity(tmp_path):
     assert [s for _, _, s in entry["trials"]] == [120.0, 100.0, 110.0]
     assert tune.expected_best([120.0, 100.0, 110.0], 3) == 100.0
     assert cmp.summary["expected_best"]["stacked_lstm"][-1]["expected_best"] == 100.0
+
+
+@pytest.mark.slow
+def test_make_search_is_the_search_stage_for_one_model_and_tops_up(tmp_path, ptb_dir, ptb_root):
+    folder = tmp_path / "search"
+    common = ["model=lstm", "proxy=smoke", f"dir={folder}", "logger=none", *TINY]
+    common += [f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={ptb_root}", f"data.dir={ptb_dir}"]
+    env = {"PTB_DIR": str(ptb_dir)}
+    r = run_cli(["make", "-s", "search", "trials=1", *common], env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[search 1/1] lstm: 0 of 1 trials finished; running trial 0 on smoke" in r.stdout
+    r = run_cli(["make", "-s", "search", "trials=2", *common], env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "lstm: 1 of 2 trials finished; running trial 1 on smoke" in r.stdout
+    assert not (folder / "final").exists()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["budget"]["lstm"]["trials_complete"] + summary["budget"]["lstm"]["trials_pruned"] == 2
+    assert len(_complete(_study(folder, "lstm"))) + summary["budget"]["lstm"]["trials_pruned"] == 2
