@@ -99,6 +99,7 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
             from .tune import TrialJob
 
             trial = TrialJob(cfg)
+            trial.catch_up(rundir.read_history(run_dir))  # epochs a killed job recorded but did not report
             cfg, overrides, on_epoch = trial.cfg, [*overrides, *trial.overrides], trial.on_epoch
         metrics = train(cfg, run_dir, run_name=name, group=group, overrides=overrides, on_epoch=on_epoch)
         if trial is not None:
@@ -422,8 +423,11 @@ def _patch_hydra_config_writes() -> None:
             rundir.check_free(run_dir)  # reads only: a refused job changes nothing in the directory
             if filename == "config.yaml":  # the job's own config, written first: is it another run's folder?
                 try:
-                    if not OmegaConf.select(cfg, "trainer.resume") and OmegaConf.select(
-                        cfg, "trainer.auto_resume"
+                    if (
+                        not OmegaConf.select(cfg, "trainer.resume")
+                        and OmegaConf.select(cfg, "trainer.auto_resume")
+                        and OmegaConf.select(cfg, "tune.trial")
+                        is None  # (complete only in the job: train() checks)
                     ):
                         check_same_run(run_dir, resolved_container(cfg))
                 except RunDirRefused:

@@ -292,12 +292,34 @@ class Runner:
 
     def _on_term(self, signum, _frame):
         self.stopped_by = signum
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signum)
+        self._forward(signum)
+
+    def _forward(self, signum) -> None:
+        """The signal to the stage's process and every process below it (a sweep's joblib workers run the
+        trials: each saves a checkpoint after its current step), as a signal to the process group would."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _stop(self, signum) -> None:
+        print(
+            f"compare: stopped by {signal.Signals(signum).name}; run the same command again to continue",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + signum)
 
     def run(self, args: list[str]) -> int:
+        if self.stopped_by is not None:  # stopped between two stages: start no other
+            self._stop(self.stopped_by)
         _say("$ " + " ".join(_shell(a) for a in ["python", *args[1:]]))
         self.proc = subprocess.Popen(args, pass_fds=(self.lock_fd,))
+        if self.stopped_by is not None:  # stopped while it started
+            self._forward(self.stopped_by)
         interrupted = False
         while True:
             try:
@@ -307,14 +329,23 @@ class Runner:
                 interrupted = True
         self.proc = None
         if interrupted or self.stopped_by is not None:
-            signum = self.stopped_by or signal.SIGINT
-            print(
-                f"compare: stopped by {signal.Signals(signum).name}; run the same command again to continue",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(128 + signum)
+            self._stop(self.stopped_by or signal.SIGINT)
         return rc
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux's /proc/<pid>/task/<tid>/children; elsewhere none)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                kids = [int(c) for c in children.read_text().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
 
 
 def _train_cmd(overrides: list[str]) -> list[str]:
@@ -347,8 +378,10 @@ class Compare:
         return {
             "what": (
                 "equal-budget tuned comparison: every model was searched over the same space "
-                f"({p.space.name}), with the same sampler seeded the same way (the space's seed plus the number "
-                "of trials already in the study at each batch), the same pruner and the same number of finished "
+                f"({p.space.name}), with the same start-up points (the sampler's start-up trials, drawn once at "
+                "random with the space's seed and given to every model's study in the same order), then the same "
+                "sampler seeded the same way (the space's seed plus the number of trials already in the study at "
+                "each batch), the same pruner and the same number of finished "
                 f"trials ({p.trials}: complete or pruned), on the same proxy recipe ({p.proxy}"
                 + (f" with {' '.join(p.proxy_overrides)}" if p.proxy_overrides else "")
                 + "); each model's best complete trial (lowest proxy "
@@ -406,7 +439,13 @@ class Compare:
             ran = self._failed.get(model) is not None
             _say(f"{head}: {done} of {p.trials} trials finished" + ("" if ran else "; nothing to run"))
             return False
-        # trials cut short (RUNNING: this command holds the folder's lock, so none is really running)
+        # trials cut short (RUNNING: this command holds the folder's lock, so none is really running); one
+        # stopped while its parameters were being drawn has not all of them: failed, and drawn again
+        dists = p.space.distributions()
+        for t in by_state["running"]:
+            if set(t.params) != set(dists):
+                study.tell(t.number, state=TrialState.FAIL)
+        by_state = trials_by_state(study)
         batch = [t.number for t in by_state["running"]][: p.jobs]
         if batch:
             _say(
@@ -415,10 +454,12 @@ class Compare:
         seed = p.base_seed + len(study.get_trials(deepcopy=False))
         study = self.study(model, seed=seed)
         left = p.trials - done - len(by_state["running"])
-        dists = p.space.distributions()
         while len(batch) < p.jobs and left > 0:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # constant_liar and friends are "experimental"
+                warnings.simplefilter("ignore")  # constant_liar and enqueue_trial are "experimental"
+                point = self.next_startup_point(study)
+                if point is not None:  # the same start-up points, in the same order, for every model
+                    study.enqueue_trial(point)
                 batch.append(study.ask(dists).number)
             left -= 1
         _say(
@@ -459,6 +500,27 @@ class Compare:
         todo = list(enumerate(self.plan.models, 1))
         while todo:
             todo = [(i, m) for i, m in todo if self.search(i, m)]
+
+    def startup_points(self) -> list[dict]:
+        """The sampler's start-up points (its n_startup_trials; every trial for the random sampler), drawn
+        once at random with the space's seed: every model's study gets these same points first."""
+        if getattr(self, "_startup", None) is None:
+            import optuna
+
+            p = self.plan
+            spec = p.space.sampler
+            n = p.trials if spec.get("name", "tpe") == "random" else int(spec.get("n_startup_trials", 10))
+            draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=p.base_seed))
+            dists = p.space.distributions()
+            self._startup = [draw.ask(dists).params for _ in range(n)]
+        return self._startup
+
+    def next_startup_point(self, study) -> dict | None:
+        """The first start-up point that no trial of the study holds or ran (a failed one is drawn again)."""
+        from optuna.trial import TrialState
+
+        held = [t.params for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+        return next((pt for pt in self.startup_points() if pt not in held), None)
 
     def budget(self, model: str) -> dict:
         """What the search of `model` spent: trials by state, epochs trained, CPU- and wall-seconds."""

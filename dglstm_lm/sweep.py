@@ -65,14 +65,20 @@ def _stops_as_a_grid() -> bool:
 _STOPPED_BY: list[int] = []  # the signal that stopped a job of this process (for main's exit status)
 
 
+_WORKER_STOP_AT = [0.0]  # when a joblib worker noted its stop signal
+
+
 def _worker_stop_handler(signum, frame):
     """A joblib worker between jobs (or building one): note the stop for the next StopSignals and the
-    sweep; a second signal stops at once."""
+    sweep; a second signal stops at once (the same signal again within 2 s is the same stop: the process
+    group's and make compare's, which hands it to every process of its stage)."""
     from .trainer import StopSignals
 
     if StopSignals.pending is not None:
+        if signum == StopSignals.pending and time.monotonic() - _WORKER_STOP_AT[0] < 2.0:
+            return
         raise KeyboardInterrupt
-    StopSignals.pending = signum
+    StopSignals.pending, _WORKER_STOP_AT[0] = signum, time.monotonic()
     from hydra.core.hydra_config import HydraConfig
 
     try:

@@ -479,7 +479,12 @@ class Trainer:
         """trainer.early_stop_patience epochs have passed since the best validation perplexity (decided from
         the position and the best epoch alone, so that a resumed run decides the same)."""
         patience = getattr(self.t, "early_stop_patience", None)
-        return bool(patience) and self.best_epoch >= 0 and self.pos.epoch - 1 - self.best_epoch >= patience
+        return (
+            bool(patience)
+            and self.best_epoch >= 0
+            and self.pos.epoch < self.t.max_epochs  # a run that reached max_epochs did not stop early
+            and self.pos.epoch - 1 - self.best_epoch >= patience
+        )
 
     def _update_wall(self) -> None:
         self.wall_s = self._wall_base + time.monotonic() - self._wall0

@@ -227,6 +227,15 @@ class TrialJob:
         self.trial = optuna.trial.Trial(self.study, self.trial_id)
         self.metric = (spec or {}).get("metric", "val/ppl")
 
+    def catch_up(self, history: list[dict]) -> None:
+        """Report the epochs of a resumed trial's history that its study has not seen (a job killed between
+        an epoch's checkpoint and its report)."""
+        seen = self.storage.get_trial(self.trial_id).intermediate_values
+        for record in history:
+            value, epoch = record.get(self.metric), record.get("epoch")
+            if isinstance(epoch, int) and epoch not in seen and value is not None and math.isfinite(value):
+                self.trial.report(float(value), epoch)
+
     def on_epoch(self, record: dict) -> None:
         from .trainer import Pruned
 
@@ -336,18 +345,21 @@ def replay_pruners(curves: list[list[float]], pruners: dict | None = None) -> di
     return out
 
 
-def _curves(search_dir: Path) -> list[list[float]]:
-    """The validation curves of the trials of a search folder that were not pruned (completed: every epoch,
-    or until early stopping), in trial order, the models' trials interleaved."""
+def _curves(search_dir: Path) -> dict[str, list[list[float]]]:
+    """Per model (a study each, as in the search), the validation curves of its trials that were not pruned
+    (completed: every epoch, or until early stopping), in trial order."""
     from . import rundir
 
-    rows = []
-    for run in search_dir.glob("*/trial=*"):
-        m = rundir.read_metrics(run) or {}
-        hist = rundir.read_history(run)
-        if m.get("status") == "completed" and hist:
-            rows.append((int(run.name.split("=", 1)[1]), run.parent.name, [h["val/ppl"] for h in hist]))
-    return [c for *_, c in sorted(rows)]
+    out = {}
+    for model_dir in sorted(p for p in search_dir.iterdir() if p.is_dir()) if search_dir.is_dir() else []:
+        rows = []
+        for run in model_dir.glob("trial=*"):
+            m = rundir.read_metrics(run) or {}
+            hist = rundir.read_history(run)
+            if m.get("status") == "completed" and hist:
+                rows.append((int(run.name.split("=", 1)[1]), [h["val/ppl"] for h in hist]))
+        out[model_dir.name] = [c for _, c in sorted(rows)]
+    return out
 
 
 def main(argv=None) -> int:
@@ -358,11 +370,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dglstm_lm.tune", description=main.__doc__)
     ap.add_argument("dir", help="a make compare folder (its search/<model>/trial=<n>/ runs)")
     args = ap.parse_args(argv)
-    curves = _curves(Path(args.dir) / "search")
-    if len(curves) < 3:
-        print(f"error: {args.dir}: {len(curves)} trials ran to the end; the replay needs 3 or more")
+    curves = {m: c for m, c in _curves(Path(args.dir) / "search").items() if len(c) >= 3}
+    if not curves:
+        print(f"error: {args.dir}: no model has 3 trials that ran to the end; the replay needs them")
         return 2
-    print(json.dumps({"trials": len(curves), "pruners": replay_pruners(curves)}, indent=2))
+    out = {m: {"trials": len(c), "pruners": replay_pruners(c)} for m, c in curves.items()}
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -263,3 +263,35 @@ def test_make_search_is_the_search_stage_for_one_model_and_tops_up(tmp_path, ptb
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["budget"]["lstm"]["trials_complete"] + summary["budget"]["lstm"]["trials_pruned"] == 2
     assert len(_complete(_study(folder, "lstm"))) + summary["budget"]["lstm"]["trials_pruned"] == 2
+
+
+def test_every_model_gets_the_same_start_up_points_even_after_a_failed_trial(tmp_path):
+    """The sampler's start-up points are drawn once and given to every study in order; a point whose trial
+    failed in one study is given to it again, so the models stay paired point by point."""
+    import argparse
+
+    from optuna.trial import TrialState
+
+    from dglstm_lm.compare import Compare, Plan
+
+    args = argparse.Namespace(
+        models="stacked_lstm,dglstm", trials="4", seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
+        stages="search", overrides=["logger=none"], proxy_override=None, dir=str(tmp_path / "cmp"), jobs=None,
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    cmp = Compare(plan, runner=None)
+    points = cmp.startup_points()
+    assert len(points) == 8 and len({str(p) for p in points}) == 8
+    dists = plan.space.distributions()
+    studies = {m: cmp.study(m, create=True) for m in ("stacked_lstm", "dglstm")}
+    for m, study in studies.items():
+        for _ in range(3):
+            study.enqueue_trial(cmp.next_startup_point(study))
+            t = study.ask(dists)
+            study.tell(t, state=TrialState.FAIL) if (m, t.number) == ("dglstm", 1) else study.tell(t, 100.0)
+    assert [t.params for t in studies["stacked_lstm"].trials] == points[:3]
+    assert cmp.next_startup_point(studies["stacked_lstm"]) == points[3]
+    # the point whose trial failed was given again at once; the studies then go on in step
+    assert [t.params for t in studies["dglstm"].trials] == [points[0], points[1], points[1]]
+    assert cmp.next_startup_point(studies["dglstm"]) == points[2]

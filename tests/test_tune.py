@@ -243,7 +243,7 @@ def test_early_stopping_decides_from_the_position_and_the_best_epoch():
 
     def state(patience, best_epoch, epoch):
         return SimpleNamespace(
-            t=SimpleNamespace(early_stop_patience=patience),
+            t=SimpleNamespace(early_stop_patience=patience, max_epochs=8),
             best_epoch=best_epoch,
             pos=SimpleNamespace(epoch=epoch),
         )
@@ -253,6 +253,8 @@ def test_early_stopping_decides_from_the_position_and_the_best_epoch():
     assert not Trainer.stopped_early(state(2, 3, 5))  # epochs 5 (best: index 3 = epoch 4), 1 epoch since
     assert Trainer.stopped_early(state(2, 3, 6))  # 2 epochs without a better one
     assert Trainer.stopped_early(state(1, 0, 2))
+    assert not Trainer.stopped_early(state(2, 5, 8))  # at max_epochs: the run ended, not stopped early
+    assert not Trainer.stopped_early(state(2, 5, 8))  # at max_epochs: the run ended, not stopped early
 
 
 def test_early_stopping_ends_training_and_the_run_says_so(tmp_path, ptb_dir, ptb_root):
