@@ -370,7 +370,6 @@ def machine() -> dict:
     return info
 
 
-@cli
 def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
     """One size's records (each core against nn.LSTM of its precision; bf16 also against fp32), printed."""
     from .models import count_parameters
@@ -421,6 +420,7 @@ def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
     return records
 
 
+@cli
 def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")

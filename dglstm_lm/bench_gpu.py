@@ -262,7 +262,6 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@cli
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make bench-gpu", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -282,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli
 def main(argv=None) -> int:  # long on purpose: each measurement in the order of the table
     args = _parser().parse_args(argv)
     if not torch.cuda.is_available():

@@ -104,7 +104,7 @@ def test_figures_are_valid_pngs(two_sweeps):
     out, _, _ = two_sweeps
     res = build_report(out, out / "report", wandb_mode="disabled")
     figs = [Path(p) for p in res["figures"]]
-    assert len(figs) == 4  # curves + test bars for each of the two tables
+    assert len(figs) == 6  # curves, test bars and gradient norms by layer for each of the two tables
     for f in figs:
         w, h = _png_size(f)
         assert 400 <= w <= 2000 and 300 <= h <= 1500 and f.stat().st_size > 10_000
@@ -132,7 +132,7 @@ def test_report_logs_a_wandb_table_in_the_sweeps_group(two_sweeps):
     for got, want in zip(logged["data"], rows[1:], strict=True):
         assert [("" if v is None else str(v)) for v in got] == want
     images = sorted(p.name for p in (offline / "files" / "media" / "images" / "figures").glob("*.png"))
-    assert len(images) == 2 and all(
+    assert len(images) == 3 and all(  # curves, test bars, gradient norms by layer
         _png_size(p)[0] > 0 for p in (offline / "files" / "media" / "images" / "figures").glob("*.png")
     )
 
