@@ -84,6 +84,7 @@ def test_a_bad_space_is_one_line(tmp_path):
         tune.Space.load("nope")
 
 
+@pytest.mark.slow  # trains on real PTB (seconds each)
 @pytest.mark.parametrize("model", ["stacked_lstm", "dglstm"])
 def test_points_of_the_space_train(model, tmp_path, ptb_dir, ptb_root):
     """A few points drawn at random from the space (both dropout kinds, tied and untied among them), each
@@ -124,6 +125,7 @@ def test_points_of_the_space_train(model, tmp_path, ptb_dir, ptb_root):
 
 
 # ------------------------------------------------------------------------------------ a trial's job, pruned
+@pytest.mark.slow  # trains on real PTB (seconds each)
 def test_a_trial_job_reads_its_point_reports_and_is_pruned(tmp_path, ptb_dir, ptb_root):
     """The job of trial 1 (parameters drawn by the study) trains with them, reports each epoch, and is
     stopped by the pruner (an earlier trial was far better at every epoch): its run directory says pruned,
@@ -177,6 +179,7 @@ def test_a_trial_job_reads_its_point_reports_and_is_pruned(tmp_path, ptb_dir, pt
     assert (run / "metrics.json").read_text() == before
 
 
+@pytest.mark.slow  # trains on real PTB (seconds each)
 def test_a_trial_job_that_is_not_in_the_study_is_one_line(tmp_path, ptb_dir, ptb_root):
     space = tune.Space.load("lstm_lm")
     path = tmp_path / "s.journal"
@@ -257,6 +260,7 @@ def test_early_stopping_decides_from_the_position_and_the_best_epoch():
     assert not Trainer.stopped_early(state(2, 5, 8))  # at max_epochs: the run ended, not stopped early
 
 
+@pytest.mark.slow  # trains on real PTB (seconds each)
 def test_early_stopping_ends_training_and_the_run_says_so(tmp_path, ptb_dir, ptb_root):
     """A rate too small to move the model: validation barely changes; with patience 1 and a learning rate of
     zero-ish the second epoch cannot beat the first by the float's last bit every time, so we force it: a
