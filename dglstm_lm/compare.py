@@ -299,9 +299,14 @@ class Runner:
         trials: each saves a checkpoint after its current step), as a signal to the process group would."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        try:
+            group = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            return
         for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
-            try:
-                os.kill(pid, signum)
+            try:  # the stage's process group only: W&B's service processes keep their own, and must live on
+                if os.getpgid(pid) == group:  # to close the runs
+                    os.kill(pid, signum)
             except (ProcessLookupError, PermissionError):
                 pass
 
