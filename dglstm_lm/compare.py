@@ -128,14 +128,10 @@ def _shell(arg: str) -> str:
 
 
 def _override_value(v) -> str:
-    """A trial's parameter value as Hydra override text (floats at full precision)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return _quote(v)
+    """A trial's parameter value as Hydra override text (floats at full precision; strings quoted if need be)."""
+    from .tune import override_value
+
+    return _quote(v) if isinstance(v, str) else override_value(v)
 
 
 def _fmt_params(params: dict) -> str:
