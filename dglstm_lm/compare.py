@@ -237,6 +237,15 @@ class Plan:
         self.base_seed = int(self.space.sampler.get("seed", 0) or 0)
         self.metric = self.space.metric
 
+    def check_data(self) -> None:
+        """Find, verify and cache the corpus once, as every trial would (data.dir, $PTB_DIR, data/ptb/, a
+        download): a comparison without its data stops here with the run's one-line error, instead of
+        failing every trial it launches (and leaving failed trials in the studies)."""
+        from .config import compose
+        from .data import prepare_from_config
+
+        prepare_from_config(compose(self.search_overrides(self.models[0])).data)
+
     def search_overrides(self, model: str) -> list[str]:
         return [
             f"model={model}",
@@ -785,6 +794,8 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     plan = Plan(args)
     plan.check_configs()
+    if {"search", "final"} & set(plan.stages):
+        plan.check_data()
     fd = _lock(plan.dir)
     return Compare(plan, Runner(fd)).run()
 

@@ -164,6 +164,26 @@ def test_bad_input_is_one_line_and_starts_nothing(tmp_path, capsys, args, messag
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.parametrize("where", ["nowhere", "named"])
+def test_a_comparison_without_its_data_stops_before_any_trial(tmp_path, capsys, monkeypatch, where):
+    """No PTB (none named, none in the data root, downloads off), or a data.dir that does not exist: the
+    run's one-line data error, before the folder, a study or a trial exists (each trial failing on its own
+    left failed trials in the studies)."""
+    from dglstm_lm.compare import main
+
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    data = ["data.download=false", f"data.root={tmp_path / 'root'}"]
+    if where == "named":
+        data.append(f"data.dir={tmp_path / 'no-ptb'}")
+    with pytest.raises(SystemExit) as exc:
+        main(["--dir", str(tmp_path / "cmp"), "--proxy", "smoke", "--experiment", "smoke", *data])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = f"error: data folder {tmp_path / 'no-ptb'}" if where == "named" else "error: PTB not found: put "
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_a_folder_holds_one_comparison(tmp_path, capsys):
     from dglstm_lm.compare import main
 
