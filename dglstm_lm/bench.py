@@ -32,9 +32,10 @@ from .errors import cli
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
-# "dglstm[<backend>]" is the DGLSTM with model.backend=<backend>: [cpp_mkl] and [cpp_onednn] the fused
-# kernel with its per-step GEMM forced to MKL's packed GEMM or to oneDNN (plain "dglstm" runs the path the
-# kernel chooses for this CPU, recorded as fused_gemm), [cpp_blas] with a plain BLAS GEMM, [python] the scan
+# "dglstm[<backend>]" is the DGLSTM with model.backend=<backend>: [cpp_mkl], [cpp_onednn] and [cpp_brgemm]
+# the fused kernel with its per-step GEMM forced to MKL's packed GEMM, oneDNN's inner product or oneDNN's
+# brgemm micro-kernel (plain "dglstm" runs the path the kernel chooses for this CPU and width, recorded in
+# each DGLSTM row as gemm), [cpp_blas] with a plain BLAS GEMM, [python] the scan
 # written with torch ops. A " bf16" suffix: the same model trained and evaluated under
 # torch.autocast(bfloat16) (trainer.precision=bf16), its ratio taken to "nn.LSTM bf16".
 CORES = (
@@ -45,6 +46,7 @@ CORES = (
     "dglstm",
     "dglstm[cpp_mkl]",
     "dglstm[cpp_onednn]",
+    "dglstm[cpp_brgemm]",
     "dglstm[cpp_blas]",
     "dglstm[python]",
     "nn.LSTM bf16",
@@ -293,7 +295,7 @@ def instruction_set() -> dict:
     except AttributeError:
         aten = "unknown"
     asked = {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)}
-    from .models.kernels import GEMM_NAMES, cpp_extension, cpu_vendor, gemm_path
+    from .models.kernels import cpp_extension, cpu_vendor
 
     ext = cpp_extension()  # built now if it is not (what the DGLSTM rows of the bench will run)
     return {
@@ -305,11 +307,32 @@ def instruction_set() -> dict:
         # the fused DGLSTM kernel: its elementwise rows' instruction set, and the per-step GEMM that
         # model.backend=cpp (auto) runs with here, in float32 and under autocast bf16
         "fused_rows": ext.row_isa() if ext is not None else "unavailable",
-        "fused_gemm": GEMM_NAMES[gemm_path(torch.float32)] if ext is not None else "unavailable",
-        "fused_gemm_bf16": GEMM_NAMES[gemm_path(torch.float32, low=torch.bfloat16)]
-        if ext is not None
-        else "unavailable",
+        "fused_gemm": _gemm_choice(None) if ext is not None else "unavailable",
+        "fused_gemm_bf16": _gemm_choice(torch.bfloat16) if ext is not None else "unavailable",
     }
+
+
+def _gemm_choice(low) -> str:
+    """The per-step GEMM model.backend=cpp runs with here, in words: e.g. "oneDNN brgemm up to 512 units,
+    oneDNN above" (the choice depends on the layer's width on some CPUs)."""
+    from .models.kernels import BRGEMM_MAX_HIDDEN, GEMM_NAMES, gemm_path
+
+    limit = BRGEMM_MAX_HIDDEN["bf16" if low is not None else "fp32"]
+    narrow = GEMM_NAMES[gemm_path(torch.float32, low=low, hidden=limit)]
+    wide = GEMM_NAMES[gemm_path(torch.float32, low=low)]
+    return wide if narrow == wide else f"{narrow} up to {limit} units, {wide} above"
+
+
+def row_gemm(core: str, hidden: int) -> str | None:
+    """The per-step GEMM a DGLSTM row of the bench ran with (None for the other cores)."""
+    from .models.kernels import GEMM_NAMES, cpp_extension, gemm_path
+
+    name = core.removesuffix(BF16)
+    if not name.startswith("dglstm") or name == "dglstm[python]" or cpp_extension() is None:
+        return None
+    backend = name[len("dglstm[") : -1] if name.endswith("]") else "cpp"
+    low = torch.bfloat16 if core.endswith(BF16) else None
+    return GEMM_NAMES[gemm_path(torch.float32, backend, low, hidden)]
 
 
 def describe_isa(info: dict) -> str:
@@ -397,6 +420,8 @@ def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
             "device": str(device),
             "threads": args.threads,
         }
+        if device.type == "cpu" and row_gemm(c, dim) is not None:
+            rec["gemm"] = row_gemm(c, dim)
         if bf16:
             rec["train_ratio_to_nn_lstm_fp32"] = ratio(train_tps, "nn.LSTM")
             rec["eval_ratio_to_nn_lstm_fp32"] = ratio(eval_tps, "nn.LSTM")

@@ -27,7 +27,17 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODEL_NAMES = ("rnn", "lstm", "stacked_lstm", "residual_lstm", "dglstm")
 DEPTH_GATES = ("learned", "open", "constant")
 DEPTH_GATE_INPUTS = ("x", "c_prev", "c_lower")
-BACKENDS = ("auto", "cpp", "cpp_blas", "cpp_mkl", "cpp_onednn", "python", "triton", "triton_graph")
+BACKENDS = (
+    "auto",
+    "cpp",
+    "cpp_blas",
+    "cpp_mkl",
+    "cpp_onednn",
+    "cpp_brgemm",
+    "python",
+    "triton",
+    "triton_graph",
+)
 PRECISIONS = ("fp32", "bf16")
 
 PTB_SHA256 = {

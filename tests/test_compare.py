@@ -179,7 +179,9 @@ def test_a_comparison_without_its_data_stops_before_any_trial(tmp_path, capsys, 
         main(["--dir", str(tmp_path / "cmp"), "--proxy", "smoke", "--experiment", "smoke", *data])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    expected = f"error: data folder {tmp_path / 'no-ptb'}" if where == "named" else "error: PTB not found: put "
+    expected = (
+        f"error: data folder {tmp_path / 'no-ptb'}" if where == "named" else "error: PTB not found: put "
+    )
     assert len(err) == 1 and err[0].startswith(expected), err
     assert not (tmp_path / "cmp").exists()
 

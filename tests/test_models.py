@@ -314,8 +314,8 @@ def test_every_row_variant_matches_the_python_scan(capability, rows):
 
 def test_each_backend_packs_for_its_gemm_path(monkeypatch):
     """model.backend=cpp multiplies by W_hh (forward) and W_hh^T (backward) on a weight packed once per window
-    for the path chosen for this CPU; cpp_mkl and cpp_onednn force MKL's packed GEMM and oneDNN's reordered
-    weight; cpp_blas and float64 never pack."""
+    for the path chosen for this CPU and width; cpp_mkl, cpp_onednn and cpp_brgemm force MKL's packed GEMM,
+    oneDNN's reordered weight and the brgemm micro-kernel's [K, N] weight; cpp_blas and float64 never pack."""
     from dglstm_lm.models import kernels
 
     if cpp_extension() is None:
@@ -340,28 +340,54 @@ def test_each_backend_packs_for_its_gemm_path(monkeypatch):
         out.sum().backward()
         return packed[:]
 
-    for backend, mode in (("cpp_mkl", "cpp_mkl"), ("cpp_onednn", "cpp_onednn"), ("cpp", kernels.gemm_path())):
+    forced = [("cpp_mkl", "cpp_mkl"), ("cpp_onednn", "cpp_onednn"), ("cpp", kernels.gemm_path(hidden=6))]
+    if kernels.brgemm_available():
+        forced.append(("cpp_brgemm", "cpp_brgemm"))
+    for backend, mode in forced:
         # two layers forward, then two backward
         assert run(backend, torch.float32) == [((24, 6), 3, mode)] * 2 + [((6, 24), 3, mode)] * 2
-    assert kernels.gemm_path() == ("cpp_mkl" if kernels.cpu_vendor() == "GenuineIntel" else "cpp_onednn")
+    intel = kernels.cpu_vendor() == "GenuineIntel"
+    assert kernels.gemm_path() == ("cpp_mkl" if intel else "cpp_onednn")
+    assert kernels.gemm_path(hidden=6) == (
+        "cpp_mkl" if intel or not kernels.brgemm_available() else "cpp_brgemm"
+    )
     assert {m for *_, m in run("cpp_blas", torch.float32)} == {"cpp_plain"}
     assert {m for *_, m in run("cpp", torch.float64)} == {"cpp_plain"}
 
 
 def test_the_gemm_path_is_chosen_per_cpu_and_precision(monkeypatch):
-    """cpp: MKL's packed GEMM on Intel, oneDNN elsewhere, the other where one is missing, a plain GEMM in float64
-    or with neither; under autocast bf16 oneDNN's bf16 GEMM wherever the CPU has it. The forcing backends
-    keep their library (cpp_mkl stays float32 under autocast)."""
+    """cpp: MKL's packed GEMM on Intel, oneDNN elsewhere (its brgemm micro-kernel up to BRGEMM_MAX_HIDDEN units,
+    its inner product above), the other where one is missing, a plain GEMM in float64 or with neither; under
+    autocast bf16 oneDNN's bf16 GEMM wherever the CPU has it, but for narrow layers outside Intel. The forcing
+    backends keep their library (cpp_mkl and cpp_brgemm stay float32 under autocast)."""
     from dglstm_lm.models import kernels
 
-    def case(vendor, mkl=True, onednn=True, bf16=True, dtype=torch.float32, backend="cpp", low=None):
+    def case(
+        vendor, mkl=True, onednn=True, bf16=True, dtype=torch.float32, backend="cpp", low=None, hidden=None
+    ):
         monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
         monkeypatch.setattr(kernels, "packed_gemm_available", lambda: mkl)
         monkeypatch.setattr(kernels, "onednn_gemm_available", lambda: onednn)
         monkeypatch.setattr(kernels, "onednn_bf16_available", lambda: onednn and bf16)
-        return kernels.gemm_path(dtype, backend, low)
+        monkeypatch.setattr(kernels, "brgemm_available", lambda: onednn)
+        return kernels.gemm_path(dtype, backend, low, hidden)
 
     bf = torch.bfloat16
+    narrow, narrow_bf16 = kernels.BRGEMM_MAX_HIDDEN["fp32"], kernels.BRGEMM_MAX_HIDDEN["bf16"]
+    assert narrow_bf16 < narrow
+    assert case("AuthenticAMD", hidden=200) == case("AuthenticAMD", hidden=narrow) == "cpp_brgemm"
+    assert case("AuthenticAMD", hidden=narrow + 1) == "cpp_onednn"
+    assert case("AuthenticAMD", hidden=narrow_bf16, low=bf) == "cpp_brgemm"
+    assert case("AuthenticAMD", hidden=narrow_bf16 + 1, low=bf) == "cpp_onednn_bf16"
+    assert (
+        case("AuthenticAMD", hidden=narrow, low=bf, bf16=False) == "cpp_brgemm"
+    )  # no bf16 GEMM: fp32's rule
+    assert case("GenuineIntel", hidden=200) == "cpp_mkl"  # measured on AMD only
+    assert case("AuthenticAMD", hidden=200, onednn=False) == "cpp_mkl"
+    assert case("AuthenticAMD", hidden=200, dtype=torch.float64) == "cpp_plain"
+    assert case("GenuineIntel", backend="cpp_brgemm", hidden=4096, low=bf) == "cpp_brgemm"
+    assert case("AuthenticAMD", backend="cpp_brgemm", onednn=False) == "cpp_plain"
+
     assert case("GenuineIntel") == "cpp_mkl"
     assert case("AuthenticAMD") == "cpp_onednn"
     assert case("AuthenticAMD", onednn=False) == "cpp_mkl"
@@ -405,7 +431,7 @@ print(json.dumps([sorted(set(used)), float((out.double() - out64).abs().max()), 
 
 
 @pytest.mark.parametrize("coupled", ["plain", "coupled"])
-@pytest.mark.parametrize("backend", ["cpp", "cpp_blas", "cpp_mkl", "cpp_onednn"])
+@pytest.mark.parametrize("backend", ["cpp", "cpp_blas", "cpp_mkl", "cpp_onednn", "cpp_brgemm"])
 def test_every_gemm_path_matches_the_python_scan(backend, coupled):
     """Each path of the per-step GEMM forced in a fresh process (its library's state and caches its own)
     against the float64 python scan, forward and gradients, to the float32 tolerances of the tests above."""
@@ -418,7 +444,12 @@ def test_every_gemm_path_matches_the_python_scan(backend, coupled):
     res = run_cli([PY, "-c", GEMM_PATH_CHECK, backend, coupled])
     assert res.returncode == 0, res.stderr
     used, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
-    expected = {"cpp_blas": "cpp_plain", "cpp_mkl": "cpp_mkl", "cpp_onednn": "cpp_onednn"}.get(backend)
+    expected = {
+        "cpp_blas": "cpp_plain",
+        "cpp_mkl": "cpp_mkl",
+        "cpp_onednn": "cpp_onednn",
+        "cpp_brgemm": "cpp_brgemm",
+    }.get(backend)
     assert len(used) == 1 and used[0] == (expected or used[0])  # the path asked for is the one that ran
     assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
 
@@ -453,14 +484,15 @@ def test_bf16_gemm_is_within_bf16_tolerance_of_float32(coupled, monkeypatch):
     def run(bf16):
         leaves = [a.clone().requires_grad_() for a in [*args, wcd]]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            h, c = kernels.scan(*leaves[:6], wcd=leaves[6], coupled=coupled, backend="cpp")
+            # cpp_onednn: the path with the bf16 GEMM (cpp picks it for layers wider than this one)
+            h, c = kernels.scan(*leaves[:6], wcd=leaves[6], coupled=coupled, backend="cpp_onednn")
         assert h.dtype == c.dtype == torch.float32  # the state stays float32
         grads = torch.autograd.grad((h * wh).sum() + (c * wc).sum(), leaves)
         return h, c, grads
 
     wh, wc = torch.randn(T, B, H), torch.randn(T, B, H)
     h32, c32, g32 = run(False)
-    assert set(used) == {kernels.gemm_path()}
+    assert set(used) == {"cpp_onednn"}
     used.clear()
     h16, c16, g16 = run(True)
     assert set(used) == {"cpp_onednn_bf16"}

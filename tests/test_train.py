@@ -433,6 +433,8 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
 
 def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     """`make bench` end to end at a toy size (no timing is asserted; the numbers live in docs/models.md)."""
+    from dglstm_lm.models.kernels import GEMM_NAMES, gemm_path
+
     r = run_cli(
         [
             PY,
@@ -458,6 +460,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
         "dglstm",
         "dglstm[cpp_mkl]",
         "dglstm[cpp_onednn]",
+        "dglstm[cpp_brgemm]",
         "dglstm[cpp_blas]",
         "dglstm[python]",
         "nn.LSTM bf16",
@@ -467,8 +470,14 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     # what ran in the fused kernel is on record: its rows' instruction set and its per-step GEMM, in float32
     # and under bf16; each bf16 row's ratios to nn.LSTM in both precisions
     assert payload["machine"]["fused_rows"] in ("AVX-512", "AVX2", "baseline")
-    assert payload["machine"]["fused_gemm"] in ("MKL packed", "oneDNN", "BLAS")
-    assert payload["machine"]["fused_gemm_bf16"] in ("MKL packed", "oneDNN", "oneDNN bf16", "BLAS")
+    names = set(GEMM_NAMES.values())
+    for key in ("fused_gemm", "fused_gemm_bf16"):  # e.g. "oneDNN brgemm up to 512 units, oneDNN above"
+        said = payload["machine"][key]
+        assert said in names or any(said.startswith(f"{n} up to ") for n in names), said
+    gemms = {rec["core"]: rec.get("gemm") for rec in payload["records"]}
+    assert gemms["dglstm[cpp_onednn]"] == "oneDNN" and gemms["dglstm[cpp_blas]"] == "BLAS"
+    assert gemms["dglstm"] == GEMM_NAMES[gemm_path(hidden=payload["records"][0]["hidden"])]
+    assert gemms["nn.LSTM"] is None and gemms["dglstm[python]"] is None
     bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
     assert len(bf16) == 3 and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
     assert set(payload["load_average"]) == {"start", "end"} and isinstance(payload["warnings"], list)

@@ -292,7 +292,8 @@ def test_triton_backend_where_it_cannot_run_is_a_config_error(monkeypatch):
         check_backend(m, "cuda")
     with pytest.raises(
         ConfigError,
-        match=r"model.backend: unknown backend 'cuda' \(auto, cpp, cpp_blas, cpp_mkl, cpp_onednn, python, triton",
+        match=r"model.backend: unknown backend 'cuda' \(auto, cpp, cpp_blas, cpp_mkl, cpp_onednn, cpp_brgemm, "
+        r"python, triton",
     ):
         validate(compose(["model=dglstm", "model.backend=cuda"]))
 

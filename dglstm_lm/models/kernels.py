@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "scan.cpp"
 _EXT_NAME = "dglstm_scan"
 # Portable flags: the build directory may be shared by the nodes of a cluster, so no -march=native.
-_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 _ext = None
 _ext_error: str | None = None
 
@@ -101,6 +101,7 @@ def build(verbose: bool = False):
         name=_EXT_NAME,
         sources=[str(_SOURCE)],
         extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         verbose=verbose,
     )
@@ -265,6 +266,18 @@ def onednn_gemm_available() -> bool:
     return _onednn_gemm
 
 
+_brgemm: bool | None = None
+
+
+def brgemm_available() -> bool:
+    """Whether the fused CPU kernel can run its per-step GEMMs on oneDNN's float32 brgemm micro-kernel."""
+    global _brgemm
+    if _brgemm is None:
+        ext = cpp_extension()
+        _brgemm = ext is not None and bool(ext.has_brgemm()) and torch.backends.mkldnn.is_available()
+    return _brgemm
+
+
 def onednn_bf16_available() -> bool:
     """Whether oneDNN has bfloat16 GEMMs with float32 accumulation on this CPU (avx512_bf16, AMX, ...)."""
     try:
@@ -292,33 +305,54 @@ GEMM_MODES = {
     "cpp_mkl": (1, torch.float32),
     "cpp_onednn": (2, torch.float32),
     "cpp_onednn_bf16": (2, torch.bfloat16),
+    "cpp_brgemm": (3, torch.float32),
 }
 GEMM_NAMES = {
     "cpp_plain": "BLAS",
     "cpp_mkl": "MKL packed",
     "cpp_onednn": "oneDNN",
     "cpp_onednn_bf16": "oneDNN bf16",
+    "cpp_brgemm": "oneDNN brgemm",
 }
 
 
+# The widest layer (hidden units) for which model.backend=cpp runs the per-step GEMM on oneDNN's brgemm
+# micro-kernel rather than its inner product, outside Intel; in float32, and under autocast bf16 (where the
+# micro-kernel's GEMM stays float32, against oneDNN's bf16 one). Measured on an AMD EPYC (Zen 4), 2 threads,
+# 20 rows, oneDNN / brgemm in µs, forward 20 x H x 4H and backward 20 x 4H x H: fp32 at H = 200 52/34 and
+# 53/37, 400 136/120 and 162/146, 500 198/185 and 205/195, 650 332/320 and 373/422; bf16 (with its float32
+# <-> bfloat16 copies) against brgemm in fp32 at H = 200 43/34 and 51/38, 300 66/70 and 86/83, 400 96/121.
+BRGEMM_MAX_HIDDEN = {"fp32": 512, "bf16": 256}
+
+
 def gemm_path(
-    dtype: torch.dtype = torch.float32, backend: str = "cpp", low: torch.dtype | None = None
+    dtype: torch.dtype = torch.float32,
+    backend: str = "cpp",
+    low: torch.dtype | None = None,
+    hidden: int | None = None,
 ) -> str:
     """The per-step GEMM's path (a GEMM_MODES key) that `backend` runs with for inputs of `dtype`, under
-    autocast to `low` (None: no autocast). For model.backend=cpp (and auto on the CPU), chosen per CPU and
-    precision by what `make bench` measured: MKL's packed GEMM on Intel (its fast code is Intel's own),
-    oneDNN on every other CPU; under autocast bf16 oneDNN's bfloat16 GEMM wherever the CPU has it."""
+    autocast to `low` (None: no autocast), in a layer of `hidden` units (None: a wide one). For
+    model.backend=cpp (and auto on the CPU), chosen per CPU, precision and width by what was measured: MKL's
+    packed GEMM on Intel (its fast code is Intel's own); on every other CPU oneDNN's brgemm micro-kernel up
+    to BRGEMM_MAX_HIDDEN units, oneDNN's inner product above (under autocast bf16 its bfloat16 GEMM)."""
     if dtype != torch.float32 or backend == "cpp_blas":
         return "cpp_plain"
     mkl, onednn = packed_gemm_available(), onednn_gemm_available()
     bf16 = low == torch.bfloat16 and onednn_bf16_available()
     if backend == "cpp_mkl":
         return "cpp_mkl" if mkl else "cpp_plain"
+    if backend == "cpp_brgemm":
+        return "cpp_brgemm" if brgemm_available() else "cpp_plain"
     if backend == "cpp_onednn":
         return ("cpp_onednn_bf16" if bf16 else "cpp_onednn") if onednn else "cpp_plain"
+    intel = cpu_vendor() == "GenuineIntel"
+    limit = BRGEMM_MAX_HIDDEN["bf16" if bf16 else "fp32"]
+    if not intel and hidden is not None and hidden <= limit and brgemm_available():
+        return "cpp_brgemm"
     if bf16:
         return "cpp_onednn_bf16"
-    if mkl and (cpu_vendor() == "GenuineIntel" or not onednn):
+    if mkl and (intel or not onednn):
         return "cpp_mkl"
     return "cpp_onednn" if onednn else "cpp_plain"
 
@@ -328,6 +362,8 @@ def _pack(w: torch.Tensor, rows: int, mode: str) -> torch.Tensor | None:
     (mkl::_mkl_linear's weight), or reordered by oneDNN into its blocked layout (in float32, or rounded to
     bfloat16). The kernel multiplies it by B-row matrices only: every caller packs with rows = B."""
     _, dtype = GEMM_MODES[mode]
+    if mode == "cpp_brgemm":  # the micro-kernel's B matrix: plain^T as [K, N], row-major
+        return plain_t if (plain_t := w.t()).is_contiguous() else cpp_extension().transpose_weight(w)
     if mode == "cpp_mkl":
         return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
     if dtype is not None:
@@ -350,7 +386,10 @@ def _packed(
     hit = _PACK_CACHE.get(key)
     if hit is not None and hit[0] is w:
         return hit[1], hit[2]
-    plain = cpp_extension().transpose_weight(w) if transposed else w
+    if transposed:  # (brgemm multiplies by plain^T = W_hh as it is: a view will do)
+        plain = w.t() if mode == "cpp_brgemm" else cpp_extension().transpose_weight(w)
+    else:
+        plain = w
     packed = _pack(plain, rows, mode)
     if len(_PACK_CACHE) >= _PACK_CACHE_SIZE:
         _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
@@ -428,10 +467,10 @@ def input_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and w.dtype == torch.float32
-        and backend in ("auto", "cpp", "cpp_onednn")
+        and backend in ("auto", "cpp", "cpp_onednn", "cpp_brgemm")
         and not _autocast_enabled("cpu")
         and cpp_extension() is not None
-        and gemm_path(torch.float32, "cpp" if backend == "auto" else backend) == "cpp_onednn"
+        and gemm_path(torch.float32, "cpp" if backend == "auto" else backend) in ("cpp_onednn", "cpp_brgemm")
     ):
         lead = x.shape[:-1]
         b = None if b is None else b.contiguous()
@@ -441,7 +480,7 @@ def input_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
 
 
 TRITON_BACKENDS = ("triton", "triton_graph")
-CPP_BACKENDS = ("cpp", "cpp_blas", "cpp_mkl", "cpp_onednn")
+CPP_BACKENDS = ("cpp", "cpp_blas", "cpp_mkl", "cpp_onednn", "cpp_brgemm")
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -534,7 +573,7 @@ def scan(
         raise ValueError(
             f"unknown scan backend {backend!r} (auto, {', '.join(CPP_BACKENDS)}, python, triton, triton_graph)"
         )
-    mode = "python" if backend == "python" else gemm_path(gx.dtype, backend, _low)
+    mode = "python" if backend == "python" else gemm_path(gx.dtype, backend, _low, h0.shape[-1])
     contig = [None if t is None else t.contiguous() for t in (gx, gd, m, h0, c0)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, mode, save)

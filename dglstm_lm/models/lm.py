@@ -124,7 +124,7 @@ def check_backend(cfg, device) -> None:
     if backend in ("triton", "triton_graph"):
         _check_triton_backend(backend, device)
         return
-    if backend not in ("cpp", "cpp_blas", "cpp_mkl", "cpp_onednn"):
+    if backend not in ("cpp", "cpp_blas", "cpp_mkl", "cpp_onednn", "cpp_brgemm"):
         return
     from ..errors import ConfigError
     from .kernels import cpp_extension, cpp_unavailable_reason

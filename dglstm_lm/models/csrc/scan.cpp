@@ -19,6 +19,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/native/CPUBlas.h>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -334,7 +335,13 @@ void check_input(const Tensor& t, const char* name) {
 //            weight X is rounded to bfloat16 and the product accumulates in float32 (avx512_bf16, AMX).
 // The ops are looked up by name at run time: a torch without MKL or oneDNN has no such op, and the caller
 // then chooses kPlain.
-enum class Gemm : int64_t { kPlain = 0, kMkl = 1, kOneDnn = 2 };
+//   kBrgemm  oneDNN's batch-reduce GEMM micro-kernel as torch exports it (at::native::cpublas::brgemm),
+//            called per block of output columns, the blocks split over the threads, writing into the step's
+//            own buffer: no operator dispatch, no output allocated per step. Its B matrix is the plain
+//            [K, N] weight (W_hh^T forward, W_hh backward), so nothing is reordered; float32 only.
+enum class Gemm : int64_t { kPlain = 0, kMkl = 1, kOneDnn = 2, kBrgemm = 3 };
+
+constexpr int64_t kBrgemmBlock = 64;  // output columns per micro-kernel call
 
 using MklLinearFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t);
 
@@ -375,6 +382,19 @@ struct StepGemm {
           out = onednn_linear().call(x, *w_packed, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
         }
         return;
+      case Gemm::kBrgemm: {
+        const int64_t M = x.size(0), K = x.size(1), N = w_packed->size(1);
+        const float* a = x.data_ptr<float>();
+        const float* b = w_packed->data_ptr<float>();
+        float* c = out.data_ptr<float>();
+        at::parallel_for(0, (N + kBrgemmBlock - 1) / kBrgemmBlock, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t n0 = blk * kBrgemmBlock, n = std::min(kBrgemmBlock, N - n0);
+            at::native::cpublas::brgemm(M, n, K, K, N, N, false, a, b + n0, c + n0, false);
+          }
+        });
+        return;
+      }
       default:
         at::mm_out(out, x, w.t());
     }
@@ -383,12 +403,18 @@ struct StepGemm {
 
 StepGemm make_gemm(int64_t kind, const Tensor& w, const std::optional<Tensor>& w_packed, const Tensor& x_like) {
   const auto g = static_cast<Gemm>(kind);
-  TORCH_CHECK(g == Gemm::kPlain || g == Gemm::kMkl || g == Gemm::kOneDnn, "scan: unknown GEMM path ", kind);
+  TORCH_CHECK(g == Gemm::kPlain || g == Gemm::kMkl || g == Gemm::kOneDnn || g == Gemm::kBrgemm,
+              "scan: unknown GEMM path ", kind);
   const bool packed = g != Gemm::kPlain;
   TORCH_CHECK(!packed || (w_packed.has_value() && w_packed->defined()), "scan: this GEMM path needs a packed weight");
   TORCH_CHECK(!packed || x_like.scalar_type() == at::kFloat, "scan: the packed GEMMs are float32 only");
   TORCH_CHECK(g != Gemm::kMkl || w_packed->scalar_type() == at::kFloat, "scan: MKL's packed weight is float32");
-  if (packed) check_input(w, "w_hh");
+  if (g == Gemm::kBrgemm) {
+    check_input(*w_packed, "the brgemm weight");
+    TORCH_CHECK(w_packed->dim() == 2 && w_packed->size(0) == x_like.size(1), "scan: the brgemm weight must be [K, N]");
+  } else if (packed) {
+    check_input(w, "w_hh");
+  }
   Tensor x_low;
   if (g == Gemm::kOneDnn && w_packed->scalar_type() == at::kBFloat16) x_low = at::empty_like(x_like, at::kBFloat16);
   return StepGemm{g, w, packed ? &*w_packed : nullptr, x_low};
@@ -445,6 +471,15 @@ bool has_packed_gemm() {
 bool has_onednn_gemm() {
   return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value() &&
          c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""}).has_value();
+}
+
+// Whether this torch exports oneDNN's brgemm micro-kernel in float32 (at::native::cpublas::brgemm).
+bool has_brgemm() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  return true;
+#else
+  return false;
+#endif
 }
 
 // Returns {h_all [T,B,H], c_all [T,B,H], acts [T,B,K*H], tanh_c [T,B,H]}. gemm: the per-step GEMM's path
@@ -570,7 +605,8 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
     // its own, [G*H, B] x [B, H], cost more than this copy)
     const auto h_prev_all = T > 1 ? at::cat({h0.unsqueeze(0), h_all.narrow(0, 0, T - 1)}, 0) : h0.unsqueeze(0);
     const auto dz_t = d_gx.reshape({T * B, G * H}).t();  // [G*H, T*B], a transposed view
-    if (step_gemm.kind == Gemm::kOneDnn) {  // oneDNN reads the transposed views' strides
+    if (step_gemm.kind == Gemm::kOneDnn || (step_gemm.kind == Gemm::kBrgemm && has_onednn_gemm())) {
+      // oneDNN reads the transposed views' strides
       d_w_hh = onednn_linear().call(dz_t, h_prev_all.reshape({T * B, H}).t(), std::nullopt, "none",
                                     c10::List<std::optional<c10::Scalar>>(), std::nullopt);
     } else {
@@ -599,6 +635,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("transpose_weight", &transpose_weight, "w^T as a new contiguous tensor (tiled)");
   mod.def("row_isa", &fused_row_isa, "the instruction set the fused elementwise rows run with");
   mod.def("has_packed_gemm", &has_packed_gemm, "whether this torch has MKL's packed GEMM (mkl::_mkl_linear)");
+  mod.def("has_brgemm", &has_brgemm, "whether this torch exports oneDNN's float32 brgemm micro-kernel");
   mod.def("has_onednn_gemm", &has_onednn_gemm,
           "whether this torch has oneDNN's inner product on a reordered weight (mkldnn::_linear_pointwise)");
 }
