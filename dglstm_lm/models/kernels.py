@@ -57,6 +57,10 @@ _SOURCE = Path(__file__).parent / "csrc" / "scan.cpp"
 _EXT_NAME = "dglstm_scan"
 # Portable flags: the build directory may be shared by the nodes of a cluster, so no -march=native.
 _CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+# OpenMP: without it the kernel's at::parallel_for runs on one thread (torch's parallel helpers are inline
+# templates, parallel only where the includer is compiled with OpenMP); the loaded runtime is torch's own
+# libgomp (same soname). A compiler without OpenMP gets a serial build instead of none.
+_OPENMP = "-fopenmp"
 _ext = None
 _ext_error: str | None = None
 
@@ -97,14 +101,24 @@ def build(verbose: bool = False):
 
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(
-        name=_EXT_NAME,
-        sources=[str(_SOURCE)],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=verbose,
-    )
+
+    def compile_with(flags):
+        return load(
+            name=_EXT_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=[f for f in flags if f == _OPENMP],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+
+    try:
+        return compile_with(_CFLAGS)
+    except Exception as exc:
+        serial = [f for f in _CFLAGS if f != _OPENMP]
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        log.warning("could not build the fused CPU kernel with OpenMP (%s); building it serial", reason)
+        return compile_with(serial)
 
 
 def cpp_extension(build_if_missing: bool = True):
