@@ -57,6 +57,9 @@ DEFAULT_EXPERIMENT = "tuned_small"
 DEFAULT_SPACE = "lstm_lm"
 STAGES = ("search", "final", "report")
 MAX_FAILED = 3  # failed trials (errors, not divergence) per missing trial before the search gives up
+# ... and batches in a row of one model in which every trial failed: a cause common to all (a broken
+# environment, a config the runs reject) stops the search at once instead of failing trial after trial
+MAX_FAILED_BATCHES = 2
 
 # Set by this command itself: given as overrides they would break the equal budget or the folder layout.
 RESERVED = {
@@ -494,19 +497,38 @@ class Compare:
         for n in batch:  # a job that ended without telling its trial (it crashed): the trial failed
             if study.trials[n].state == TrialState.RUNNING:
                 study.tell(n, state=TrialState.FAIL)
-        self._failed[model] += sum(study.trials[n].state == TrialState.FAIL for n in batch)
+        self._count_failures(model, [n for n in batch if study.trials[n].state == TrialState.FAIL], batch, rc)
+        self.budget(model)
+        return True
+
+    def _count_failures(self, model: str, failed: list[int], batch: list[int], rc: int) -> None:
+        """Stop the search when its failures say the cause is common to all: every trial of MAX_FAILED_BATCHES
+        batches in a row, or more than MAX_FAILED per missing trial in all."""
+        p, search_dir = self.plan, self.dir / "search" / model
+        self._failed[model] += len(failed)
+        streak = self._failed_batches[model] = (
+            self._failed_batches.get(model, 0) + 1 if failed == batch else 0
+        )
+        if streak >= MAX_FAILED_BATCHES:
+            from . import rundir
+
+            why = (rundir.read_metrics(search_dir / f"trial={failed[-1]}") or {}).get("error")
+            raise CompareError(
+                f"search of {model}: every trial of its last {streak} batches failed"
+                + (f" ({why})" if why else f" (exit status {rc}; their runs are in {search_dir})")
+                + "; fix the cause and run the same command again"
+            )
         if self._failed[model] > MAX_FAILED * p.trials:
             raise CompareError(
                 f"search of {model}: {self._failed[model]} trials failed (exit status {rc}; their runs are in "
                 f"{search_dir}); fix the cause and run the same command again"
             )
-        self.budget(model)
-        return True
 
     def search_all(self) -> None:
         """The models' searches batch by batch in turn, so that wherever the command is stopped the models
         have spent (nearly) the same budget."""
         self._failed: dict[str, int] = {}
+        self._failed_batches: dict[str, int] = {}
         todo = list(enumerate(self.plan.models, 1))
         while todo:
             todo = [(i, m) for i, m in todo if self.search(i, m)]

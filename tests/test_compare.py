@@ -317,3 +317,43 @@ def test_every_model_gets_the_same_start_up_points_even_after_a_failed_trial(tmp
     # the point whose trial failed was given again at once; the studies then go on in step
     assert [t.params for t in studies["dglstm"].trials] == [points[0], points[1], points[1]]
     assert cmp.next_startup_point(studies["dglstm"]) == points[2]
+
+
+def test_a_search_whose_every_trial_fails_stops_after_two_batches(tmp_path):
+    """A cause common to every trial (here: jobs that exit without training, as a broken environment does)
+    stops the search after two batches of one model in which every trial failed, naming the error a trial
+    recorded, instead of failing trial after trial up to MAX_FAILED per missing trial (72 for 24 trials)."""
+    import argparse
+
+    from dglstm_lm.compare import MAX_FAILED_BATCHES, Compare, CompareError, Plan
+
+    class Broken:  # every batch's jobs fail before they tell their trials anything
+        calls = 0
+
+        def run(self, cmd):
+            Broken.calls += 1
+            trials = next(a for a in cmd if a.startswith("tune.trial=")).split("=", 1)[1].split(",")
+            for n in trials:
+                run = tmp_path / "cmp" / "search" / model_of(cmd) / f"trial={n}"
+                run.mkdir(parents=True)
+                (run / "metrics.json").write_text(
+                    json.dumps({"status": "failed", "error": "PTB not found: ..."})
+                )
+            return 1
+
+    def model_of(cmd):
+        return next(a for a in cmd if a.startswith("model=")).split("=", 1)[1]
+
+    args = argparse.Namespace(
+        models="stacked_lstm,dglstm", trials="24", seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
+        stages="search", overrides=["logger=none"], proxy_override=None, dir=str(tmp_path / "cmp"), jobs="2",
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    cmp = Compare(plan, runner=Broken())
+    with pytest.raises(CompareError, match=r"search of stacked_lstm: every trial of its last 2 batches failed "
+                       r"\(PTB not found: \.\.\.\); fix the cause"):  # fmt: skip
+        cmp.search_all()
+    # the models take turns: stacked, dglstm, stacked
+    assert MAX_FAILED_BATCHES == 2 and Broken.calls == 3
+    assert [len(cmp.study(m).trials) for m in ("stacked_lstm", "dglstm")] == [4, 2]
