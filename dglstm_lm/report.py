@@ -190,6 +190,7 @@ def find_runs(root: Path) -> list[Run]:
 
 # ------------------------------------------------------------------------------------------ aggregation
 CONFIDENCE = 0.95
+DEPTH_KEY = "model.num_layers"  # rows that differ in it are compared at their own depth, and drawn by it
 METRICS = (("val", "val/ppl"), ("test", "test/ppl"))
 
 
@@ -295,6 +296,13 @@ class Row:
     published: bool = False
     pub_values: dict = field(default_factory=dict)
     repeats: dict = field(default_factory=dict)  # seed -> its completed runs, latest (the one used) first
+    variant: str = (
+        ""  # the label without the depth (model.num_layers): the rows of one line of a depth figure
+    )
+
+    @property
+    def depth(self):
+        return self.runs[0].config.get(DEPTH_KEY) if self.runs else None
 
     def stat(self, key: str):
         return _mean_std([r.metrics.get(key) for r in self.runs])
@@ -342,11 +350,21 @@ class Table:
     baseline: Row | None = None
     baseline_note: str = ""  # how the baseline was chosen, when not as asked
     key: tuple = ()  # the runs' table_key
+    # when the rows differ in depth: the baseline's variant at each depth (each row is compared at its own)
+    baselines: dict = field(default_factory=dict)
+
+    @property
+    def by_depth(self) -> bool:
+        return DEPTH_KEY in self.differing_keys
+
+    def baseline_for(self, row: Row) -> Row | None:
+        return self.baselines.get(row.depth) if self.by_depth else self.baseline
 
     def diff(self, row: Row, metric: str) -> Diff:
-        if self.baseline is None or row is self.baseline or row.published:
+        base = self.baseline_for(row)
+        if base is None or row is base or row.published:
             return Diff()
-        return compare(row.by_seed(metric), self.baseline.by_seed(metric))
+        return compare(row.by_seed(metric), base.by_seed(metric))
 
 
 def _matches(row: Row, wanted: str) -> bool:
@@ -383,6 +401,8 @@ def choose_baselines(tables: list[Table], wanted: str | None = None) -> None:
             chosen or next((r for r in ours if r.model == "stacked_lstm"), None) or next(iter(ours), None)
         )
         t.baseline = chosen
+        if chosen is not None and t.by_depth:  # the same variant at every depth it was run at
+            t.baselines = {r.depth: r for r in ours if r.variant == chosen.variant}
 
 
 def distinguishing_keys(configs: list[dict]) -> tuple[list[list[str]], list[str]]:
@@ -463,11 +483,13 @@ def build_tables(runs: list[Run]) -> list[Table]:
         by_row = _by(table_runs, lambda r: r.identity)
         _, differing = distinguishing_keys([dict(ident) for ident in by_row])
         rows = []
-        for ident, label in zip(by_row, _row_labels(list(by_row)), strict=True):
+        idents = list(by_row)
+        variants = _row_labels([tuple(kv for kv in ident if kv[0] != DEPTH_KEY) for ident in idents])
+        for ident, label, variant in zip(idents, _row_labels(idents), variants, strict=True):
             row_runs = by_row[ident]
             model = row_runs[0].config.get("model.name", "?")
             kept, repeats = one_run_per_seed(row_runs)
-            rows.append(Row(label, model, kept, repeats=repeats))
+            rows.append(Row(label, model, kept, repeats=repeats, variant=variant))
         rows.sort(key=lambda r: _model_order(r.model, r.label))
         name = key[0] or "?"
         for label, params, val, test in _published(table_runs[0], name):
@@ -606,7 +628,7 @@ def _md_row(t: Table, r: Row, best: dict) -> str:
         return f"| *{r.label}* | {_fmt(v['params'], thousands=True)} | | {_fmt(v['val_mean'])} | {_fmt(v['test_mean'])} | | | | | | | | |"
     wall = f"{v['wall_s'] / 60:.1f} min" if v["wall_s"] is not None else "—"
     dv, dt = t.diff(r, "val/ppl"), t.diff(r, "test/ppl")
-    if r is t.baseline:
+    if r is t.baseline_for(r):
         diff_cells = ["baseline", "", "baseline", "", ""]
     else:
         diff_cells = [_delta_cell(dv), _p_cell(dv), _delta_cell(dt), _p_cell(dt), _method_cell(dv, dt)]
@@ -629,7 +651,14 @@ def _md_caption(t: Table) -> str:
         "Best value of each column in bold; ± is the standard deviation over seeds; seeds counts distinct "
         "seeds (of a seed run more than once, its latest completed run is used); published rows in italics."
     )
-    if t.baseline is not None:
+    if t.baseline is not None and t.by_depth:
+        caption += (
+            f" Δ is row − baseline of the same depth (`{t.baseline.variant}` at each `{DEPTH_KEY}`; a depth"
+            " it was not run at has no Δ) with its 95% confidence interval and the two-sided p-value of a t-test:"
+            " paired by seed when both rows have the same seeds, Welch's otherwise; n too small: under two seeds"
+            " on a side."
+        )
+    elif t.baseline is not None:
         caption += (
             f" Δ is row − baseline (`{t.baseline.label}`"
             + (f"; {t.baseline_note}" if t.baseline_note else "")
@@ -670,7 +699,7 @@ def _md_table(ti: int, t: Table, root: Path, figures: dict) -> list[str]:
     }
     out += [*TABLE_HEADER, *(_md_row(t, r, best) for r in t.rows), ""]
     out += [_md_caption(t), "", *_md_repeats(t, root)]
-    for kind in ("curves", "test", "gradnorms"):
+    for kind in ("curves", "test", "depth", "gradnorms"):
         out += _md_figure(kind, figures.get((ti, kind)), root)
     return out
 
@@ -797,7 +826,7 @@ def row_record(t: Table, r: Row) -> dict:
         "repeats": " ".join(f"{s}:{k}" for s, k in v.get("repeats", {}).items()),  # seed:runs
         "tokens_per_s": v.get("tokens_per_s"),
         "wall_s": v.get("wall_s"),
-        "baseline": t.baseline.label if t.baseline is not None else None,
+        "baseline": t.baseline_for(r).label if t.baseline_for(r) is not None else None,
     }
     for m, key in METRICS:
         ci = v.get(f"{m}_ci") or (None, None)

@@ -328,8 +328,8 @@ def _draw_deltas(ax, rows: list, table, keys: list[str], numbers: bool = True) -
         return label
 
     for i, r in enumerate(rows):
-        if r is base:
-            ax.plot([i], [0.0], "D", ms=6, color="0.3", label=once(f"baseline: {base.label}"))
+        if r is table.baseline_for(r):
+            ax.plot([i], [0.0], "D", ms=6, color="0.3", label=once(f"baseline: {r.label}"))
             continue
         d = table.diff(r, "test/ppl")
         if d.delta is None:
@@ -425,6 +425,8 @@ def figures(tables: list, progress: list = ()) -> Iterator[tuple[tuple, str, obj
         ]
         yield (ti, "curves"), f"{slug}_curves.png", draw_curves(t.name, series, valid)
         yield (ti, "test"), f"{slug}_test.png", draw_test(t.name, rows, test, t)
+        if getattr(t, "by_depth", False):
+            yield (ti, "depth"), f"{slug}_depth.png", draw_depth(t.name, rows, t)
         norms = {r.label: layer_norms(r.runs) for r in rows}
         norms = {k: v for k, v in norms.items() if v}
         if norms:
@@ -434,6 +436,39 @@ def figures(tables: list, progress: list = ()) -> Iterator[tuple[tuple, str, obj
             series = [Series(label, runs, True) for label, runs in g.rows]
             fig = draw_curves(g.name, series, g.published_valid)
             yield (gi, "progress"), f"{_slug(g.name)}_progress{gi}_curves.png", fig
+
+
+def draw_depth(name: str, rows: list, table):
+    """Test perplexity against depth (model.num_layers), one line per variant (the row without its depth):
+    the mean over seeds with its 95% confidence interval (t over seeds; none for one seed)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    variants: dict[str, list] = {}
+    for r in rows:
+        if isinstance(r.depth, int):
+            variants.setdefault(r.variant, []).append(r)
+    for i, (variant, vrows) in enumerate(variants.items()):
+        vrows.sort(key=lambda r: r.depth)
+        xs = [r.depth for r in vrows]
+        vals = [r.values() for r in vrows]
+        means = [v["test_mean"] for v in vals]
+        lo = [m - (v["test_ci"] or (m, m))[0] for m, v in zip(means, vals, strict=True)]
+        hi = [(v["test_ci"] or (m, m))[1] - m for m, v in zip(means, vals, strict=True)]
+        ns = sorted({v["n"] for v in vals})
+        n = _n_text(ns[0]) if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
+        base = " (baseline)" if table.baseline is not None and variant == table.baseline.variant else ""
+        ax.errorbar(xs, means, yerr=[lo, hi], marker="o", ms=4, capsize=3, color=f"C{i}",
+                    label=f"{variant}{base} ({n})")  # fmt: skip
+    ax.set_xlabel("layers (model.num_layers)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title(f"{name}: test perplexity by depth (mean over seeds, 95% CI)", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def layer_norms(runs) -> list[tuple[float, float, int]] | None:

@@ -977,3 +977,92 @@ def test_the_gradient_norms_by_layer_figure_is_the_mean_over_seeds_at_the_final_
         assert (0, "gradnorms") not in figs
     finally:
         _close(figs)
+
+
+# the depth sweep: {(model, depth): {seed: (valid, test)}}; the open gate only at 4 layers and 2 seeds
+DEPTH_RUNS = {
+    ("stacked_lstm", 2): {1: (105.0, 100.0), 2: (106.0, 101.5), 3: (104.0, 99.0)},
+    ("stacked_lstm", 4): {1: (112.0, 108.0), 2: (115.0, 110.5), 3: (113.0, 109.0)},
+    ("dglstm", 2): {1: (99.0, 94.0), 2: (100.5, 96.0), 3: (98.0, 93.5)},
+    ("dglstm", 4): {1: (101.0, 97.0), 2: (103.5, 98.0), 3: (100.0, 96.5)},
+    ("dglstm open", 4): {1: (102.0, 98.5), 2: (104.0, 99.0)},
+}
+
+
+def _depth_runs(root: Path) -> None:
+    for (model, depth), seeds in DEPTH_RUNS.items():
+        opts = {"num_layers": depth}
+        if model == "dglstm open":
+            model, opts["depth_gate"] = "dglstm", "open"
+        elif model == "dglstm":
+            opts["depth_gate"] = "learned"
+        for seed, (v, t) in seeds.items():
+            fake_run(root, f"{model}-{opts.get('depth_gate', '')}-{depth}-{seed}", model, seed, v, t, **opts)
+
+
+def _depth_row(rows: dict, model: str, depth: int) -> dict:
+    """The csv row of (model, depth), found by what its label must say (not by the report's labelling)."""
+    name, _, gate = model.partition(" ")
+    found = [
+        r
+        for (_, label), r in rows.items()
+        if r["model"] == name
+        and f"num_layers={depth}" in label
+        and ("depth_gate=open" in label) == (gate == "open")
+    ]
+    assert len(found) == 1, (model, depth, list(rows))
+    return found[0]
+
+
+def test_a_depth_sweep_compares_each_row_at_its_own_depth_and_draws_ppl_by_depth(tmp_path):
+    """Rows that differ in model.num_layers: each row's Δ is against the baseline's variant (the stacked LSTM)
+    at the same depth, paired by seed; a depth the baseline was not run at has no Δ; and a figure draws test
+    perplexity against depth, one line per variant, at the mean with its 95% t-interval over seeds."""
+    from scipy.stats import t as student
+
+    root = tmp_path / "outputs"
+    _depth_runs(root)
+    fake_run(root, "dg8", "dglstm", 1, 99.0, 95.0, num_layers=8, depth_gate="learned")  # no stacked LSTM at 8
+    rows, md = _report(root, "rep")
+    test = {k: {s: vt[1] for s, vt in seeds.items()} for k, seeds in DEPTH_RUNS.items()}
+    for model, depth in [("dglstm", 2), ("dglstm", 4), ("dglstm open", 4)]:
+        row = _depth_row(rows, model, depth)
+        base = test[("stacked_lstm", depth)]
+        seeds = sorted(test[(model, depth)])
+        ours = [test[(model, depth)][s] for s in seeds]
+        if seeds == sorted(base):
+            _check_diff(row, "test", _paired(ours, [base[s] for s in seeds]), "paired")
+        else:
+            _check_diff(row, "test", _welch(ours, list(base.values())), "Welch")
+        assert f"num_layers={depth}" in row["baseline"] and row["baseline"].startswith("stacked_lstm")
+    assert _depth_row(rows, "stacked_lstm", 4)["test_ppl_delta"] == ""  # the baseline itself
+    eight = _depth_row(rows, "dglstm", 8)
+    assert eight["test_ppl_delta"] == "" and eight["baseline"] == ""
+    assert "row − baseline of the same depth" in md and "_depth.png" in md
+
+    figs = _figures(root)
+    try:
+        ax = figs[(0, "depth")].axes[0]
+        lines = {}
+        for c in _errorbars(ax):
+            line = c.lines[0]
+            lines[c.get_label()] = (list(line.get_xdata()), list(line.get_ydata()), c)
+        assert len(lines) == 3  # stacked, dglstm (learned), dglstm (open)
+        stacked = next(v for k, v in lines.items() if k.startswith("stacked_lstm"))
+        assert stacked[0] == [2, 4]
+        for depth, y in zip(stacked[0], stacked[1], strict=True):
+            vals = list(test[("stacked_lstm", depth)].values())
+            assert y == pytest.approx(np.mean(vals), rel=1e-12)
+        # the interval drawn at 4 layers: mean ± t(0.975, n−1) · s / √n
+        vals = np.array(list(test[("stacked_lstm", 4)].values()))
+        half = student.ppf(T975, len(vals) - 1) * vals.std(ddof=1) / math.sqrt(len(vals))
+        segs = stacked[2].lines[2][0].get_segments()
+        lo, hi = sorted(segs[1][:, 1])
+        assert (lo, hi) == (
+            pytest.approx(vals.mean() - half, rel=1e-9),
+            pytest.approx(vals.mean() + half, rel=1e-9),
+        )
+        learned = next(v for k, v in lines.items() if k.startswith("dglstm") and "open" not in k)
+        assert learned[0] == [2, 4, 8]
+    finally:
+        _close(figs)
