@@ -358,7 +358,12 @@ def _draw_deltas(ax, rows: list, table, keys: list[str], numbers: bool = True) -
     lo, hi = min(ys), max(ys)
     pad = max(0.15 * (hi - lo), 0.5)
     ax.set_ylim(lo - pad, hi + pad)
-    ax.set_ylabel(f"Δ test ppl vs {keys[rows.index(base)]}\n(row − baseline)", fontsize=8)
+    against = (
+        f"{base.variant}\nat the same depth"
+        if getattr(table, "by_depth", False)
+        else f"{keys[rows.index(base)]}\n(row − baseline)"
+    )
+    ax.set_ylabel(f"Δ test ppl vs {against}", fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
 
 
@@ -441,7 +446,6 @@ def figures(tables: list, progress: list = ()) -> Iterator[tuple[tuple, str, obj
 def draw_depth(name: str, rows: list, table):
     """Test perplexity against depth (model.num_layers), one line per variant (the row without its depth):
     the mean over seeds with its 95% confidence interval (t over seeds; none for one seed)."""
-    from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -461,10 +465,10 @@ def draw_depth(name: str, rows: list, table):
         base = " (baseline)" if table.baseline is not None and variant == table.baseline.variant else ""
         ax.errorbar(xs, means, yerr=[lo, hi], marker="o", ms=4, capsize=3, color=f"C{i}",
                     label=f"{variant}{base} ({n})")  # fmt: skip
+    ax.set_xticks(sorted({r.depth for vrows in variants.values() for r in vrows}))
     ax.set_xlabel("layers (model.num_layers)")
     ax.set_ylabel("test perplexity")
     ax.set_title(f"{name}: test perplexity by depth (mean over seeds, 95% CI)", fontsize=10)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
