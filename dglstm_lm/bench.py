@@ -315,9 +315,9 @@ def instruction_set() -> dict:
 def _gemm_choice(low) -> str:
     """The per-step GEMM model.backend=cpp runs with here, in words: e.g. "oneDNN brgemm up to 512 units,
     oneDNN above" (the choice depends on the layer's width on some CPUs)."""
-    from .models.kernels import BRGEMM_MAX_HIDDEN, GEMM_NAMES, gemm_path
+    from .models.kernels import GEMM_NAMES, brgemm_limit, gemm_path
 
-    limit = BRGEMM_MAX_HIDDEN["bf16" if low is not None else "fp32"]
+    limit = brgemm_limit(low)
     narrow = GEMM_NAMES[gemm_path(torch.float32, low=low, hidden=limit)]
     wide = GEMM_NAMES[gemm_path(torch.float32, low=low)]
     return wide if narrow == wide else f"{narrow} up to {limit} units, {wide} above"

@@ -247,7 +247,13 @@ class Plan:
         from .config import compose
         from .data import prepare_from_config
 
-        prepare_from_config(compose(self.search_overrides(self.models[0])).data)
+        m = self.models[0]
+        stage = (
+            self.search_overrides(m)
+            if "search" in self.stages
+            else self.final_overrides(m, {}, self.seeds[0])
+        )
+        prepare_from_config(compose(stage).data)
 
     def search_overrides(self, model: str) -> list[str]:
         return [
@@ -512,7 +518,8 @@ class Compare:
         if streak >= MAX_FAILED_BATCHES:
             from . import rundir
 
-            why = (rundir.read_metrics(search_dir / f"trial={failed[-1]}") or {}).get("error")
+            why = str((rundir.read_metrics(search_dir / f"trial={failed[-1]}") or {}).get("error") or "")
+            why = (why.strip().splitlines() or [""])[0][:300]  # one line
             raise CompareError(
                 f"search of {model}: every trial of its last {streak} batches failed"
                 + (f" ({why})" if why else f" (exit status {rc}; their runs are in {search_dir})")

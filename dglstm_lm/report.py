@@ -355,7 +355,15 @@ class Table:
 
     @property
     def by_depth(self) -> bool:
-        return DEPTH_KEY in self.differing_keys
+        """A depth sweep: some variant of the table was run at two depths or more (models of different depths,
+        such as lstm and stacked_lstm, are not one)."""
+        if DEPTH_KEY not in self.differing_keys:
+            return False
+        depths: dict[str, set] = {}
+        for r in self.rows:
+            if not r.published:
+                depths.setdefault(r.variant, set()).add(r.depth)
+        return any(len(d) > 1 for d in depths.values())
 
     def baseline_for(self, row: Row) -> Row | None:
         return self.baselines.get(row.depth) if self.by_depth else self.baseline

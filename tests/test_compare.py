@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_and_starts_nothing(tmp_path, capsys, args, messag
     assert not (tmp_path / "cmp").exists()
 
 
-@pytest.mark.parametrize("where", ["nowhere", "named"])
+@pytest.mark.parametrize("where", ["nowhere", "named", "final only"])
 def test_a_comparison_without_its_data_stops_before_any_trial(tmp_path, capsys, monkeypatch, where):
     """No PTB (none named, none in the data root, downloads off), or a data.dir that does not exist: the
     run's one-line data error, before the folder, a study or a trial exists (each trial failing on its own
@@ -175,8 +175,9 @@ def test_a_comparison_without_its_data_stops_before_any_trial(tmp_path, capsys, 
     data = ["data.download=false", f"data.root={tmp_path / 'root'}"]
     if where == "named":
         data.append(f"data.dir={tmp_path / 'no-ptb'}")
+    stages = ["--stages", "final"] if where == "final only" else []
     with pytest.raises(SystemExit) as exc:
-        main(["--dir", str(tmp_path / "cmp"), "--proxy", "smoke", "--experiment", "smoke", *data])
+        main(["--dir", str(tmp_path / "cmp"), "--proxy", "smoke", "--experiment", "smoke", *stages, *data])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     expected = (

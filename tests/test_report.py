@@ -1066,3 +1066,19 @@ def test_a_depth_sweep_compares_each_row_at_its_own_depth_and_draws_ppl_by_depth
         assert learned[0] == [2, 4, 8]
     finally:
         _close(figs)
+
+
+def test_models_of_different_depths_are_not_a_depth_sweep(tmp_path):
+    """lstm (1 layer) beside stacked_lstm and dglstm (2 layers): the rows differ in num_layers, but no variant
+    was run at two depths, so every row is compared with the one baseline and no depth figure is drawn."""
+    root = tmp_path / "outputs"
+    for seed in (1, 2, 3):
+        fake_run(root, f"l{seed}", "lstm", seed, 120.0 + seed, 115.0 + seed, num_layers=1)
+        fake_run(root, f"s{seed}", "stacked_lstm", seed, *STACKED[seed])
+        fake_run(root, f"d{seed}", "dglstm", seed, *DGLSTM[seed])
+    rows, md = _report(root, "rep")
+    assert {r["baseline"] for r in rows.values()} == {"stacked_lstm (num_layers=2)"}
+    lstm = next(r for r in rows.values() if r["model"] == "lstm")
+    seeds = sorted(STACKED)
+    _check_diff(lstm, "test", _paired([115.0 + s for s in seeds], [STACKED[s][1] for s in seeds]), "paired")
+    assert "same depth" not in md and "_depth.png" not in md

@@ -11,14 +11,17 @@ over all T steps and returns (h_all, c_all), both [T, B, H]. Everything that doe
 Two implementations of the same forward and backward:
 - ``cpp``: a C++ extension (csrc/scan.cpp) with the elementwise work of a step fused into one loop. CPU only.
   Built once by ``make setup`` (``python -m dglstm_lm.build_kernels``) into ``build/``; loading a
-  built module takes no lock, so parallel jobs never wait on each other. Its per-step GEMMs in float32 run
-  on a weight packed once per window for the batch's row count (at batch 20 re-packing the weight is most
-  of a plain GEMM call's time), by one of two libraries chosen per CPU (`gemm_path`): MKL's packed GEMM
-  on Intel, oneDNN's inner product elsewhere (MKL picks its fast code by CPU vendor; oneDNN by instruction
-  set, and on AMD it is 1.4x faster forward and 2.8x backward at 20 x 650). Under autocast bf16 the
-  per-step GEMMs take bfloat16 inputs with float32 accumulation (oneDNN; avx512_bf16 or AMX) while the
-  cell state and every elementwise operation stay float32. ``cpp_mkl`` and ``cpp_onednn`` force one
-  library (``cpp_onednn`` under autocast bf16: the bfloat16 GEMM; ``cpp_mkl``: float32 GEMMs whatever the
+  built module takes no lock, so parallel jobs never wait on each other. Its per-step GEMM has four paths
+  (`gemm_path`), chosen per CPU, precision and layer width by measurement: MKL's packed GEMM (a weight
+  packed once per window for the batch's row count; at batch 20 re-packing is most of a plain GEMM call's
+  time) on Intel, its fast code being Intel's own; elsewhere oneDNN's brgemm micro-kernel per block of
+  output columns (no dispatch, no allocation, the plain weight) up to BRGEMM_MAX_HIDDEN units, and oneDNN's
+  inner product on a reordered weight above (on AMD 1.4x faster forward and 2.8x backward than MKL at
+  20 x 650). Under autocast bf16 (on Intel at any width, elsewhere above BRGEMM_MAX_HIDDEN["bf16"] units)
+  the per-step GEMMs take bfloat16
+  inputs with float32 accumulation (oneDNN; avx512_bf16 or AMX) while the cell state and every elementwise
+  operation stay float32. ``cpp_mkl``, ``cpp_onednn`` and ``cpp_brgemm`` force one path (``cpp_onednn``
+  under autocast bf16: the bfloat16 GEMM; ``cpp_mkl`` and ``cpp_brgemm``: float32 GEMMs whatever the
   precision), ``cpp_blas`` a plain GEMM per step (torch's BLAS); float64 always uses that. Under no_grad
   the kernel keeps no per-step activations.
 - ``python``: the same loops written with torch ops; runs on any device (CUDA included) and is the fallback
@@ -45,6 +48,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -58,9 +62,11 @@ _EXT_NAME = "dglstm_scan"
 # Portable flags: the build directory may be shared by the nodes of a cluster, so no -march=native.
 _CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 # OpenMP: without it the kernel's at::parallel_for runs on one thread (torch's parallel helpers are inline
-# templates, parallel only where the includer is compiled with OpenMP); the loaded runtime is torch's own
-# libgomp (same soname). A compiler without OpenMP gets a serial build instead of none.
+# templates, parallel only where the includer is compiled with OpenMP). Only with GCC, whose libgomp is the
+# runtime torch's wheels load (same soname, so one runtime, honouring torch.set_num_threads); another
+# compiler (clang would link its own libomp) or one without OpenMP gets a serial build instead.
 _OPENMP = "-fopenmp"
+_OPENMP_PROBE = "#if !defined(__GNUC__) || defined(__clang__)\n#error not GCC\n#endif\n#include <omp.h>\nint main() { return omp_get_max_threads() < 1; }\n"
 _ext = None
 _ext_error: str | None = None
 
@@ -95,30 +101,46 @@ def _import_built(build_dir: Path):
     return None
 
 
+def _gcc_openmp() -> bool:
+    """Whether the C++ compiler torch will build with ($CXX, else c++) is GCC and links an OpenMP program."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            r = subprocess.run(
+                [os.environ.get("CXX", "c++"), "-x", "c++", "-", _OPENMP, "-o", str(Path(tmp) / "probe")],
+                input=_OPENMP_PROBE,
+                text=True,
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return r.returncode == 0
+
+
 def build(verbose: bool = False):
-    """Compile the extension (if it is not built yet) and return the module."""
+    """Compile the extension (if it is not built yet) and return the module: with OpenMP where the compiler is
+    GCC with OpenMP, else serial (decided before the one build, so the module keeps its name)."""
     from torch.utils.cpp_extension import load
 
     build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-
-    def compile_with(flags):
-        return load(
-            name=_EXT_NAME,
-            sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=[f for f in flags if f == _OPENMP],
-            build_directory=str(build_dir),
-            verbose=verbose,
+    flags = list(_CFLAGS)
+    if not _gcc_openmp():
+        flags.remove(_OPENMP)
+        log.warning(
+            "the C++ compiler is not GCC with OpenMP: the fused CPU kernel is built serial (one thread)"
         )
-
-    try:
-        return compile_with(_CFLAGS)
-    except Exception as exc:
-        serial = [f for f in _CFLAGS if f != _OPENMP]
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        log.warning("could not build the fused CPU kernel with OpenMP (%s); building it serial", reason)
-        return compile_with(serial)
+    return load(
+        name=_EXT_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=[f for f in flags if f == _OPENMP],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
 
 
 def cpp_extension(build_if_missing: bool = True):
@@ -288,8 +310,16 @@ def brgemm_available() -> bool:
     global _brgemm
     if _brgemm is None:
         ext = cpp_extension()
-        _brgemm = ext is not None and bool(ext.has_brgemm()) and torch.backends.mkldnn.is_available()
-    return _brgemm
+        # torch runs its brgemm on oneDNN's x86 micro-kernel only (AVX2 or more, oneDNN enabled); elsewhere it
+        # falls back to a plain GEMM per block, which is not what this path is for
+        _brgemm = (
+            ext is not None
+            and bool(ext.has_brgemm())
+            and torch.backends.mkldnn.is_available()
+            and platform.machine().lower() in ("x86_64", "amd64")
+            and ext.row_isa() in ("AVX2", "AVX-512")
+        )
+    return _brgemm and torch.backends.mkldnn.enabled
 
 
 def onednn_bf16_available() -> bool:
@@ -339,6 +369,13 @@ GEMM_NAMES = {
 BRGEMM_MAX_HIDDEN = {"fp32": 512, "bf16": 256}
 
 
+def brgemm_limit(low: torch.dtype | None = None) -> int:
+    """The widest layer for which model.backend=cpp prefers brgemm, under autocast to `low` (None: none): the
+    bf16 limit only where there is a bf16 GEMM to prefer instead."""
+    bf16 = low == torch.bfloat16 and onednn_bf16_available()
+    return BRGEMM_MAX_HIDDEN["bf16" if bf16 else "fp32"]
+
+
 def gemm_path(
     dtype: torch.dtype = torch.float32,
     backend: str = "cpp",
@@ -361,8 +398,7 @@ def gemm_path(
     if backend == "cpp_onednn":
         return ("cpp_onednn_bf16" if bf16 else "cpp_onednn") if onednn else "cpp_plain"
     intel = cpu_vendor() == "GenuineIntel"
-    limit = BRGEMM_MAX_HIDDEN["bf16" if bf16 else "fp32"]
-    if not intel and hidden is not None and hidden <= limit and brgemm_available():
+    if not intel and hidden is not None and hidden <= brgemm_limit(low) and brgemm_available():
         return "cpp_brgemm"
     if bf16:
         return "cpp_onednn_bf16"
@@ -543,7 +579,7 @@ def scan(
     _low=None,
 ):
     """Run the recurrence; see the module docstring. backend: "auto" | "cpp" | "cpp_blas" | "cpp_mkl" |
-    "cpp_onednn" | "python" | "triton" | "triton_graph"."""
+    "cpp_onednn" | "cpp_brgemm" | "python" | "triton" | "triton_graph"."""
     if _autocast_enabled(gx.device.type):
         # the recurrence in float32 (see the module docstring); the casts are differentiable. _low: the
         # autocast precision, which the fused kernel's oneDNN GEMM takes for its inputs

@@ -322,7 +322,7 @@ void check_input(const Tensor& t, const char* name) {
 }
 
 // The per-step GEMM z = X W^T (X: h_{t-1}, [B, H]; or, backward, dz_t W_hh as X = dz_t, W = W_hh^T) has
-// four paths, chosen by the caller (kernels.py) per CPU and precision:
+// four paths (kPlain, kMkl, kOneDnn, kBrgemm), chosen by the caller (kernels.py) per CPU, precision and width:
 //   kPlain   at::mm on the plain weight (torch's BLAS).
 //   kMkl     MKL's packed GEMM as torch registers it (mkl::_mkl_linear: X ORI_W^T with ORI_W pre-packed for
 //            X's row count by mkl::_mkl_reorder_linear_weight). A recurrence multiplies the same small weight
@@ -383,6 +383,7 @@ struct StepGemm {
         }
         return;
       case Gemm::kBrgemm: {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
         const int64_t M = x.size(0), K = x.size(1), N = w_packed->size(1);
         const float* a = x.data_ptr<float>();
         const float* b = w_packed->data_ptr<float>();
@@ -394,6 +395,9 @@ struct StepGemm {
           }
         });
         return;
+#else
+        TORCH_CHECK(false, "scan: this torch has no float32 brgemm (model.backend=cpp_brgemm)");
+#endif
       }
       default:
         at::mm_out(out, x, w.t());
