@@ -824,6 +824,9 @@ def main(argv=None) -> int:
     plan = Plan(args)
     plan.check_configs()
     if {"search", "final"} & set(plan.stages):
+        from .rundir import check_folder
+
+        check_folder(plan.dir, "dir")  # a dir= that cannot be a folder is said before the data is looked for
         plan.check_data()
     fd = _lock(plan.dir)
     return Compare(plan, Runner(fd)).run()
