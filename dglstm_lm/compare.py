@@ -16,7 +16,8 @@ Stages:
 2. best: the best complete trial of each model (lowest proxy validation perplexity among its first `trials`
    finished trials) → <dir>/summary.json, with each model's spent budget (trials complete / pruned / failed,
    epochs, CPU-seconds) and its expected best validation perplexity vs the number of trials
-   (<dir>/expected_best.png, <dir>/tuning.md).
+   (<dir>/expected_best.png, <dir>/tuning.md, written before the final stage), and the models compared at
+   their shared start-up points, paired by point.
 3. final: each model's best parameters trained on the full recipe with every seed, a Hydra multirun into
    <dir>/final/<model>/seed=<s>/: a re-run skips completed jobs and resumes unfinished ones.
 4. report: `python -m dglstm_lm.report --dir <dir>/final --out <dir>/report`.
@@ -367,6 +368,29 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def paired_diff(row: list[float], base: list[float]) -> dict:
+    """mean(row − base) over pairs, its 95% CI and paired t-test p, Wilcoxon's signed-rank p, and in how
+    many pairs row is lower (better); the tests need two pairs and some spread (else None)."""
+    import math
+    import statistics
+
+    from scipy import stats
+
+    from .report import compare
+
+    n = len(row)
+    d = [r - b for r, b in zip(row, base)]
+    out = {"n": n, "delta": statistics.fmean(d) if d else None, "low": None, "high": None}
+    out |= {"p_t": None, "p_wilcoxon": None, "lower": sum(x < 0 for x in d)}
+    if n >= 2:
+        diff = compare(dict(enumerate(row)), dict(enumerate(base)))
+        out |= {"low": diff.low, "high": diff.high, "p_t": diff.p}
+        if any(x != 0 for x in d):
+            p = float(stats.wilcoxon(d).pvalue)
+            out["p_wilcoxon"] = p if math.isfinite(p) else None
+    return out
+
+
 def _train_cmd(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "dglstm_lm.train", "--multirun", *overrides]
 
@@ -561,6 +585,38 @@ class Compare:
         held = [t.params for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
         return next((pt for pt in self.startup_points() if pt not in held), None)
 
+    def startup_paired(self) -> dict | None:
+        """Every model was trained at the same start-up points (drawn at random, in the same order): each
+        model's proxy score at each point, and each model against the first, paired by point (a paired
+        t-test and Wilcoxon's signed-rank test). n counts configurations with one seed each, not seeds. Only
+        points where both models completed with a finite score pair; None below two models."""
+        from optuna.trial import TrialState
+
+        from .tune import trial_score
+
+        models = [m for m in self.plan.models if self.study(m) is not None]
+        if len(models) < 2:
+            return None
+        points = self.startup_points()
+        values: dict[str, dict[int, float]] = {}
+        for m in models:
+            values[m] = {}
+            for t in sorted(self.study(m).get_trials(deepcopy=False), key=lambda t: t.number):
+                if t.state != TrialState.COMPLETE or trial_score(t) is None or t.params not in points:
+                    continue
+                values[m].setdefault(points.index(t.params), trial_score(t))
+        base = models[0]
+        out = {
+            "baseline": base,
+            "points": [{"point": i, **{m: values[m].get(i) for m in models}} for i in range(len(points))],
+            "diffs": {},
+        }
+        for m in models[1:]:
+            shared = sorted(set(values[m]) & set(values[base]))
+            d = paired_diff([values[m][i] for i in shared], [values[base][i] for i in shared])
+            out["diffs"][m] = {"points": shared, **d}
+        return out
+
     def budget(self, model: str) -> dict:
         """What the search of `model` spent: trials by state, epochs trained, CPU- and wall-seconds."""
         from . import rundir
@@ -668,6 +724,10 @@ class Compare:
                 cells.append(f"{r['expected_best']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" if r else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "![expected best vs trials](expected_best.png)", ""]
+        paired = self.startup_paired()
+        if paired:
+            self.summary["startup_paired"] = paired
+            lines += _paired_lines(paired, models, self.plan.proxy)
         atomic_write_bytes(self.dir / "tuning.md", "\n".join(lines).encode())
         expected_best_figure({m: e[m] for m in models}, self.dir / "expected_best.png", self.plan.proxy)
         self.summary["tuning_report"] = str(self.dir / "tuning.md")
@@ -772,6 +832,7 @@ class Compare:
         problems = []
         if "final" in p.stages:
             best = {m: self.best(m) for m in p.models}
+            self.tuning_report()  # the search's report now: the final runs take hours
             for m in p.models:
                 problems += self.final(m, best[m]["params"])
         elif "search" in p.stages:
@@ -785,6 +846,41 @@ class Compare:
             raise CompareError("final runs not completed: " + "; ".join(problems))
         _say(f"done; summary in {self.summary_path}")
         return 0
+
+
+def _p(v) -> str:
+    return "—" if v is None else f"{v:.2g}" if v < 0.001 else f"{v:.3f}"
+
+
+def _paired_lines(paired: dict, models: list[str], proxy: str) -> list[str]:
+    """tuning.md's section on the shared start-up points."""
+    base = paired["baseline"]
+    cell = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        "## The shared start-up points, paired",
+        "",
+        f"Every model was trained at the same {len(paired['points'])} random start-up points, in the same order: "
+        f"proxy validation perplexity ({proxy}, one seed) at each; – where a model has no completed run of it.",
+        "",
+        "| point | " + " | ".join(models) + " |",
+        "| ---: | " + " | ".join("---:" for _ in models) + " |",
+    ]
+    lines += [
+        f"| {r['point']} | " + " | ".join(cell(r.get(m)) for m in models) + " |" for r in paired["points"]
+    ]
+    lines.append("")
+    for m, d in paired["diffs"].items():
+        if d["n"] == 0:
+            lines.append(f"- {m} − {base}: no shared point completed by both yet.")
+            continue
+        ci = "" if d["low"] is None else f" [95% CI {d['low']:+.2f}, {d['high']:+.2f}]"
+        lines.append(
+            f"- {m} − {base}, paired by point: {d['delta']:+.2f}{ci}, paired t-test p = {_p(d['p_t'])}, "
+            f"Wilcoxon signed-rank p = {_p(d['p_wilcoxon'])}; lower at {d['lower']} of {d['n']} points. "
+            f"n counts configurations with one seed each, on the proxy: it says whether the difference holds "
+            f"across the space, not what the tuned models reach."
+        )
+    return lines + [""]
 
 
 def _lock(folder: Path) -> int:

@@ -29,6 +29,21 @@ def _complete(study) -> list:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def _compare(folder, models: str, trials: str, stages: str, jobs=None, runner=None):
+    """A Compare on the smoke recipes for tests that drive its stages by hand (no training)."""
+    import argparse
+
+    from dglstm_lm.compare import Compare, Plan
+
+    args = argparse.Namespace(
+        models=models, trials=trials, seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
+        stages=stages, overrides=["logger=none"], proxy_override=None, dir=str(folder), jobs=jobs,
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    return Compare(plan, runner=runner)
+
+
 SPACE_KEYS = {
     "trainer.lr",
     "trainer.lr_decay",
@@ -238,19 +253,12 @@ def test_the_acceptance_command_writes_budgets_and_the_expected_best_figure(tmp_
 def test_the_best_trial_is_chosen_by_validation_not_test_perplexity(tmp_path):
     """Three complete trials whose validation and test orderings differ (their runs' metrics say so): the
     best is the lowest validation perplexity (trial 1), never the lowest test perplexity (trial 2)."""
-    import argparse
 
     from dglstm_lm import tune
-    from dglstm_lm.compare import Compare, Plan
 
     folder = tmp_path / "cmp"
-    args = argparse.Namespace(
-        models="stacked_lstm", trials="3", seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
-        stages="search,final", overrides=["logger=none"], proxy_override=None, dir=str(folder), jobs=None,
-    )  # fmt: skip
-    plan = Plan(args)
-    plan.metric, plan.base_seed = "val/ppl", 1
-    cmp = Compare(plan, runner=None)
+    cmp = _compare(str(folder), models="stacked_lstm", trials="3", stages="search,final", runner=None)
+    plan = cmp.plan
     study = cmp.study("stacked_lstm", create=True)
     dists = plan.space.distributions()
     for n, (val, test) in enumerate([(120.0, 115.0), (100.0, 118.0), (110.0, 90.0)]):
@@ -291,19 +299,13 @@ def test_make_search_is_the_search_stage_for_one_model_and_tops_up(tmp_path, ptb
 def test_every_model_gets_the_same_start_up_points_even_after_a_failed_trial(tmp_path):
     """The sampler's start-up points are drawn once and given to every study in order; a point whose trial
     failed in one study is given to it again, so the models stay paired point by point."""
-    import argparse
 
     from optuna.trial import TrialState
 
-    from dglstm_lm.compare import Compare, Plan
-
-    args = argparse.Namespace(
-        models="stacked_lstm,dglstm", trials="4", seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
-        stages="search", overrides=["logger=none"], proxy_override=None, dir=str(tmp_path / "cmp"), jobs=None,
-    )  # fmt: skip
-    plan = Plan(args)
-    plan.metric, plan.base_seed = "val/ppl", 1
-    cmp = Compare(plan, runner=None)
+    cmp = _compare(
+        str(tmp_path / "cmp"), models="stacked_lstm,dglstm", trials="4", stages="search", runner=None
+    )
+    plan = cmp.plan
     points = cmp.startup_points()
     assert len(points) == 8 and len({str(p) for p in points}) == 8
     dists = plan.space.distributions()
@@ -324,9 +326,8 @@ def test_a_search_whose_every_trial_fails_stops_after_two_batches(tmp_path):
     """A cause common to every trial (here: jobs that exit without training, as a broken environment does)
     stops the search after two batches of one model in which every trial failed, naming the error a trial
     recorded, instead of failing trial after trial up to MAX_FAILED per missing trial (72 for 24 trials)."""
-    import argparse
 
-    from dglstm_lm.compare import MAX_FAILED_BATCHES, Compare, CompareError, Plan
+    from dglstm_lm.compare import MAX_FAILED_BATCHES, CompareError
 
     class Broken:  # every batch's jobs fail before they tell their trials anything
         calls = 0
@@ -345,16 +346,71 @@ def test_a_search_whose_every_trial_fails_stops_after_two_batches(tmp_path):
     def model_of(cmd):
         return next(a for a in cmd if a.startswith("model=")).split("=", 1)[1]
 
-    args = argparse.Namespace(
-        models="stacked_lstm,dglstm", trials="24", seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
-        stages="search", overrides=["logger=none"], proxy_override=None, dir=str(tmp_path / "cmp"), jobs="2",
-    )  # fmt: skip
-    plan = Plan(args)
-    plan.metric, plan.base_seed = "val/ppl", 1
-    cmp = Compare(plan, runner=Broken())
+    cmp = _compare(
+        str(tmp_path / "cmp"),
+        models="stacked_lstm,dglstm",
+        trials="24",
+        stages="search",
+        jobs="2",
+        runner=Broken(),
+    )
     with pytest.raises(CompareError, match=r"search of stacked_lstm: every trial of its last 2 batches failed "
                        r"\(PTB not found: \.\.\.\); fix the cause"):  # fmt: skip
         cmp.search_all()
     # the models take turns: stacked, dglstm, stacked
     assert MAX_FAILED_BATCHES == 2 and Broken.calls == 3
     assert [len(cmp.study(m).trials) for m in ("stacked_lstm", "dglstm")] == [4, 2]
+
+
+def test_the_shared_start_up_points_are_paired_by_point_in_tuning_md(tmp_path):
+    """Both studies hold the start-up points in different orders, with a failed and a pruned trial and a
+    TPE trial that is no start-up point: only points both completed are paired, by point (not by trial
+    number), and the difference, its CI and both tests equal those computed here from the values."""
+
+    import numpy as np
+    from optuna.trial import TrialState
+    from scipy import stats
+
+    cmp = _compare(
+        str(tmp_path / "cmp"), models="stacked_lstm,dglstm", trials="6", stages="search", runner=None
+    )
+    plan = cmp.plan
+    points, dists = cmp.startup_points(), plan.space.distributions()
+    base = {0: 200.0, 1: 210.0, 2: 180.0, 3: 230.0, 4: 190.0}
+    other = {1: 195.0, 0: 199.0, 3: 205.0, 2: 183.0, 5: 170.0}  # point 4 pruned here, point 5 not in base
+    for model, vals, extra in (("stacked_lstm", base, None), ("dglstm", other, 4)):
+        study = cmp.study(model, create=True)
+        if model == "dglstm":  # a failed trial first: trial numbers no longer match the points
+            study.enqueue_trial(points[0])
+            study.tell(study.ask(dists), state=TrialState.FAIL)
+        for i, v in vals.items():
+            study.enqueue_trial(points[i])
+            study.tell(study.ask(dists), v)
+        if extra is not None:
+            study.enqueue_trial(points[extra])
+            t = study.ask(dists)
+            t.report(300.0, 1)
+            study.tell(t, state=TrialState.PRUNED)
+        study.tell(study.ask(dists), 150.0)  # a sampled point: no start-up point, never paired
+    for m in MODELS:
+        cmp.best(m)
+    cmp.tuning_report()
+    paired = cmp.summary["startup_paired"]
+    assert paired["baseline"] == "stacked_lstm"
+    d = paired["diffs"]["dglstm"]
+    assert d["points"] == [0, 1, 2, 3]
+    diffs = np.array([other[i] - base[i] for i in range(4)])  # -1, -15, +3, -25
+    t = stats.ttest_rel([other[i] for i in range(4)], [base[i] for i in range(4)])
+    half = stats.t.ppf(0.975, 3) * diffs.std(ddof=1) / 2
+    assert d["n"] == 4 and d["lower"] == 3
+    assert d["delta"] == pytest.approx(-9.5) and d["p_t"] == pytest.approx(t.pvalue)
+    assert (d["low"], d["high"]) == (pytest.approx(-9.5 - half), pytest.approx(-9.5 + half))
+    assert d["p_wilcoxon"] == pytest.approx(stats.wilcoxon(diffs).pvalue)
+    assert paired["points"][4] == {"point": 4, "stacked_lstm": 190.0, "dglstm": None}
+    assert paired["points"][5] == {"point": 5, "stacked_lstm": None, "dglstm": 170.0}
+    md = (tmp_path / "cmp" / "tuning.md").read_text()
+    assert "| 4 | 190.00 | – |" in md and "| 5 | – | 170.00 |" in md
+    assert (
+        f"dglstm − stacked_lstm, paired by point: -9.50 [95% CI {-9.5 - half:+.2f}, {-9.5 + half:+.2f}]" in md
+    )
+    assert "lower at 3 of 4 points" in md
