@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import re
 import shlex
@@ -171,6 +172,10 @@ class Plan:
 
         self.space = Space.load(args.space)
         self.stages = _parse_list(args.stages, "stages")
+        flag = str(getattr(args, "complete_pruned", None) or "0").strip().lower()
+        if flag not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"complete_pruned={flag}: expected 1 or 0")
+        self.complete_pruned = flag in ("1", "true", "yes")
         for s in self.stages:
             if s not in STAGES:
                 raise ConfigError(f"unknown stage {s!r} (available: {', '.join(STAGES)})")
@@ -431,7 +436,14 @@ class Compare:
                 f"{p.metric} among its first {p.trials} finished trials) was then trained on {p.experiment} "
                 f"with the same seeds ({','.join(map(str, p.seeds))}). Test perplexity played no part in "
                 "the selection."
+                + (
+                    " With complete_pruned=1, every pruned trial of every model was also run to the end without "
+                    "the pruner, and each model's best was chosen over all its trials so run."
+                    if p.complete_pruned
+                    else ""
+                )
             ),
+            "complete_pruned": p.complete_pruned,
             "settings": now,
             "models": p.models,
             "trials_per_model": p.trials,
@@ -564,6 +576,75 @@ class Compare:
         while todo:
             todo = [(i, m) for i, m in todo if self.search(i, m)]
 
+    def unpruned_dir(self, model: str, number: int) -> Path:
+        return self.dir / "unpruned" / model / f"trial={number}"
+
+    def pruned_trials(self, model: str) -> list[int]:
+        """The pruned trials among the model's first `trials` finished ones."""
+        from optuna.trial import TrialState
+
+        from .tune import finished
+
+        study = self.study(model)
+        done = finished(study)[: self.plan.trials] if study is not None else []
+        return [t.number for t in done if t.state == TrialState.PRUNED]
+
+    def complete_pruned(self, model: str) -> None:
+        """complete_pruned=1: every pruned trial of the model's search trained to the end with its parameters,
+        without a pruner, in <dir>/unpruned/<model>/trial=<n>/ (its study is read, never written): what the
+        pruner cost, measured, and each model's best chosen over all its trials run to the end."""
+        from . import rundir
+
+        pruned = self.pruned_trials(model)
+        status = {n: (rundir.read_metrics(self.unpruned_dir(model, n)) or {}).get("status") for n in pruned}
+        todo = [n for n in pruned if status[n] not in ("completed", "diverged")]
+        head = f"[unpruned] {model}"
+        if not todo:
+            _say(
+                f"{head}: {len(pruned)} pruned trial{'s' if len(pruned) != 1 else ''} run to the end; nothing to run"
+            )
+            return
+        _say(
+            f"{head}: running pruned trial{'s' if len(todo) > 1 else ''} {', '.join(map(str, todo))} to the end "
+            f"on {self.plan.proxy}, without the pruner → {self.dir / 'unpruned' / model}"
+        )
+        self.runner.run(
+            _train_cmd(
+                [
+                    *self.plan.search_overrides(model),
+                    f"tune.storage={_quote(self.study_path(model))}",
+                    f"tune.study={model}",
+                    "tune.trial=" + ",".join(map(str, todo)),
+                    "tune.complete=true",
+                    f"hydra.sweep.dir={_quote(self.dir / 'unpruned' / model)}",
+                    "hydra.sweep.subdir='trial=${tune.trial}'",
+                    *self.group("unpruned"),
+                ]
+            )
+        )
+
+    def unpruned_scores(self, model: str) -> dict[int, float | None]:
+        """complete_pruned=1: each pruned trial's score run to the end (None: diverged); an error names the
+        first one not run to the end yet."""
+        import math
+
+        from . import rundir
+
+        out = {}
+        for n in self.pruned_trials(model):
+            m = rundir.read_metrics(self.unpruned_dir(model, n)) or {}
+            if m.get("status") == "diverged":
+                out[n] = None
+            elif m.get("status") == "completed":
+                v = m.get(self.plan.metric)
+                out[n] = float(v) if v is not None and math.isfinite(v) else None
+            else:
+                raise CompareError(
+                    f"complete_pruned=1: pruned trial {n} of {model} has not run to the end "
+                    f"({m.get('status', 'not started')}, {self.unpruned_dir(model, n)}); run the search stage again"
+                )
+        return out
+
     def startup_points(self) -> list[dict]:
         """The sampler's start-up points (its n_startup_trials; every trial for the random sampler), drawn
         once at random with the space's seed: every model's study gets these same points first."""
@@ -630,6 +711,13 @@ class Compare:
             epochs += m.get("epochs_completed") or 0
             cpu += m.get("cpu_s") or 0.0
             wall += m.get("wall_s") or 0.0
+        done = {"trials": 0, "epochs": 0.0, "cpu_s": 0.0, "wall_s": 0.0}
+        for run in sorted((self.dir / "unpruned" / model).glob("trial=*")):
+            m = rundir.read_metrics(run) or {}
+            done["trials"] += m.get("status") in ("completed", "diverged")
+            done["epochs"] += m.get("epochs_completed") or 0
+            done["cpu_s"] += m.get("cpu_s") or 0.0
+            done["wall_s"] += m.get("wall_s") or 0.0
         entry = {
             "trials_complete": len(by_state.get("complete", [])),
             "trials_pruned": len(by_state.get("pruned", [])),
@@ -638,6 +726,14 @@ class Compare:
             "cpu_s": round(cpu, 1),
             "wall_s": round(wall, 1),
         }
+        if self.plan.complete_pruned or done["trials"]:
+            # complete_pruned=1: the pruned trials run to the end, apart from the search's own spend
+            entry["pruned_run_to_the_end"] = {
+                "trials": done["trials"],
+                "epochs": int(done["epochs"]),
+                "cpu_s": round(done["cpu_s"], 1),
+                "wall_s": round(done["wall_s"], 1),
+            }
         self.summary["budget"][model] = entry
         self._save_summary()
         return entry
@@ -655,22 +751,30 @@ class Compare:
             raise UserError(
                 f"the study of {model} has {len(done)} of {p.trials} finished trials; run the search stage first"
             )
-        complete = [t for t in done if t.state == TrialState.COMPLETE and trial_score(t) is not None]
-        if not complete:
+        # each finished trial's score at the end of its run: its value; with complete_pruned=1 a pruned
+        # trial's is that of its run to the end (None: diverged)
+        final = {t.number: t.value if t.state == TrialState.COMPLETE else None for t in done}
+        unpruned = self.unpruned_scores(model) if p.complete_pruned else {}
+        final.update(unpruned)
+        ranked = [t for t in done if final[t.number] is not None and math.isfinite(final[t.number])]
+        if not ranked:
             raise CompareError(f"none of the {p.trials} trials of {model} completed with a finite {p.metric}")
-        t = min(complete, key=lambda t: (t.value, t.number))
+        t = min(ranked, key=lambda t: (final[t.number], t.number))
         entry = {
             "params": dict(t.params),
             "trial": t.number,
-            f"proxy {p.metric}": t.value,
+            f"proxy {p.metric}": final[t.number],
+            "pruned_then_run_to_the_end": t.number in unpruned,
             "finished_trials": p.trials,
             "study": str(self.study_path(model)),
             "study_name": model,
             # per finished trial in order: [number, state, score]; a score of null: diverged
             "trials": [[x.number, x.state.name.lower(), trial_score(x)] for x in done],
         }
+        if p.complete_pruned:
+            entry["unpruned"] = {str(n): v for n, v in unpruned.items()}
         self.summary["best"][model] = entry
-        scores = [trial_score(x) for x in done]
+        scores = [unpruned[x.number] if x.number in unpruned else trial_score(x) for x in done]
         finite = [v for v in scores if v is not None]
         worst = max(finite)
         # a diverged trial counts as no better than the worst finite one (its perplexity is unbounded)
@@ -678,7 +782,9 @@ class Compare:
             [v if v is not None else worst for v in scores]
         )
         self.budget(model)
-        _say(f"[best] {model}: trial {t.number}, proxy {p.metric} {t.value:.2f}: {_fmt_params(t.params)}")
+        _say(
+            f"[best] {model}: trial {t.number}, proxy {p.metric} {final[t.number]:.2f}: {_fmt_params(t.params)}"
+        )
         return entry
 
     def tuning_report(self) -> None:
@@ -724,6 +830,7 @@ class Compare:
                 cells.append(f"{r['expected_best']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" if r else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "![expected best vs trials](expected_best.png)", ""]
+        lines += _unpruned_lines(self.summary["best"], models, self.plan.metric)
         paired = self.startup_paired()
         if paired:
             self.summary["startup_paired"] = paired
@@ -829,6 +936,9 @@ class Compare:
         self._save_summary()
         if "search" in p.stages:
             self.search_all()
+            if p.complete_pruned:
+                for m in p.models:
+                    self.complete_pruned(m)
         problems = []
         if "final" in p.stages:
             best = {m: self.best(m) for m in p.models}
@@ -883,6 +993,40 @@ def _paired_lines(paired: dict, models: list[str], proxy: str) -> list[str]:
     return lines + [""]
 
 
+def _unpruned_lines(best: dict, models: list[str], metric: str) -> list[str]:
+    """tuning.md's section on the pruned trials run to the end (complete_pruned=1)."""
+    runs = {m: best[m]["unpruned"] for m in models if "unpruned" in best.get(m, {})}
+    if not runs:
+        return []
+    cell = lambda v: "diverged" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        "## The pruned trials, run to the end",
+        "",
+        f"complete_pruned=1: every pruned trial trained to the end with its parameters, without the pruner; "
+        f"its proxy {metric} where the pruner stopped it, and at the end.",
+        "",
+        "| model | trial | when pruned | at the end | the model's best? |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for m, by_trial in runs.items():
+        stopped = {n: v for n, _, v in best[m]["trials"]}
+        for n, v in sorted(by_trial.items(), key=lambda kv: int(kv[0])):
+            mark = "**yes**" if int(n) == best[m]["trial"] else ""
+            lines.append(f"| {m} | {n} | {cell(stopped.get(int(n)))} | {cell(v)} | {mark} |")
+    lines.append("")
+    for m, by_trial in runs.items():
+        b = best[m]
+        lines.append(
+            f"- {m}: {len(by_trial)} pruned trial{'s' if len(by_trial) != 1 else ''} run to the end; its best is "
+            + (
+                f"trial {b['trial']}, **one the pruner had stopped**."
+                if b.get("pruned_then_run_to_the_end")
+                else f"trial {b['trial']}, which ran complete in the search: the pruner stopped none better."
+            )
+        )
+    return lines + [""]
+
+
 def _lock(folder: Path) -> int:
     from .rundir import check_folder
 
@@ -915,6 +1059,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--proxy-override", action="append", help="an override for the search only (repeatable)")
     ap.add_argument("--stages", default=",".join(STAGES), help="which stages to run (default all)")
+    ap.add_argument(
+        "--complete-pruned",
+        "--complete_pruned",
+        default="0",
+        help="1: after the search, run every pruned trial to the end (no pruner) and choose the best over all",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. model.hidden_dim=400")
     args = ap.parse_intermixed_args(argv)
     plan = Plan(args)

@@ -201,6 +201,9 @@ class TuneConfig:
     storage: str | None = None  # the study's journal file (Optuna's JournalStorage)
     study: str | None = None
     trial: int | None = None  # the trial's number in the study
+    # only the trial's parameters: no pruner, nothing reported or told (make compare's complete_pruned=1 runs
+    # a pruned trial to the end in a folder of its own, to measure what pruning it cost)
+    complete: bool = False
 
 
 @dataclass

@@ -224,12 +224,16 @@ class TrialJob:
             for key, value in self.params.items():
                 OmegaConf.update(cfg, key, value, merge=False)
         self.cfg = cfg
-        self.trial = optuna.trial.Trial(self.study, self.trial_id)
+        # tune.complete: the parameters only (a pruned trial run to the end): the study is read, never written
+        self.complete = bool(t.get("complete", False))
+        self.trial = None if self.complete else optuna.trial.Trial(self.study, self.trial_id)
         self.metric = (spec or {}).get("metric", "val/ppl")
 
     def catch_up(self, history: list[dict]) -> None:
         """Report the epochs of a resumed trial's history that its study has not seen (a job killed between
         an epoch's checkpoint and its report)."""
+        if self.complete:
+            return
         seen = self.storage.get_trial(self.trial_id).intermediate_values
         for record in history:
             value, epoch = record.get(self.metric), record.get("epoch")
@@ -240,7 +244,7 @@ class TrialJob:
         from .trainer import Pruned
 
         value = record.get(self.metric)
-        if value is None or not math.isfinite(value):
+        if self.complete or value is None or not math.isfinite(value):
             return
         self.trial.report(float(value), int(record["epoch"]))
         if self.trial.should_prune():
@@ -250,7 +254,10 @@ class TrialJob:
             )
 
     def _state(self):
-        return self.storage.get_trial(self.trial_id).state
+        from optuna.trial import TrialState
+
+        # a completion run tells nothing: as if its trial were finished already
+        return TrialState.COMPLETE if self.complete else self.storage.get_trial(self.trial_id).state
 
     def tell(self, metrics: dict) -> None:
         from optuna.trial import TrialState

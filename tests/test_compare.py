@@ -414,3 +414,51 @@ def test_the_shared_start_up_points_are_paired_by_point_in_tuning_md(tmp_path):
         f"dglstm − stacked_lstm, paired by point: -9.50 [95% CI {-9.5 - half:+.2f}, {-9.5 + half:+.2f}]" in md
     )
     assert "lower at 3 of 4 points" in md
+
+
+def test_complete_pruned_runs_the_pruned_trials_to_the_end_and_chooses_over_all(tmp_path):
+    """complete_pruned=1: the pruned trial (and only it) is run once, to the end, with tune.complete=true in
+    unpruned/<model>/trial=<n>; the best is chosen over the complete trials and that run (here: the pruned
+    trial, 100 against 110), the expected-best curve uses its final value, and the budget shows its spend
+    apart. Without its run the choice is refused with a one-line error naming the trial."""
+    from optuna.trial import TrialState
+
+    from dglstm_lm.compare import CompareError
+
+    class Fake:
+        cmds: list = []
+
+        def run(self, cmd):
+            Fake.cmds.append(cmd)
+            run = tmp_path / "cmp" / "unpruned" / "stacked_lstm" / "trial=1"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(
+                json.dumps({"status": "completed", "val/ppl": 100.0, "epochs_completed": 8, "cpu_s": 50.0})
+            )
+            return 0
+
+    cmp = _compare(tmp_path / "cmp", models="stacked_lstm", trials="3", stages="search,final", runner=Fake())
+    cmp.plan.complete_pruned = True
+    study = cmp.study("stacked_lstm", create=True)
+    dists = cmp.plan.space.distributions()
+    for value in [120.0, None, 110.0]:
+        t = study.ask(dists)
+        t.report(300.0 if value is None else value + 50, 2)
+        study.tell(t, state=TrialState.PRUNED) if value is None else study.tell(t, value)
+    with pytest.raises(CompareError, match=r"pruned trial 1 of stacked_lstm has not run to the end"):
+        cmp.best("stacked_lstm")
+    cmp.complete_pruned("stacked_lstm")
+    cmp.complete_pruned("stacked_lstm")  # done: nothing runs again
+    assert len(Fake.cmds) == 1
+    cmd = Fake.cmds[0]
+    assert "tune.trial=1" in cmd and "tune.complete=true" in cmd
+    assert f"hydra.sweep.dir={tmp_path / 'cmp' / 'unpruned' / 'stacked_lstm'}" in cmd
+    entry = cmp.best("stacked_lstm")
+    assert entry["trial"] == 1 and entry["proxy val/ppl"] == 100.0 and entry["pruned_then_run_to_the_end"]
+    assert entry["params"] == study.trials[1].params and entry["unpruned"] == {"1": 100.0}
+    assert cmp.summary["expected_best"]["stacked_lstm"][-1]["expected_best"] == 100.0
+    assert cmp.summary["budget"]["stacked_lstm"]["pruned_run_to_the_end"]["epochs"] == 8
+    cmp.tuning_report()
+    md = (tmp_path / "cmp" / "tuning.md").read_text()
+    assert "| stacked_lstm | 1 | 300.00 | 100.00 | **yes** |" in md
+    assert "its best is trial 1, **one the pruner had stopped**" in md

@@ -178,6 +178,22 @@ def test_a_trial_job_reads_its_point_reports_and_is_pruned(tmp_path, ptb_dir, pt
     assert r.returncode == 0 and "was pruned" in r.stderr + r.stdout
     assert (run / "metrics.json").read_text() == before
 
+    # tune.complete=true (make compare complete_pruned=1): the same trial's parameters, run to the end in a
+    # folder of its own without the pruner; its study is read, not written
+    journal = path.read_bytes()
+    done = tmp_path / "trial1-complete"
+    cmd = [*cmd[:-1], "tune.complete=true", f"hydra.run.dir={done}"]
+    r = run_cli(cmd, env={"PTB_DIR": str(ptb_dir)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((done / "metrics.json").read_text())
+    config = json.loads((done / "config.json").read_text())
+    assert (
+        metrics["status"] == "completed"
+        and metrics["epochs_completed"] == config["trainer"]["max_epochs"] > 1
+    )
+    assert config["trainer"]["lr"] == trial.params["trainer.lr"]
+    assert path.read_bytes() == journal
+
 
 @pytest.mark.slow  # trains on real PTB (seconds each)
 def test_a_trial_job_that_is_not_in_the_study_is_one_line(tmp_path, ptb_dir, ptb_root):
