@@ -469,6 +469,15 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     if device.type == "cuda":  # on CUDA the python scan is the DGLSTM's; the fused C++ kernel is CPU-only
         cores = [c for c in cores if not c.startswith("dglstm[")] + ["dglstm[python]"]
     info = machine()
+    left_out = []
+    if device.type == "cpu" and any(c.endswith(BF16) for c in cores):
+        from .trainer import cpu_bf16_supported
+
+        if not cpu_bf16_supported():  # nn.LSTM cannot run under autocast bf16 here: no bf16 rows to compare
+            cores = [c for c in cores if not c.endswith(BF16)]
+            left_out.append(
+                "the bf16 rows: this CPU has no bfloat16 support in oneDNN (AVX-512 or AMX needed)"
+            )
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(
         f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"
@@ -504,12 +513,15 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     warnings_ = quiet_machine_warnings(records, load_start, load_end, os.cpu_count() or 1)
     for w in warnings_:
         print(f"warning: {w}", flush=True)
+    for what in left_out:
+        print(f"left out: {what}", flush=True)
     payload = {
         "machine": info,
         # the 1-minute load average when the measurements began and ended (this process's own threads count
         # too: up to `threads` on an idle machine), and what it and the control rows say about the noise
         "load_average": {"start": load_start, "end": load_end},
         "warnings": warnings_,
+        "left_out": left_out,  # rows this machine cannot run, and why
         "batch": B,
         "bptt": T,
         "vocab": V,

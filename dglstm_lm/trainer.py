@@ -154,7 +154,25 @@ def precision_context(device, precision: str = "fp32"):
         )
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"trainer.precision=bf16 runs on cpu or cuda, not {device.type}")
+    if device.type == "cpu" and not cpu_bf16_supported():
+        # e.g. AMD Zen 3 (AVX2 only): oneDNN has no bf16 LSTM there and nn.LSTM fails at its first step
+        from .models.kernels import cpu_vendor
+
+        raise UserError(
+            f"trainer.precision=bf16: this CPU ({cpu_vendor() or 'unknown vendor'}, "
+            f"{torch.backends.cpu.get_cpu_capability()}) has no bfloat16 support in oneDNN "
+            "(it needs AVX-512 or AMX); use trainer.precision=fp32"
+        )
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU (AVX-512, avx512_bf16, AMX): nn.LSTM under CPU autocast
+    bf16 needs it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _master_state(model, state):
