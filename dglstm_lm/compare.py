@@ -222,6 +222,14 @@ class Plan:
         )
         self.dir = Path(args.dir or default).resolve()
         _quote(self.dir)
+        # archive=: where the records are kept beside the folder (dglstm_lm/archive.py); where they are kept
+        # changes nothing computed, so it is not one of the settings
+        archive = getattr(args, "archive", None)
+        self.archive = Path(archive).resolve() if archive else None
+        if self.archive is not None and (self.archive == self.dir or self.dir in self.archive.parents):
+            raise ConfigError(
+                f"archive={archive}: inside the comparison's folder {self.dir}; give one outside it"
+            )
         self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
         self.logger_mode = next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("logger.mode=")), "offline"
@@ -408,6 +416,14 @@ class Compare:
         self.plan, self.runner = plan, runner
         self.dir = plan.dir
         self.summary_path = self.dir / "summary.json"
+        self.keeper = None
+        if plan.archive is not None:  # archive=: what the folder lacks comes back first, then is kept there
+            from .archive import Keeper, restore
+
+            n = restore(plan.archive, self.dir)
+            if n:
+                _say(f"restored {n} records from {plan.archive}: finished work is not redone")
+            self.keeper = Keeper(self.dir, plan.archive)
         self.summary = self._load_summary()
 
     # ---- summary.json: settings, the best params per model, the budgets, the final runs
@@ -459,6 +475,8 @@ class Compare:
         from .checkpoint import atomic_write_bytes
 
         atomic_write_bytes(self.summary_path, (json.dumps(self.summary, indent=2) + "\n").encode())
+        if self.keeper is not None:  # after every batch, stage and report: the archive follows
+            self.keeper.keep()
 
     def group(self, stage: str) -> list[str]:
         """One W&B group per stage of this comparison, unless logger.group is given."""
@@ -934,6 +952,17 @@ class Compare:
             + f" → {self.dir}"
         )
         self._save_summary()
+        if self.keeper is not None:
+            self.keeper.start()  # and every ten minutes while a stage runs
+        try:
+            return self._stages()
+        finally:
+            if self.keeper is not None:
+                self.keeper.stop()
+                self.keeper.keep()
+
+    def _stages(self) -> int:
+        p = self.plan
         if "search" in p.stages:
             self.search_all()
             if p.complete_pruned:
@@ -1065,6 +1094,12 @@ def main(argv=None) -> int:
         default="0",
         help="1: after the search, run every pruned trial to the end (no pruner) and choose the best over all",
     )
+    ap.add_argument(
+        "--archive",
+        default=None,
+        help="a folder outside dir= where the records are kept (journals, summaries, ended runs' records, no "
+        "checkpoints) and brought back from when dir= lacks them; commit it to outlive dir=",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. model.hidden_dim=400")
     args = ap.parse_intermixed_args(argv)
     plan = Plan(args)
@@ -1073,6 +1108,8 @@ def main(argv=None) -> int:
         from .rundir import check_folder
 
         check_folder(plan.dir, "dir")  # a dir= that cannot be a folder is said before the data is looked for
+        if plan.archive is not None:
+            check_folder(plan.archive, "archive")
         plan.check_data()
     fd = _lock(plan.dir)
     return Compare(plan, Runner(fd)).run()

@@ -29,7 +29,7 @@ def _complete(study) -> list:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def _compare(folder, models: str, trials: str, stages: str, jobs=None, runner=None):
+def _compare(folder, models: str, trials: str, stages: str, jobs=None, runner=None, archive=None):
     """A Compare on the smoke recipes for tests that drive its stages by hand (no training)."""
     import argparse
 
@@ -38,6 +38,7 @@ def _compare(folder, models: str, trials: str, stages: str, jobs=None, runner=No
     args = argparse.Namespace(
         models=models, trials=trials, seeds="1", proxy="smoke", experiment="smoke", space="lstm_lm",
         stages=stages, overrides=["logger=none"], proxy_override=None, dir=str(folder), jobs=jobs,
+        archive=archive,
     )  # fmt: skip
     plan = Plan(args)
     plan.metric, plan.base_seed = "val/ppl", 1
@@ -97,7 +98,7 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
 
     # The full command: the studies are topped up to exactly 2 trials, then the finals, then the report.
     cmd = ["make", "-s", "compare", f"models={','.join(MODELS)}", "trials=2", "seeds=1,2", "proxy=smoke"]
-    cmd += ["experiment=smoke", f"dir={folder}", *common]
+    cmd += ["experiment=smoke", f"dir={folder}", f"archive={tmp_path / 'keep'}", *common]
     r = run_cli(cmd, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for m in MODELS:
@@ -145,6 +146,22 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
     assert {m: len(_study(folder, m).trials) for m in MODELS} == trials_before
     assert _metrics_files(folder) == before
     assert (folder / "report" / "report.csv").is_file()
+
+    # The folder lost (a machine handed back): the same command brings the records back from archive= and
+    # trains nothing; the studies, the choice, the budgets and the final runs' records are the same.
+    import shutil
+
+    kept = {k: v[0] for k, v in before.items()}
+    shutil.rmtree(folder)
+    r = run_cli(cmd, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "compare: restored " in r.stdout and "dglstm_lm.train" not in r.stdout
+    assert r.stdout.count("nothing to run") == 2 * len(MODELS)
+    assert {k: v[0] for k, v in _metrics_files(folder).items()} == kept
+    again = json.loads((folder / "summary.json").read_text())
+    assert again["best"] == summary["best"] and again["budget"] == summary["budget"]
+    assert {m: len(_study(folder, m).trials) for m in MODELS} == trials_before
+    assert (folder / "report" / "report.md").is_file() and (folder / "tuning.md").is_file()
 
 
 # ---------------------------------------------------------------------------------------- fast checks
@@ -462,3 +479,106 @@ def test_complete_pruned_runs_the_pruned_trials_to_the_end_and_chooses_over_all(
     md = (tmp_path / "cmp" / "tuning.md").read_text()
     assert "| stacked_lstm | 1 | 300.00 | 100.00 | **yes** |" in md
     assert "its best is trial 1, **one the pruner had stopped**" in md
+
+
+def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_path):
+    """archive=: the study, the summary and the records of the runs that ended are copied out (not their
+    checkpoints or W&B files, not a run still going); with the folder gone, the same comparison brings them
+    back and continues where it was: the same trials, the same budget, only the trial that was going runs
+    again. A file the folder holds is never replaced from the archive, and a journal caught mid-append is
+    kept up to its last whole line."""
+    import shutil
+
+    import optuna
+    from optuna.trial import TrialState
+
+    folder, keep = tmp_path / "cmp", tmp_path / "keep"
+    cmp = _compare(folder, models="stacked_lstm", trials="3", stages="search", jobs=2, archive=str(keep))
+    study = cmp.study("stacked_lstm", create=True)
+    dists = cmp.plan.space.distributions()
+    for n, (state, status) in enumerate([("complete", "completed"), ("pruned", "pruned"), (None, "running")]):
+        t = study.ask(dists)
+        t.report(150.0 + n, 1)
+        if state == "complete":
+            study.tell(t, 120.0)
+        elif state == "pruned":
+            study.tell(t, state=TrialState.PRUNED)
+        run = folder / "search" / "stacked_lstm" / f"trial={n}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.pt").write_bytes(b"\0" * 1000)
+        (run / "wandb").mkdir()
+        (run / "wandb" / "run.wandb").write_bytes(b"\0" * 10)
+        metrics = {"status": status, "epochs_completed": 2 - (n == 1), "cpu_s": 10.0 * (n + 1), "wall_s": 5.0}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "history.jsonl").write_text(json.dumps({"epoch": 1, "val/ppl": 150.0 + n}) + "\n")
+        (run / "config.json").write_text("{}")
+    budget = cmp.budget("stacked_lstm")  # a save point: the archive follows
+    kept = {str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()}
+    for n in (0, 1):
+        assert {
+            f"search/stacked_lstm/trial={n}/{f}" for f in ("metrics.json", "history.jsonl", "config.json")
+        } <= kept
+    assert {"summary.json", "optuna/stacked_lstm.journal"} <= kept
+    assert not [k for k in kept if "trial=2" in k or "checkpoints" in k or "wandb" in k], kept
+
+    shutil.rmtree(folder)
+
+    class Fake:
+        cmds: list = []
+
+        def run(self, cmd):
+            Fake.cmds.append(cmd)
+            return 0
+
+    again = _compare(
+        folder, models="stacked_lstm", trials="3", stages="search", jobs=2, runner=Fake(), archive=str(keep)
+    )
+    back = again.study("stacked_lstm")
+    assert [(t.number, t.state, t.params, t.value) for t in back.trials] == [
+        (t.number, t.state, t.params, t.value) for t in study.trials
+    ]
+    assert (folder / "search" / "stacked_lstm" / "trial=0" / "metrics.json").is_file()
+    assert not (folder / "search" / "stacked_lstm" / "trial=2").exists()  # its run starts again
+    # the same budget but for the spend of the run that was going (lost with its folder; counted when it ends)
+    assert again.budget("stacked_lstm") == {
+        **budget, "epochs_trained": budget["epochs_trained"] - 2, "cpu_s": budget["cpu_s"] - 30.0,
+        "wall_s": budget["wall_s"] - 5.0,
+    }  # fmt: skip
+    again._failed, again._failed_batches = {}, {}  # (what search_all sets up)
+    again.search(1, "stacked_lstm")  # only the trial that was going runs, in its (new) folder
+    assert len(Fake.cmds) == 1 and "tune.trial=2" in Fake.cmds[0]
+
+    # the folder's own files are never replaced: not a changed file, not a run it holds in part
+    (folder / "search" / "stacked_lstm" / "trial=0" / "metrics.json").write_text('{"status": "completed"}')
+    (folder / "search" / "stacked_lstm" / "trial=1" / "history.jsonl").unlink()
+    from dglstm_lm.archive import keep as keep_now
+    from dglstm_lm.archive import restore
+
+    assert restore(keep, folder) == 0
+    assert (
+        folder / "search" / "stacked_lstm" / "trial=0" / "metrics.json"
+    ).read_text() == '{"status": "completed"}'
+    # a journal read while a trial appends to it: kept up to its last whole line, and it loads
+    journal = folder / "optuna" / "stacked_lstm.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id"')
+    keep_now(folder, keep)
+    assert (keep / "optuna" / "stacked_lstm.journal").read_bytes() == whole
+    from dglstm_lm.tune import storage
+
+    optuna.load_study(study_name="stacked_lstm", storage=storage(keep / "optuna" / "stacked_lstm.journal"))
+
+
+def test_an_archive_inside_the_folder_is_refused_in_one_line(tmp_path):
+    from dglstm_lm.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"^archive=.*: inside the comparison's folder .*; give one outside it$"
+    ):
+        _compare(
+            tmp_path / "cmp",
+            models="dglstm",
+            trials="2",
+            stages="search",
+            archive=str(tmp_path / "cmp" / "a"),
+        )
