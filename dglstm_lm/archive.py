@@ -6,8 +6,8 @@ recomputed cheaply and is small enough to commit to a repository:
 
 - the studies (optuna/<model>.journal: every trial, its parameters, its per-epoch reports, its state),
 - summary.json, tuning.md, the figures and the report,
-- for every run that has ended (completed, pruned, diverged, failed): metrics.json, history.jsonl,
-  config.json, overrides.yaml and train.log. Not the checkpoints (tens of MB each) nor W&B's offline files.
+- for every run that has ended (completed, pruned, diverged, failed): its record, history, config,
+  overrides and log (RUN_FILES, rundir.py's names). Not the checkpoints (tens of MB each) nor W&B's files.
 
 It is written after every batch of the search, every stage, and every ten minutes while a stage runs. When
 the command starts on a folder that lacks some of these files (a fresh machine, outputs/ deleted) it copies
@@ -18,28 +18,22 @@ beginning (its checkpoints were not kept). A file present in the folder is never
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-RUN_FILES = ("metrics.json", "history.jsonl", "config.json", "overrides.yaml", "train.log")
-ENDED = (
-    "completed",
-    "pruned",
-    "diverged",
-    "failed",
-)  # a run in any other state is not kept: it will run again
+from . import rundir
+
+RUN_FILES = (rundir.METRICS, rundir.HISTORY, rundir.CONFIG, rundir.OVERRIDES, rundir.LOG)
+# the runs kept: those whose record is final and will not be trained again (not running, not interrupted)
+KEPT = (rundir.COMPLETED, rundir.PRUNED, rundir.DIVERGED, rundir.FAILED)
 RUN_STAGES = ("search", "unpruned", "final")
 TOP_FILES = ("*.json", "*.md", "*.png", "*.csv")
 MAX_FILE_BYTES = 5 * 2**20  # a guard: nothing this big belongs in the archive
 
 
 def _status(run: Path) -> str | None:
-    try:
-        return json.loads((run / "metrics.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (rundir.read_metrics(run) or {}).get("status")
 
 
 def records(folder: Path) -> Iterator[Path]:
@@ -55,9 +49,9 @@ def records(folder: Path) -> Iterator[Path]:
         if f.is_file():
             yield f.relative_to(folder)
     for stage in RUN_STAGES:
-        for metrics in sorted((folder / stage).glob("*/*/metrics.json")):
+        for metrics in sorted((folder / stage).glob(f"*/*/{rundir.METRICS}")):
             run = metrics.parent
-            if _status(run) in ENDED:
+            if _status(run) in KEPT:
                 for name in RUN_FILES:
                     if (run / name).is_file():
                         yield (run / name).relative_to(folder)

@@ -210,6 +210,14 @@ class Plan:
         if self.jobs < 1:
             raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1")
 
+        self._where(args)
+        self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
+        self.logger_mode = next(
+            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("logger.mode=")), "offline"
+        )
+
+    def _where(self, args) -> None:
+        """The comparison's folder (dir=) and its archive (archive=), both absolute."""
         out_root = next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("paths.output_dir=")),
             "outputs",
@@ -230,10 +238,6 @@ class Plan:
             raise ConfigError(
                 f"archive={archive}: inside the comparison's folder {self.dir}; give one outside it"
             )
-        self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
-        self.logger_mode = next(
-            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("logger.mode=")), "offline"
-        )
 
     # ---- composition checks: every config this command will train composes and validates
     def check_configs(self) -> None:
