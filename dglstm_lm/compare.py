@@ -238,6 +238,10 @@ class Plan:
             raise ConfigError(
                 f"archive={archive}: inside the comparison's folder {self.dir}; give one outside it"
             )
+        if self.archive is not None and self.archive in self.dir.parents:
+            raise ConfigError(
+                f"archive={archive}: holds the comparison's folder {self.dir}; give one beside it"
+            )
 
     # ---- composition checks: every config this command will train composes and validates
     def check_configs(self) -> None:
@@ -408,6 +412,12 @@ def paired_diff(row: list[float], base: list[float]) -> dict:
     return out
 
 
+def _differ(before: dict, now: dict) -> str:
+    """The first two settings that differ, as `key: old → new`."""
+    diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    return "; ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:2])
+
+
 def _train_cmd(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "dglstm_lm.train", "--multirun", *overrides]
 
@@ -422,8 +432,14 @@ class Compare:
         self.summary_path = self.dir / "summary.json"
         self.keeper = None
         if plan.archive is not None:  # archive=: what the folder lacks comes back first, then is kept there
-            from .archive import Keeper, restore
+            from .archive import Keeper, restore, settings_of
 
+            kept = settings_of(plan.archive)
+            if kept is not None and kept != plan.settings():
+                raise UserError(
+                    f"archive={plan.archive} holds a comparison with other settings ({_differ(kept, plan.settings())}); "
+                    "use another archive="
+                )
             n = restore(plan.archive, self.dir)
             if n:
                 _say(f"restored {n} records from {plan.archive}: finished work is not redone")
@@ -438,9 +454,7 @@ class Compare:
             old = None
         now = self.plan.settings()
         if old and old.get("settings") and old["settings"] != now:
-            before = old["settings"]
-            diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
-            shown = "; ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in diff[:2])
+            shown = _differ(old["settings"], now)
             raise UserError(f"{self.dir} holds a comparison with other settings ({shown}); use another dir=")
         p = self.plan
         return {
@@ -1116,6 +1130,11 @@ def main(argv=None) -> int:
             check_folder(plan.archive, "archive")
         plan.check_data()
     fd = _lock(plan.dir)
+    if plan.archive is not None:  # one comparison at a time writes an archive; it must be writable now
+        from .rundir import check_writable
+
+        check_writable(plan.archive)
+        _lock(plan.archive)
     return Compare(plan, Runner(fd)).run()
 
 

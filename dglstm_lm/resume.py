@@ -73,6 +73,7 @@ POLICY: tuple[Rule, ...] = (
             "data.download",
             "data.sources",
             "tags",
+            "tune.storage",  # where the study is (a comparison restored elsewhere from its archive)
         ),
         FREE,
         True,

@@ -142,11 +142,12 @@ class _Run:
         from .data import prepare_from_config
         from .models import build_model, check_backend, count_parameters
         from .tracking import make_tracker
-        from .trainer import Trainer, seed_everything
+        from .trainer import Trainer, precision_context, seed_everything
 
         obj, t = self.obj, self.obj.trainer
         seed_everything(obj.seed)
         self.device = resolve_device(t.device)
+        precision_context(self.device, t.precision)  # a precision the device lacks: one line, before the data
         threads = t.threads or default_threads()
         if threads:
             torch.set_num_threads(threads)

@@ -512,13 +512,15 @@ def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_
         (run / "metrics.json").write_text(json.dumps(metrics))
         (run / "history.jsonl").write_text(json.dumps({"epoch": 1, "val/ppl": 150.0 + n}) + "\n")
         (run / "config.json").write_text("{}")
+    (folder / "report" / "figures").mkdir(parents=True)
+    (folder / "report" / "figures" / "curves.png").write_bytes(b"png")
     budget = cmp.budget("stacked_lstm")  # a save point: the archive follows
     kept = {str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()}
     for n in (0, 1):
         assert {
             f"search/stacked_lstm/trial={n}/{f}" for f in ("metrics.json", "history.jsonl", "config.json")
         } <= kept
-    assert {"summary.json", "optuna/stacked_lstm.journal"} <= kept
+    assert {"summary.json", "optuna/stacked_lstm.journal", "report/figures/curves.png"} <= kept
     assert not [k for k in kept if "trial=2" in k or "checkpoints" in k or "wandb" in k], kept
 
     shutil.rmtree(folder)
@@ -539,6 +541,7 @@ def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_
     ]
     assert (folder / "search" / "stacked_lstm" / "trial=0" / "metrics.json").is_file()
     assert not (folder / "search" / "stacked_lstm" / "trial=2").exists()  # its run starts again
+    assert not list(folder.rglob(".*restore-*")) and (folder / "report" / "figures" / "curves.png").is_file()
     # the same budget but for the spend of the run that was going (lost with its folder; counted when it ends)
     assert again.budget("stacked_lstm") == {
         **budget, "epochs_trained": budget["epochs_trained"] - 2, "cpu_s": budget["cpu_s"] - 30.0,
@@ -569,6 +572,27 @@ def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_
     optuna.load_study(study_name="stacked_lstm", storage=storage(keep / "optuna" / "stacked_lstm.journal"))
 
 
+def test_an_archive_of_another_comparison_is_refused_before_anything_is_copied(tmp_path):
+    """An archive holds one comparison: given to a comparison of other settings, it is refused in one line
+    naming archive=, and nothing of it is copied into the folder."""
+    from dglstm_lm.errors import UserError
+
+    keep = tmp_path / "keep"
+    other = _compare(tmp_path / "a", models="stacked_lstm", trials="2", stages="search", archive=str(keep))
+    other.study("stacked_lstm", create=True)
+    other._save_summary()  # keeps summary.json and the study there
+    assert (keep / "summary.json").is_file() and (keep / "optuna" / "stacked_lstm.journal").is_file()
+    settings = json.loads((keep / "summary.json").read_text())
+    settings["settings"]["proxy"] = "another_proxy"
+    (keep / "summary.json").write_text(json.dumps(settings))
+    with pytest.raises(
+        UserError,
+        match=r"^archive=.* holds a comparison with other settings \(proxy: 'another_proxy' → 'smoke'\); use another archive=$",
+    ):
+        _compare(tmp_path / "b", models="stacked_lstm", trials="2", stages="search", archive=str(keep))
+    assert not (tmp_path / "b" / "optuna").exists()
+
+
 def test_an_archive_inside_the_folder_is_refused_in_one_line(tmp_path):
     from dglstm_lm.errors import ConfigError
 
@@ -582,3 +606,7 @@ def test_an_archive_inside_the_folder_is_refused_in_one_line(tmp_path):
             stages="search",
             archive=str(tmp_path / "cmp" / "a"),
         )
+    with pytest.raises(
+        ConfigError, match=r"^archive=.*: holds the comparison's folder .*; give one beside it$"
+    ):
+        _compare(tmp_path / "cmp", models="dglstm", trials="2", stages="search", archive=str(tmp_path))

@@ -169,3 +169,15 @@ def test_refusals_that_share_a_reason_name_all_their_keys():
         CheckpointError, match=STATE.format("trainer.lr: 1.0 → 2.0, trainer.min_lr: 0.0 → 0.01")
     ):
         policy.check_resume(old, new, "ckpt.pt", epoch=2, batch=0)
+
+
+def test_where_the_study_is_may_change_when_a_run_is_entered_again(tmp_path):
+    """A comparison brought back from its archive= into another folder enters its runs with another
+    tune.storage (the journal's new path): a location, accepted on resume and in a job's folder."""
+    stored = config("seed=1")
+    moved = config("seed=1")
+    stored["tune"]["storage"], moved["tune"]["storage"] = "/a/optuna/m.journal", "/b/optuna/m.journal"
+    rule = policy.rule_for("tune.storage", flatten(stored))
+    assert rule.in_job_folder and rule.action == policy.FREE
+    policy.check_job_folder(tmp_path, stored, moved)  # no refusal
+    assert policy.check_resume(stored, moved, "ckpt.pt", epoch=0, batch=0) == []  # nor a warning

@@ -19,7 +19,7 @@ from dglstm_lm.errors import CheckpointError
 from dglstm_lm.train import DivergedError, train
 from dglstm_lm.trainer import Interrupted, Trainer
 
-from .conftest import PY, ROOT, run_cli
+from .conftest import PY, ROOT, run_cli, write_corpus
 
 pytestmark = pytest.mark.slow  # every test here trains on real PTB (seconds to a minute each)
 
@@ -633,3 +633,43 @@ def test_an_8_layer_smoke_run_records_each_layers_gradient_norm(tmp_path, ptb_di
     logged = [h for h in items if "grad_norm/layer_1" in h]
     assert [h["_step"] for h in logged] == [5, 10]
     assert all(all(h[k] > 0 for k in keys) for h in logged)
+
+
+def test_bf16_on_a_cpu_without_it_is_one_line_before_the_run_starts(tmp_path, monkeypatch):
+    """A CPU whose oneDNN has no bfloat16 (AMD Zen 3: AVX2 only): trainer.precision=bf16 is refused in one line
+    naming the CPU and the way out, before the run writes anything, instead of nn.LSTM failing at its first
+    step with oneDNN's "could not create a primitive descriptor". The run's record says so; nothing was
+    trained or saved."""
+    from dglstm_lm import trainer as trainer_mod
+    from dglstm_lm.config import compose
+    from dglstm_lm.errors import UserError
+    from dglstm_lm.train import train
+
+    monkeypatch.setattr(trainer_mod, "cpu_bf16_supported", lambda: False)
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "model=stacked_lstm",
+            "logger=none",
+            "trainer.precision=bf16",
+            "trainer.batch_size=2",
+            "trainer.eval_batch_size=2",
+            "trainer.bptt=3",
+            f"data.dir={corpus}",
+            "data.verify_checksums=false",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ]
+    )
+    with pytest.raises(UserError) as e:
+        train(cfg, tmp_path / "run")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "trainer.precision=bf16: this CPU (" in msg
+    assert msg.endswith(
+        "has no bfloat16 support in oneDNN (it needs AVX-512 or AMX); use trainer.precision=fp32"
+    )
+    # the run's record says it failed and why; no step was taken, so no checkpoint
+    run = tmp_path / "run"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    assert not (run / "checkpoints").exists()
