@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import cli
+from .runtime import keep_freed_memory
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
@@ -142,6 +143,7 @@ def peak_memory_mb(core: str, dim: int, layers: int, device: str) -> float:
     """Peak memory of three training steps, in a fresh process (CPU: growth of the peak RSS)."""
     code = (
         "import sys, resource, torch; from dglstm_lm.bench import make_model, measure, _peak_rss_mb;"
+        "from dglstm_lm.runtime import keep_freed_memory; keep_freed_memory();"
         f"d = torch.device('{device}'); torch.set_num_threads({torch.get_num_threads()});"
         "base = _peak_rss_mb();"
         f"m = {{{core!r}: make_model({core!r}, {dim}, {layers}, d)}};"  # the name says the precision
@@ -385,6 +387,7 @@ def machine() -> dict:
         **instruction_set(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "malloc": keep_freed_memory(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -463,6 +466,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     out = Path(args.out)
     check_writable(out)  # before minutes of measuring: a full disk or a read-only folder is one line now
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a run does (runtime.py): the steps measured are the steps a run takes
     device = torch.device(args.device)
     rounds = 1 if args.quick else args.rounds
     cores = [c for c in args.cores.split(",") if c]

@@ -13,6 +13,7 @@ import sys
 from . import checkpoint as ckpt
 from .config import config_from_dict
 from .errors import CheckpointError, DataError, cli
+from .runtime import keep_freed_memory
 
 
 def load_model(path, device="cpu"):
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
         help="whole splits even if the run evaluated only its first trainer.limit_eval_batches batches",
     )
     args = p.parse_args(argv)
+    keep_freed_memory()  # as a run does (runtime.py)
     if not args.ckpt:
         raise CheckpointError("no checkpoint given: make eval ckpt=<checkpoint file or run dir>")
     target = ckpt.resolve(args.ckpt, prefer=ckpt.BEST)

@@ -34,6 +34,7 @@ from .runtime import (
     _now,
     code_version,
     default_threads,
+    keep_freed_memory,
     model_shapes,
     record_failure,
     resolve_device,
@@ -151,6 +152,7 @@ class _Run:
         threads = t.threads or default_threads()
         if threads:
             torch.set_num_threads(threads)
+        keep_freed_memory()  # no page faults for the buffers every step frees and allocates again
         corpus = prepare_from_config(obj.data)
         if point.state is not None and list(point.state.get("vocab") or []) != list(corpus.vocab.words):
             raise CheckpointError(
@@ -310,6 +312,7 @@ class _Run:
             "step": tr.pos.step,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "malloc": keep_freed_memory(),
             "run_dir": str(self.run_dir),
             "wandb_id": self.tracker.run_id,
             "code": self.code,

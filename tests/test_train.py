@@ -79,6 +79,10 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
     ):
         assert m[key] is not None, key
     assert m["status"] == "completed" and m["model"] == model and m["epochs_completed"] == 2
+    if "DGLSTM_MALLOC" not in os.environ and not any(k.startswith("MALLOC_") for k in os.environ):
+        assert m["malloc"] == (
+            "keep (glibc: mmap threshold 32 MiB, no trim)" if _glibc() else "system (not glibc)"
+        )
     assert math.isfinite(m["test/ppl"]) and m["test/ppl"] > 1
     assert m["val/ppl"] == min(r["val/ppl"] for r in read_history(run_dir))
     hist = read_history(run_dir)
@@ -673,3 +677,96 @@ def test_bf16_on_a_cpu_without_it_is_one_line_before_the_run_starts(tmp_path, mo
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     assert not (run / "checkpoints").exists()
+
+
+# A training step of the real language model (bench.py's: embedding, core, softmax over 10,000 words,
+# backward, SGD) in a fresh process, counting the page faults of each step.
+_STEP_FAULTS = r"""
+import json, resource, sys, torch, torch.nn.functional as F
+from dglstm_lm import bench
+from dglstm_lm.runtime import keep_freed_memory
+state = keep_freed_memory()
+torch.set_num_threads(1)
+cpu = torch.device("cpu")
+m = bench.make_model(sys.argv[1], 200, 2, cpu)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+x, y = (torch.randint(bench.V, (bench.T, bench.B)) for _ in range(2))
+faults = []
+for _ in range(16):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    logits, _ = m(x, m.init_state(bench.B, cpu))
+    loss = F.cross_entropy(logits.view(-1, bench.V), y.view(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"state": state, "faults": faults, "logits_bytes": logits.numel() * logits.element_size()}))
+"""
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
+@pytest.mark.parametrize("core", ["nn.LSTM", "dglstm"])
+def test_a_step_reuses_the_memory_the_last_step_freed(core):
+    """glibc returns large freed blocks to the system, so every training step used to fault its logits,
+    softmax and their gradients (28 MB each at 2 x 200) in again page by page: thousands of page faults per
+    step, a fifth of the step. With freed memory kept (runtime.keep_freed_memory, on in every run and in
+    make bench), the twelve steps after the first four fault in at most two logits buffers' worth in all
+    (the heap may still grow once or twice as the steps' order of allocations settles), where faulting
+    again what the last step freed would be that much at every step."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DGLSTM_MALLOC"}
+    r = subprocess.run(
+        [PY, "-c", _STEP_FAULTS, core], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["state"] == "keep (glibc: mmap threshold 32 MiB, no trim)"
+    pages = out["logits_bytes"] // os.sysconf("SC_PAGE_SIZE")
+    assert pages > 6000  # 20 x 35 x 10,000 floats: the buffer in question
+    assert sum(out["faults"][4:]) < 2 * pages, out["faults"]
+
+
+_MALLOC_STATE = "from dglstm_lm.runtime import keep_freed_memory as k; print(k()); print(k())"
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
+@pytest.mark.parametrize(
+    "env, state",
+    [
+        ({}, "keep (glibc: mmap threshold 32 MiB, no trim)"),
+        ({"DGLSTM_MALLOC": "keep"}, "keep (glibc: mmap threshold 32 MiB, no trim)"),
+        ({"DGLSTM_MALLOC": "system"}, "system (DGLSTM_MALLOC=system)"),
+        ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, "system (set by MALLOC_TRIM_THRESHOLD_)"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "system (set by GLIBC_TUNABLES)"),
+    ],
+)
+def test_the_allocator_is_left_alone_when_asked_or_set_by_the_environment(env, state):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DGLSTM_MALLOC"}
+    r = subprocess.run(
+        [PY, "-c", _MALLOC_STATE], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [state, state]  # once per process
+
+
+def test_a_bad_dglstm_malloc_is_one_line_before_the_run(tmp_path):
+    r = run_cli(
+        [
+            PY,
+            "-m",
+            "dglstm_lm.train",
+            "experiment=smoke",
+            f"paths.output_dir={tmp_path / 'out'}",
+            "logger=none",
+        ],
+        env={"DGLSTM_MALLOC": "jemalloc"},
+    )
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line == "error: DGLSTM_MALLOC=jemalloc: expected keep or system", line
+    assert not (tmp_path / "out").exists()
