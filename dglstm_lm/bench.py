@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import cli
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, malloc_choice
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
@@ -464,6 +464,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     from .rundir import check_writable
 
     out = Path(args.out)
+    malloc_choice()  # a bad $DGLSTM_MALLOC: one line before the output folder is made
     check_writable(out)  # before minutes of measuring: a full disk or a read-only folder is one line now
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as a run does (runtime.py): the steps measured are the steps a run takes

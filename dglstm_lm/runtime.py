@@ -89,12 +89,17 @@ def default_threads() -> int | None:
 # freed, and free memory at the top of the heap beyond twice that threshold is trimmed. A training step frees
 # and allocates the same large buffers every step (at 2 x 200 the logits, their softmax and gradient are
 # 28 MB each), so each step faulted them in again page by page: 5,000-18,000 page faults per step measured
-# at 2 x 200 (AMD EPYC Zen 3), 20-25% of the step. Fixing both thresholds keeps freed memory for the next
-# step, as torch's GPU caching allocator does; the process's resident memory then stays at its peak.
+# at 2 x 200 on an AMD EPYC Zen 3, about a fifth of the step. Fixing both thresholds keeps freed memory for
+# the next step, as torch's GPU caching allocator does; the process's resident memory then stays at its peak.
+# Blocks above MMAP_THRESHOLD stay mappings of their own, faulted in each time (no buffer of the shipped
+# recipes is: 20 x 35 x 10,000 floats is the largest).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never trim below 2 GiB of free top
+MMAP_THRESHOLD = 32 << 20  # the largest that every glibc accepts on 64-bit (older ones: HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = -1  # mallopt(3): -1 disables trimming
 MALLOC_ENV = "DGLSTM_MALLOC"  # "system": leave the allocator as it is
+# settings of the environment that decide the same thing: then the environment's choice stands
+_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_MALLOC_TUNABLES = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
 _malloc_state: str | None = None
 
 
@@ -106,42 +111,46 @@ def malloc_choice() -> str:
     return choice
 
 
+def _glibc() -> bool:
+    try:
+        import platform
+
+        return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    except (OSError, ValueError):  # libc_ver() reads the interpreter's binary
+        return False
+
+
 def keep_freed_memory() -> str:
     """Make glibc's malloc keep freed memory for reuse (see above), once per process; returns what it did,
-    for the run's log and bench.json. Left alone: DGLSTM_MALLOC=system, an allocator or malloc settings given
-    by the environment (LD_PRELOAD, MALLOC_*_, GLIBC_TUNABLES), or a C library other than glibc."""
+    for the run's record and bench.json. Left alone: DGLSTM_MALLOC=system; the same settings given by the
+    environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_, or those
+    tunables in GLIBC_TUNABLES), or another allocator in LD_PRELOAD; a C library other than glibc."""
     global _malloc_state
     if _malloc_state is not None:
         return _malloc_state
     choice = malloc_choice()
-    env_set = [
-        k
-        for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-        if k in os.environ
-    ]
-    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    env_set = [k for k in _MALLOC_VARS if k in os.environ]
+    if any(f"glibc.malloc.{t}" in os.environ.get("GLIBC_TUNABLES", "") for t in _MALLOC_TUNABLES):
         env_set.append("GLIBC_TUNABLES")
-    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc ...
         env_set.append("LD_PRELOAD")
-    import platform
-
     if choice == "system":
         state = f"system ({MALLOC_ENV}=system)"
     elif env_set:
         state = "system (set by " + ", ".join(env_set) + ")"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    elif not _glibc():
         state = "system (not glibc)"
     else:
-        import ctypes
-
         try:
+            import ctypes
+
             mallopt = ctypes.CDLL("libc.so.6").mallopt
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             ok = (
                 mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
             )
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, ImportError):
             ok = False
         state = "keep (glibc: mmap threshold 32 MiB, no trim)" if ok else "system (glibc refused mallopt)"
     _malloc_state = state

@@ -705,9 +705,32 @@ print(json.dumps({"state": state, "faults": faults, "logits_bytes": logits.numel
 
 
 def _glibc() -> bool:
-    import platform
+    from dglstm_lm.runtime import _glibc as glibc
 
-    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    return glibc()
+
+
+def _clean_env(**extra) -> dict:
+    """This environment without any allocator setting of its own (the cases below set theirs)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("DGLSTM_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD")
+    }
+    return {**env, **extra}
+
+
+def _step_faults(core: str, **env) -> dict:
+    r = subprocess.run(
+        [PY, "-c", _STEP_FAULTS, core],
+        cwd=ROOT,
+        env=_clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 @pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
@@ -715,20 +738,21 @@ def _glibc() -> bool:
 def test_a_step_reuses_the_memory_the_last_step_freed(core):
     """glibc returns large freed blocks to the system, so every training step used to fault its logits,
     softmax and their gradients (28 MB each at 2 x 200) in again page by page: thousands of page faults per
-    step, a fifth of the step. With freed memory kept (runtime.keep_freed_memory, on in every run and in
-    make bench), the twelve steps after the first four fault in at most two logits buffers' worth in all
+    step, about a fifth of the step. With freed memory kept (runtime.keep_freed_memory, on in every run and
+    in make bench), the twelve steps after the first four fault in at most two logits buffers' worth in all
     (the heap may still grow once or twice as the steps' order of allocations settles), where faulting
-    again what the last step freed would be that much at every step."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DGLSTM_MALLOC"}
-    r = subprocess.run(
-        [PY, "-c", _STEP_FAULTS, core], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.splitlines()[-1])
+    again what the last step freed costs about that much at every step — which the same steps with the
+    allocator left alone show first (where they do not, e.g. with transparent huge pages always on, this
+    machine cannot tell the two apart and the test says so)."""
+    out = _step_faults(core)
     assert out["state"] == "keep (glibc: mmap threshold 32 MiB, no trim)"
+    assert out["logits_bytes"] == 20 * 35 * 10_000 * 4  # the buffer in question
     pages = out["logits_bytes"] // os.sysconf("SC_PAGE_SIZE")
-    assert pages > 6000  # 20 x 35 x 10,000 floats: the buffer in question
-    assert sum(out["faults"][4:]) < 2 * pages, out["faults"]
+    control = _step_faults(core, DGLSTM_MALLOC="system")
+    assert control["state"] == "system (DGLSTM_MALLOC=system)"
+    if sum(control["faults"][4:]) < 4 * pages:
+        pytest.skip(f"left alone, the allocator faults little here too: {control['faults']}")
+    assert sum(out["faults"][4:]) < 2 * pages, (out["faults"], control["faults"])
 
 
 _MALLOC_STATE = "from dglstm_lm.runtime import keep_freed_memory as k; print(k()); print(k())"
@@ -743,30 +767,34 @@ _MALLOC_STATE = "from dglstm_lm.runtime import keep_freed_memory as k; print(k()
         ({"DGLSTM_MALLOC": "system"}, "system (DGLSTM_MALLOC=system)"),
         ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, "system (set by MALLOC_TRIM_THRESHOLD_)"),
         ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "system (set by GLIBC_TUNABLES)"),
+        # another malloc tunable decides something else: the thresholds are still ours to set
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "keep (glibc: mmap threshold 32 MiB, no trim)"),
+        ({"MALLOC_ARENA_MAX": "2"}, "keep (glibc: mmap threshold 32 MiB, no trim)"),
     ],
 )
 def test_the_allocator_is_left_alone_when_asked_or_set_by_the_environment(env, state):
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DGLSTM_MALLOC"}
     r = subprocess.run(
-        [PY, "-c", _MALLOC_STATE], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=120
+        [PY, "-c", _MALLOC_STATE],
+        cwd=ROOT,
+        env=_clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [state, state]  # once per process
 
 
-def test_a_bad_dglstm_malloc_is_one_line_before_the_run(tmp_path):
-    r = run_cli(
-        [
-            PY,
-            "-m",
-            "dglstm_lm.train",
-            "experiment=smoke",
-            f"paths.output_dir={tmp_path / 'out'}",
-            "logger=none",
-        ],
-        env={"DGLSTM_MALLOC": "jemalloc"},
-    )
+@pytest.mark.parametrize("entry", ["train", "compare", "bench"])
+def test_a_bad_dglstm_malloc_is_one_line_before_anything_is_made(entry, tmp_path):
+    out = tmp_path / "out"
+    argv = {
+        "train": ["dglstm_lm.train", "experiment=smoke", f"paths.output_dir={out}", "logger=none"],
+        "compare": ["dglstm_lm.compare", "--models", "stacked_lstm", "--trials", "1", "--dir", str(out)],
+        "bench": ["dglstm_lm.bench", "--quick", "--out", str(out)],
+    }[entry]
+    r = run_cli([PY, "-m", *argv], env={"DGLSTM_MALLOC": "jemalloc"})
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
     assert line == "error: DGLSTM_MALLOC=jemalloc: expected keep or system", line
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
