@@ -209,6 +209,23 @@ class Plan:
             raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1") from None
         if self.jobs < 1:
             raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1")
+        # final_jobs=: the final runs at a time, where the search's batches (jobs=) are more than the cores
+        # need: two final runs of one thread each take twice as long as one of two threads, one after the
+        # other, and with 3 seeds the last run of a model would run alone on one thread
+        final_jobs = getattr(args, "final_jobs", None)
+        self.final_jobs = None
+        if final_jobs not in (None, ""):
+            try:
+                self.final_jobs = int(final_jobs)
+            except ValueError:
+                raise ConfigError(f"final_jobs={final_jobs}: expected a whole number ≥ 1") from None
+            if self.final_jobs < 1:
+                raise ConfigError(f"final_jobs={final_jobs}: expected a whole number ≥ 1")
+            if "hydra/launcher=joblib" not in self.common:
+                raise ConfigError(
+                    f"final_jobs={final_jobs}: the final runs at a time of hydra/launcher=joblib; give that "
+                    "launcher (another one runs its jobs as its own settings say)"
+                )
 
         self._where(args)
         self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
@@ -907,10 +924,15 @@ class Compare:
                 f"{head}: {len(p.seeds) - len(todo)} of {len(p.seeds)} seeds completed; training seeds "
                 f"{','.join(map(str, todo))} on {p.experiment} with {_fmt_params(params)} → {final_dir}"
             )
+            overrides = p.final_overrides(model, params, ",".join(map(str, p.seeds)))
+            # final_jobs=: each run then gets its share of the cores (runtime.default_threads)
+            if p.final_jobs is not None:
+                overrides = [o for o in overrides if not o.startswith("hydra.launcher.n_jobs=")]
+                overrides.append(f"hydra.launcher.n_jobs={p.final_jobs}")
             self.runner.run(
                 _train_cmd(
                     [
-                        *p.final_overrides(model, params, ",".join(map(str, p.seeds))),
+                        *overrides,
                         *self.group("final"),
                         f"hydra.sweep.dir={_quote(final_dir)}",
                         "hydra.sweep.subdir='seed=${seed}'",
@@ -1113,6 +1135,12 @@ def main(argv=None) -> int:
         "--complete_pruned",
         default="0",
         help="1: after the search, run every pruned trial to the end (no pruner) and choose the best over all",
+    )
+    ap.add_argument(
+        "--final-jobs",
+        "--final_jobs",
+        default=None,
+        help="final runs at a time with hydra/launcher=joblib (default: jobs); each run gets its share of the cores",
     )
     ap.add_argument(
         "--archive",

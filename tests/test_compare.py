@@ -181,6 +181,11 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
         (["hydra.sweeper.n_trials=3"], "error: hydra.sweeper.n_trials=3: set by make compare; use nothing"),
         (["--space", "nope"], "error: unknown space 'nope' (available: lstm_lm"),
         (["--jobs", "0"], "error: jobs=0: expected a whole number ≥ 1"),
+        (["--final_jobs", "0", "hydra/launcher=joblib"], "error: final_jobs=0: expected a whole number ≥ 1"),
+        (
+            ["--final_jobs", "1"],
+            "error: final_jobs=1: the final runs at a time of hydra/launcher=joblib; give",
+        ),
         (["model.hidden_dim=100,200"], "error: model.hidden_dim=100,200: make compare takes single values"),
         (["trainer.bptt=-1"], "error: trainer.bptt"),
     ],
@@ -479,6 +484,42 @@ def test_complete_pruned_runs_the_pruned_trials_to_the_end_and_chooses_over_all(
     md = (tmp_path / "cmp" / "tuning.md").read_text()
     assert "| stacked_lstm | 1 | 300.00 | 100.00 | **yes** |" in md
     assert "its best is trial 1, **one the pruner had stopped**" in md
+
+
+@pytest.mark.parametrize("final_jobs", [None, "1"])
+def test_final_jobs_sets_the_final_runs_at_a_time_and_nothing_else(tmp_path, final_jobs):
+    """final_jobs=1 with jobs=2: the search's batches stay 2 trials, the final runs go one at a time (each on
+    all the cores, runtime.default_threads): the final command says n_jobs=1, once, in place of the user's 2;
+    without final_jobs the final runs keep the user's. It is not one of the comparison's settings."""
+    import argparse
+
+    from dglstm_lm.compare import Compare, Plan
+
+    class Fake:
+        cmds: list = []
+
+        def run(self, cmd):
+            Fake.cmds.append(cmd)
+            return 0
+
+    overrides = ["logger=none", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    args = argparse.Namespace(
+        models="stacked_lstm", trials="2", seeds="1,2,3", proxy="smoke", experiment="smoke", space="lstm_lm",
+        stages="final", overrides=overrides, proxy_override=None, dir=str(tmp_path / "cmp"), jobs="2",
+        archive=None, final_jobs=final_jobs,
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    assert plan.jobs == 2
+    cmp = Compare(plan, runner=Fake())
+    problems = cmp.final("stacked_lstm", {"trainer.lr": 1.5})
+    assert len(problems) == 3  # nothing ran: every seed is missing
+    (cmd,) = Fake.cmds
+    n_jobs = [a for a in cmd if a.startswith("hydra.launcher.n_jobs=")]
+    assert n_jobs == (["hydra.launcher.n_jobs=1"] if final_jobs else ["hydra.launcher.n_jobs=2"])
+    assert "seed=1,2,3" in cmd and "trainer.lr=1.5" in cmd
+    without = Plan(argparse.Namespace(**{**vars(args), "final_jobs": None}))
+    assert plan.settings() == without.settings()
 
 
 def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_path):
