@@ -199,6 +199,15 @@ class Plan:
                 if reserved is not None:
                     raise ConfigError(f"{o.input_line}: set by make compare; use {RESERVED[reserved]}")
                 (self.proxy_overrides if kind == "proxy override" else self.common).append(o.input_line)
+        self._jobs(args)
+        self._where(args)
+        self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
+        self.logger_mode = next(
+            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("logger.mode=")), "offline"
+        )
+
+    def _jobs(self, args) -> None:
+        """jobs= (the search's batches) and final_jobs= (the final runs at a time)."""
         jobs = next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra.launcher.n_jobs=")),
             None,
@@ -209,9 +218,9 @@ class Plan:
             raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1") from None
         if self.jobs < 1:
             raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1")
-        # final_jobs=: the final runs at a time, where the search's batches (jobs=) are more than the cores
-        # need: two final runs of one thread each take twice as long as one of two threads, one after the
-        # other, and with 3 seeds the last run of a model would run alone on one thread
+        # final_jobs=: the final runs at a time, apart from the search's batches (jobs=): with 2 cores and 3
+        # seeds a model's third run would otherwise run alone on one thread, and one run of two threads ends
+        # in about 60% of the time of one of one thread (docs/running.md)
         final_jobs = getattr(args, "final_jobs", None)
         self.final_jobs = None
         if final_jobs not in (None, ""):
@@ -226,12 +235,6 @@ class Plan:
                     f"final_jobs={final_jobs}: the final runs at a time of hydra/launcher=joblib; give that "
                     "launcher (another one runs its jobs as its own settings say)"
                 )
-
-        self._where(args)
-        self.logger_off = any(o in ("logger=none", "logger.mode=disabled") for o in self.common)
-        self.logger_mode = next(
-            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("logger.mode=")), "offline"
-        )
 
     def _where(self, args) -> None:
         """The comparison's folder (dir=) and its archive (archive=), both absolute."""
