@@ -627,12 +627,24 @@ class Compare:
 
     def search_all(self) -> None:
         """The models' searches batch by batch in turn, so that wherever the command is stopped the models
-        have spent (nearly) the same budget."""
+        have spent (nearly) the same budget: the next batch is always the model's with the fewest finished
+        trials (then the fewest batches run by this command, then the models' order). A model left behind
+        (its batch cut short by a stop while the other's had finished) thus catches up first."""
+        from .tune import finished
+
         self._failed: dict[str, int] = {}
         self._failed_batches: dict[str, int] = {}
-        todo = list(enumerate(self.plan.models, 1))
+        todo = {m: i for i, m in enumerate(self.plan.models, 1)}
+        batches = dict.fromkeys(todo, 0)
+
+        def behind(m: str) -> tuple[int, int, int]:
+            return len(finished(self.study(m, create=True))), batches[m], todo[m]
+
         while todo:
-            todo = [(i, m) for i, m in todo if self.search(i, m)]
+            model = min(todo, key=behind)
+            batches[model] += 1
+            if not self.search(todo[model], model):
+                del todo[model]
 
     def unpruned_dir(self, model: str, number: int) -> Path:
         return self.dir / "unpruned" / model / f"trial={number}"

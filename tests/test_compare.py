@@ -384,6 +384,42 @@ def test_a_search_whose_every_trial_fails_stops_after_two_batches(tmp_path):
     assert [len(cmp.study(m).trials) for m in ("stacked_lstm", "dglstm")] == [4, 2]
 
 
+def test_a_model_left_behind_catches_up_first_then_the_models_take_turns(tmp_path):
+    """The stacked LSTM holds 4 finished trials and the DGLSTM none (its batch was cut short by a stop while
+    the other's had finished): the DGLSTM runs its batches until it has caught up, then the two take turns,
+    and neither is run past the budget."""
+    from optuna.trial import TrialState
+
+    class Fake:  # each job tells its trial a value, as a training job does
+        order: list = []
+
+        def run(self, cmd):
+            model = next(a for a in cmd if a.startswith("model=")).split("=", 1)[1]
+            Fake.order.append(model)
+            trials = next(a for a in cmd if a.startswith("tune.trial=")).split("=", 1)[1].split(",")
+            study = cmp.study(model)
+            for n in trials:
+                study.tell(int(n), 150.0 + int(n))
+            return 0
+
+    cmp = _compare(
+        str(tmp_path / "cmp"),
+        models="stacked_lstm,dglstm",
+        trials="6",
+        stages="search",
+        jobs="2",
+        runner=Fake(),
+    )
+    ahead = cmp.study("stacked_lstm", create=True)
+    for _ in range(4):
+        ahead.tell(ahead.ask(cmp.plan.space.distributions()), 160.0)
+    cmp.search_all()
+    assert Fake.order == ["dglstm", "dglstm", "stacked_lstm", "dglstm"]
+    for model in MODELS:
+        states = [t.state for t in cmp.study(model).trials]
+        assert states == [TrialState.COMPLETE] * 6, (model, states)
+
+
 def test_the_shared_start_up_points_are_paired_by_point_in_tuning_md(tmp_path):
     """Both studies hold the start-up points in different orders, with a failed and a pruned trial and a
     TPE trial that is no start-up point: only points both completed are paired, by point (not by trial
