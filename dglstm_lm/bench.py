@@ -4,7 +4,8 @@ same process, plus data preparation and the trainer's own overhead. Writes outpu
 Training throughput is tokens/s of a full step (embedding, core, softmax over 10,000 words, backward, SGD
 update) at batch 20 × bptt 35; evaluation throughput is the forward pass and loss without gradients. The
 cores and the reference are measured in alternating rounds and the median is kept, so that the ratios hold
-even on a busy machine; absolute numbers vary run to run. Peak memory is the growth of the peak resident
+even on a busy machine; absolute numbers vary run to run. A ratio to nn.LSTM is the median over the rounds of
+the two models' times in the same round, with a distribution-free 95% confidence interval. Peak memory is the growth of the peak resident
 set of a fresh process over three training steps (CPU), or torch's peak allocation (CUDA).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import random
@@ -96,6 +98,39 @@ def _sync(device):
 def measure(models: dict, device, rounds: int, steps: int, train: bool) -> dict[str, float]:
     """tokens/s per model: `rounds` rounds of `steps` steps of every model, in a new (seeded) order each round
     so that no model profits from its place; the median round counts."""
+    return tokens_per_s(measure_rounds(models, device, rounds, steps, train))
+
+
+def tokens_per_s(times: dict[str, list[float]]) -> dict[str, float]:
+    """tokens/s per model from its seconds per step in each round: the median round's."""
+    return {k: B * T / statistics.median(v) for k, v in times.items()}
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """The median of `values` and a distribution-free confidence interval for it: the order statistics
+    x_(k) and x_(n+1-k) with the largest k for which P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so that
+    they cover the true median with probability at least `level` whatever the distribution (for 15 values
+    at 95%: the 4th and the 12th). (None, None) where n is too small for one (n < 6 at 95%)."""
+    xs, n = sorted(values), len(values)
+    alpha, below, k = (1 - level) / 2, 0.0, 0
+    while k < n and below + math.comb(n, k) / 2**n <= alpha:  # below = P(Binomial(n, 1/2) < k + 1)
+        below += math.comb(n, k) / 2**n
+        k += 1
+    med = statistics.median(xs)
+    return (med, xs[k - 1], xs[n - k]) if k >= 1 else (med, None, None)
+
+
+def paired_ratio(times: dict[str, list[float]], core: str, ref: str) -> dict | None:
+    """`core`'s speed relative to `ref`'s, paired by round (the two measured in the same round, under the
+    same noise): the median over the rounds of ref's time / core's time, with median_ci's 95% interval."""
+    if ref not in times:
+        return None
+    med, lo, hi = median_ci([r / c for r, c in zip(times[ref], times[core], strict=True)])
+    return {"ratio": med, "ci95": None if lo is None else [lo, hi]}
+
+
+def measure_rounds(models: dict, device, rounds: int, steps: int, train: bool) -> dict[str, list[float]]:
+    """Seconds per step of every model in each round (see measure)."""
     x = torch.randint(V, (T, B), device=device)
     y = torch.randint(V, (T, B), device=device)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
@@ -136,7 +171,7 @@ def measure(models: dict, device, rounds: int, steps: int, train: bool) -> dict[
                 step(k)
             _sync(device)
             times[k].append((time.perf_counter() - t0) / steps)
-    return {k: B * T / statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def peak_memory_mb(core: str, dim: int, layers: int, device: str) -> float:
@@ -396,19 +431,17 @@ def machine() -> dict:
     return info
 
 
-def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
-    """One size's records (each core against nn.LSTM of its precision; bf16 also against fp32), printed."""
+def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dict]:
+    """One size's records (each core against nn.LSTM of its precision; bf16 also against fp32), printed. A
+    ratio is paired by round (paired_ratio), with its 95% interval."""
     from .models import count_parameters
 
     records = []
+    train_tps, eval_tps = tokens_per_s(train_times), tokens_per_s(eval_times)
     for c in cores:
         # each row's ratio to nn.LSTM in the same precision; bf16 rows also to nn.LSTM in float32
         bf16 = c.endswith(BF16)
         ref = "nn.LSTM bf16" if bf16 else "nn.LSTM"
-
-        def ratio(tps, ref=ref, c=c):
-            return tps[c] / tps[ref] if ref in tps else None
-
         rec = {
             "core": c,
             "precision": "bf16" if bf16 else "fp32",
@@ -417,21 +450,22 @@ def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
             "params": count_parameters(models[c]),
             "train_tokens_per_s": train_tps[c],
             "eval_tokens_per_s": eval_tps[c],
-            "train_ratio_to_nn_lstm": ratio(train_tps),
-            "eval_ratio_to_nn_lstm": ratio(eval_tps),
             "peak_memory_mb": peak_memory_mb(c, dim, args.layers, args.device),
             "device": str(device),
             "threads": args.threads,
         }
+        for what, times in (("train", train_times), ("eval", eval_times)):
+            refs = [(ref, "")] + ([("nn.LSTM", "_fp32")] if bf16 else [])
+            for r, suffix in refs:
+                paired = paired_ratio(times, c, r)
+                rec[f"{what}_ratio_to_nn_lstm{suffix}"] = paired and paired["ratio"]
+                rec[f"{what}_ratio_to_nn_lstm{suffix}_ci95"] = paired and paired["ci95"]
         if device.type == "cpu" and row_gemm(c, dim) is not None:
             rec["gemm"] = row_gemm(c, dim)
-        if bf16:
-            rec["train_ratio_to_nn_lstm_fp32"] = ratio(train_tps, "nn.LSTM")
-            rec["eval_ratio_to_nn_lstm_fp32"] = ratio(eval_tps, "nn.LSTM")
         records.append(rec)
 
-        def fmt(r):
-            return "  -  " if r is None else f"{r:.2f}x"
+        def fmt(r, ci=None):
+            return "  -  " if r is None else f"{r:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
         extra = (
             f"  vs nn.LSTM fp32: train {fmt(rec['train_ratio_to_nn_lstm_fp32'])}"
@@ -441,8 +475,9 @@ def _rows(cores, models, dim, args, device, train_tps, eval_tps) -> list[dict]:
         )
         print(
             f"{args.layers}x{dim:<5} {c:<19} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
-            f" ({fmt(rec['train_ratio_to_nn_lstm'])})  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
-            f" ({fmt(rec['eval_ratio_to_nn_lstm'])})  peak {rec['peak_memory_mb']:,.0f} MB{extra}",
+            f" ({fmt(rec['train_ratio_to_nn_lstm'], rec['train_ratio_to_nn_lstm_ci95'])})"
+            f"  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
+            f" ({fmt(rec['eval_ratio_to_nn_lstm'], rec['eval_ratio_to_nn_lstm_ci95'])})  peak {rec['peak_memory_mb']:,.0f} MB{extra}",
             flush=True,
         )
     return records
@@ -494,9 +529,9 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         steps = (
             1 if args.quick else max(1, round(2 * 200 / dim))
         )  # short rounds: all cores see the same noise
-        train_tps = measure(models, device, rounds, steps, train=True)
-        eval_tps = measure(models, device, rounds, steps * 3, train=False)
-        records += _rows(cores, models, dim, args, device, train_tps, eval_tps)
+        train_times = measure_rounds(models, device, rounds, steps, train=True)
+        eval_times = measure_rounds(models, device, rounds, steps * 3, train=False)
+        records += _rows(cores, models, dim, args, device, train_times, eval_times)
         del models
     data = None if args.quick else bench_data(args.ptb_dir)
     if data:

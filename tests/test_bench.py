@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import PY, run_cli
 
 SHOW = "import json; from dglstm_lm.bench import machine, describe_isa; m = machine(); print(json.dumps([m, describe_isa(m)]))"
@@ -45,3 +47,55 @@ def test_a_busy_machine_or_a_stray_control_row_is_said():
     (w,) = quiet_machine_warnings([control(0.41, 1.0)], None, None, 2)
     assert "(2 x 200 train) is at 0.41x" in w and "at least 59%" in w
     assert len(quiet_machine_warnings([control(0.9, 1.1)], 5.0, 5.0, 2)) == 3
+
+
+def test_the_median_interval_has_the_textbook_ranks_and_its_coverage():
+    """median_ci's order statistics against the published ranks of the distribution-free 95% interval for a
+    median (Conover, Practical Nonparametric Statistics, Table A3: n = 6 → 1st and 6th, 10 → 2nd and 9th,
+    15 → 4th and 12th, 20 → 6th and 15th), none below 6 values, and its coverage by simulation: at least 95%
+    (exactly 96.5% at n = 15) of intervals from samples of a skewed distribution hold its true median."""
+    import math
+    import random
+
+    from dglstm_lm.bench import median_ci
+
+    for n, (lo, hi) in {6: (1, 6), 10: (2, 9), 15: (4, 12), 20: (6, 15)}.items():
+        values = [float(v) for v in range(n, 0, -1)]  # n, ..., 1: the ranks are the values
+        med, a, b = median_ci(values)
+        assert (med, a, b) == ((n + 1) / 2, lo, hi), n
+    assert median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (3.0, None, None)
+    rng, true_median = random.Random(1), math.log(2)  # the exponential distribution's median
+    hits = 0
+    for _ in range(20_000):
+        _, a, b = median_ci([rng.expovariate(1.0) for _ in range(15)])
+        hits += a <= true_median <= b
+    assert abs(hits / 20_000 - 0.9648) < 0.006, hits / 20_000
+
+
+def test_a_ratio_is_paired_by_round(monkeypatch):
+    """A row's ratio to nn.LSTM is taken round by round (a slow round slows both, and cancels): here every
+    round of the core is 1/r_i of nn.LSTM's time while the rounds' speeds differ 3x, so the ratio is the
+    median r_i and its interval the 4th and 12th of the 15 r_i; the ratio of the two median rounds (what a
+    median of tokens/s per model gives) would be another number."""
+    import argparse
+
+    import torch
+
+    from dglstm_lm import bench
+
+    monkeypatch.setattr(bench, "peak_memory_mb", lambda *a: 0.0)
+    r = [0.90, 1.02, 0.95, 0.97, 0.99, 0.93, 0.96, 1.00, 0.94, 0.98, 0.91, 1.01, 0.92, 0.97, 0.96]
+    speed = [1.0, 3.0, 1.5, 2.0, 1.2, 2.5, 1.1, 2.8, 1.3, 1.7, 2.2, 1.9, 1.4, 2.6, 1.6]
+    ref = [s * 0.1 for s in speed]
+    times = {"nn.LSTM": ref, "dglstm": [t / x for t, x in zip(ref, r, strict=True)]}
+    models = {k: torch.nn.Linear(2, 2) for k in times}
+    args = argparse.Namespace(layers=2, threads=2, device="cpu")
+    recs = bench._rows(list(times), models, 8, args, torch.device("cpu"), times, times)
+    row = next(x for x in recs if x["core"] == "dglstm")
+    s = sorted(r)
+    assert row["train_ratio_to_nn_lstm"] == pytest.approx(s[7]) and s[7] == 0.96
+    assert row["train_ratio_to_nn_lstm_ci95"] == pytest.approx([s[3], s[11]])
+    assert row["eval_ratio_to_nn_lstm"] == pytest.approx(0.96)
+    assert bench.tokens_per_s(times)["dglstm"] / bench.tokens_per_s(times)["nn.LSTM"] != pytest.approx(0.96)
+    base = next(x for x in recs if x["core"] == "nn.LSTM")
+    assert base["train_ratio_to_nn_lstm"] == 1.0 and base["train_ratio_to_nn_lstm_ci95"] == [1.0, 1.0]

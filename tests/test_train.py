@@ -502,9 +502,12 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
             "train_tokens_per_s",
             "eval_tokens_per_s",
             "train_ratio_to_nn_lstm",
+            "train_ratio_to_nn_lstm_ci95",
+            "eval_ratio_to_nn_lstm_ci95",
             "peak_memory_mb",
         } <= set(rec)
         assert rec["train_tokens_per_s"] > 0 and rec["peak_memory_mb"] > 0
+        assert rec["train_ratio_to_nn_lstm_ci95"] is None  # --quick: one round, too few for an interval
     assert payload["trainer"]["ratio"] > 0
 
 
