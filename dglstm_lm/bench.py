@@ -385,11 +385,18 @@ def describe_isa(info: dict) -> str:
 CONTROL_TOLERANCE = 0.05  # the control row's ratio beyond 1 ± this: the machine was not quiet
 
 
-def quiet_machine_warnings(records: list[dict], load_start, load_end, cores: int) -> list[str]:
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def quiet_machine_warnings(records: list[dict], loads_during: list, cores: int) -> list[str]:
     """What says the ratios may be noise: a load average above the cores (other work shared them; our own
-    threads are at most the cores), or a control row (nn.LSTM against an identical nn.LSTM) off 1.0x."""
+    threads are at most the cores), or a control row (nn.LSTM against an identical nn.LSTM) off 1.0x.
+    loads_during: the one-minute load averages read after each size's measurements and at the end, each
+    covering a minute of measuring (the one read at the start covers the minute before: a job paused just
+    then still counts in it, so it is recorded, not judged)."""
     out = []
-    loads = [x for x in (load_start, load_end) if x is not None]
+    loads = [x for x in loads_during if x is not None]
     if loads and max(loads) > cores + 0.75:
         out.append(
             f"load average {max(loads):.1f} on {cores} cores: other work shared the CPU, so these ratios are "
@@ -518,7 +525,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
             left_out.append(
                 "the bf16 rows: this CPU has no bfloat16 support in oneDNN (AVX-512 or AMX needed)"
             )
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_start, loads_during = _load(), []
     print(
         f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"
         + (f", {info['gpu']}" if "gpu" in info else "")
@@ -532,6 +539,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         train_times = measure_rounds(models, device, rounds, steps, train=True)
         eval_times = measure_rounds(models, device, rounds, steps * 3, train=False)
         records += _rows(cores, models, dim, args, device, train_times, eval_times)
+        loads_during.append(_load())
         del models
     data = None if args.quick else bench_data(args.ptb_dir)
     if data:
@@ -549,8 +557,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     out.mkdir(parents=True, exist_ok=True)
     from .checkpoint import atomic_write_bytes
 
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    warnings_ = quiet_machine_warnings(records, load_start, load_end, os.cpu_count() or 1)
+    load_end = _load()
+    warnings_ = quiet_machine_warnings(records, [*loads_during, load_end], os.cpu_count() or 1)
     for w in warnings_:
         print(f"warning: {w}", flush=True)
     for what in left_out:
@@ -559,7 +567,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         "machine": info,
         # the 1-minute load average when the measurements began and ended (this process's own threads count
         # too: up to `threads` on an idle machine), and what it and the control rows say about the noise
-        "load_average": {"start": load_start, "end": load_end},
+        "load_average": {"start": load_start, "after_each_size": loads_during, "end": load_end},
         "warnings": warnings_,
         "left_out": left_out,  # rows this machine cannot run, and why
         "batch": B,

@@ -41,12 +41,12 @@ def test_a_busy_machine_or_a_stray_control_row_is_said():
         return {"core": "nn.LSTM (control)", "layers": 2, "hidden": 200,
                 "train_ratio_to_nn_lstm": train, "eval_ratio_to_nn_lstm": evaluate}  # fmt: skip
 
-    assert quiet_machine_warnings([control(1.02, 0.97)], 1.9, 2.1, 2) == []  # our own 2 threads: quiet
-    (w,) = quiet_machine_warnings([control(1.0, 1.0)], 4.2, 7.9, 2)
+    assert quiet_machine_warnings([control(1.02, 0.97)], [1.9, 2.1], 2) == []  # our own 2 threads: quiet
+    (w,) = quiet_machine_warnings([control(1.0, 1.0)], [4.2, 7.9], 2)
     assert w.startswith("load average 7.9 on 2 cores")
-    (w,) = quiet_machine_warnings([control(0.41, 1.0)], None, None, 2)
+    (w,) = quiet_machine_warnings([control(0.41, 1.0)], [None, None], 2)
     assert "(2 x 200 train) is at 0.41x" in w and "at least 59%" in w
-    assert len(quiet_machine_warnings([control(0.9, 1.1)], 5.0, 5.0, 2)) == 3
+    assert len(quiet_machine_warnings([control(0.9, 1.1)], [5.0, 5.0], 2)) == 3
 
 
 def test_the_median_interval_has_the_textbook_ranks_and_its_coverage():
