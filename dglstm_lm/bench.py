@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import cli
+from .errors import UserError, cli
 from .runtime import keep_freed_memory, malloc_choice
 
 V, B, T = 10_000, 20, 35
@@ -389,14 +389,31 @@ def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def quiet_machine_warnings(records: list[dict], loads_during: list, cores: int) -> list[str]:
-    """What says the ratios may be noise: a load average above the cores (other work shared them; our own
-    threads are at most the cores), or a control row (nn.LSTM against an identical nn.LSTM) off 1.0x.
-    loads_during: the one-minute load averages read after each size's measurements and at the end, each
-    covering a minute of measuring (the one read at the start covers the minute before: a job paused just
-    then still counts in it, so it is recorded, not judged)."""
+LOAD_TAU_S = 60.0  # Linux's one-minute load average is an exponential average with this time constant
+LOAD_TOO_EARLY_S = 30.0
+
+
+def load_while_measuring(start: float | None, readings: list) -> list[float]:
+    """The load of the time since the start, from each reading [seconds since the start, one-minute load
+    average]. Linux's average is exponential, so a reading t s in still holds e^(-t/60) of the load before
+    the start (a job paused just then, say); that share is taken out: (L_t - L_0 e^(-t/60)) / (1 - e^(-t/60)).
+    Readings under 30 s in are left out (the division magnifies their noise); without a start reading, a
+    reading counts as it is."""
     out = []
-    loads = [x for x in loads_during if x is not None]
+    for t, load in readings:
+        if load is None or t < LOAD_TOO_EARLY_S:
+            continue
+        w = math.exp(-t / LOAD_TAU_S)
+        out.append(load if start is None else (load - start * w) / (1 - w))
+    return out
+
+
+def quiet_machine_warnings(records: list[dict], loads: list[float], cores: int) -> list[str]:
+    """What says the ratios may be noise: a load above the cores while measuring (other work shared them;
+    our own threads are at most the cores; see load_while_measuring), or a control row (nn.LSTM against an
+    identical nn.LSTM) off 1.0x."""
+    out = []
+    loads = [x for x in loads if x is not None]
     if loads and max(loads) > cores + 0.75:
         out.append(
             f"load average {max(loads):.1f} on {cores} cores: other work shared the CPU, so these ratios are "
@@ -475,8 +492,8 @@ def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dic
             return "  -  " if r is None else f"{r:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
         extra = (
-            f"  vs nn.LSTM fp32: train {fmt(rec['train_ratio_to_nn_lstm_fp32'])}"
-            f" eval {fmt(rec['eval_ratio_to_nn_lstm_fp32'])}"
+            f"  vs nn.LSTM fp32: train {fmt(rec['train_ratio_to_nn_lstm_fp32'], rec['train_ratio_to_nn_lstm_fp32_ci95'])}"
+            f" eval {fmt(rec['eval_ratio_to_nn_lstm_fp32'], rec['eval_ratio_to_nn_lstm_fp32_ci95'])}"
             if bf16
             else ""
         )
@@ -497,12 +514,20 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=15, help="alternating rounds; the median round counts")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=15,
+        help="alternating rounds: a row's tokens/s is its median round's, its ratio to nn.LSTM the median of the "
+        "rounds' ratios (with a 95%% interval from 6 rounds on)",
+    )
     p.add_argument("--cores", default=",".join(CORES))
     p.add_argument("--quick", action="store_true", help="one short round of everything (to check the script)")
     p.add_argument("--ptb-dir", default=None)
     p.add_argument("--out", default="outputs/bench")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: at least 1 round is needed")
     from .rundir import check_writable
 
     out = Path(args.out)
@@ -525,7 +550,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
             left_out.append(
                 "the bf16 rows: this CPU has no bfloat16 support in oneDNN (AVX-512 or AMX needed)"
             )
-    load_start, loads_during = _load(), []
+    load_start, t_start, load_readings = _load(), time.monotonic(), []
     print(
         f"machine: {info['cpu']} ({describe_isa(info)}), {info['threads']} threads, torch {info['torch']}"
         + (f", {info['gpu']}" if "gpu" in info else "")
@@ -538,8 +563,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         )  # short rounds: all cores see the same noise
         train_times = measure_rounds(models, device, rounds, steps, train=True)
         eval_times = measure_rounds(models, device, rounds, steps * 3, train=False)
+        load_readings.append([round(time.monotonic() - t_start, 1), _load()])  # the rounds just measured
         records += _rows(cores, models, dim, args, device, train_times, eval_times)
-        loads_during.append(_load())
         del models
     data = None if args.quick else bench_data(args.ptb_dir)
     if data:
@@ -557,17 +582,19 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     out.mkdir(parents=True, exist_ok=True)
     from .checkpoint import atomic_write_bytes
 
-    load_end = _load()
-    warnings_ = quiet_machine_warnings(records, [*loads_during, load_end], os.cpu_count() or 1)
+    load_readings.append([round(time.monotonic() - t_start, 1), _load()])
+    while_measuring = load_while_measuring(load_start, load_readings)
+    warnings_ = quiet_machine_warnings(records, while_measuring, os.cpu_count() or 1)
     for w in warnings_:
         print(f"warning: {w}", flush=True)
     for what in left_out:
         print(f"left out: {what}", flush=True)
     payload = {
         "machine": info,
-        # the 1-minute load average when the measurements began and ended (this process's own threads count
-        # too: up to `threads` on an idle machine), and what it and the control rows say about the noise
-        "load_average": {"start": load_start, "after_each_size": loads_during, "end": load_end},
+        # the 1-minute load average at the start and [seconds since, value] after each size's rounds and at
+        # the end, the load while measuring drawn from them (load_while_measuring; this process's own threads
+        # count too: up to `threads` on an idle machine), and what it and the control rows say about the noise
+        "load_average": {"start": load_start, "readings": load_readings, "while_measuring": while_measuring},
         "warnings": warnings_,
         "left_out": left_out,  # rows this machine cannot run, and why
         "batch": B,

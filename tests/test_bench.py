@@ -99,3 +99,35 @@ def test_a_ratio_is_paired_by_round(monkeypatch):
     assert bench.tokens_per_s(times)["dglstm"] / bench.tokens_per_s(times)["nn.LSTM"] != pytest.approx(0.96)
     base = next(x for x in recs if x["core"] == "nn.LSTM")
     assert base["train_ratio_to_nn_lstm"] == 1.0 and base["train_ratio_to_nn_lstm_ci95"] == [1.0, 1.0]
+
+
+def test_the_load_before_the_start_is_taken_out_of_the_readings():
+    """A job paused just before make bench leaves the one-minute load average at 4.5 on 2 cores, decaying;
+    the bench's own 2 threads then hold the load at 2.0. Linux's average is exponential (time constant
+    60 s): L(t) = 2.0 + (4.5 - 2.0) e^(-t/60). Each reading 30 s or more in gives back 2.0 (no warning),
+    although the raw readings at 40 and 60 s are above 2.75 (a warning); a reading 10 s in is too early to
+    say; a load of 4.0 since the start is seen as such."""
+    import math
+
+    from dglstm_lm.bench import load_while_measuring, quiet_machine_warnings
+
+    def average(t, before, since):
+        return since + (before - since) * math.exp(-t / 60)
+
+    readings = [[t, average(t, 4.5, 2.0)] for t in (10, 40, 60, 300)]
+    assert readings[1][1] > 2.75 and readings[2][1] > 2.75
+    assert quiet_machine_warnings([], [r[1] for r in readings], 2) != []  # the raw readings: a false alarm
+    got = load_while_measuring(4.5, readings)
+    assert got == pytest.approx([2.0, 2.0, 2.0])
+    assert quiet_machine_warnings([], got, 2) == []
+    busy = load_while_measuring(0.5, [[t, average(t, 0.5, 4.0)] for t in (45, 120)])
+    assert busy == pytest.approx([4.0, 4.0])
+    (w,) = quiet_machine_warnings([], busy, 2)
+    assert w.startswith("load average 4.0 on 2 cores")
+    assert load_while_measuring(None, [[50, 3.0], [70, None]]) == [3.0]
+
+
+def test_zero_rounds_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    r = run_cli([PY, "-m", "dglstm_lm.bench", "--rounds", "0", "--out", str(tmp_path / "bench")])
+    assert r.returncode != 0 and not (tmp_path / "bench").exists()
+    assert r.stderr.strip().splitlines() == ["error: --rounds 0: at least 1 round is needed"], r.stderr
