@@ -493,7 +493,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert gemms["nn.LSTM"] is None and gemms["dglstm[python]"] is None
     bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
     assert len(bf16) == 3 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
-    assert set(payload["load_average"]) == {"start", "after_each_size", "end"} and isinstance(
+    assert set(payload["load_average"]) == {"start", "readings", "while_measuring"} and isinstance(
         payload["warnings"], list
     )
     for rec in payload["records"]:
