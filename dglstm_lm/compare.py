@@ -83,6 +83,14 @@ RESERVED = {
 _LOCATION_KEYS = ("hydra/launcher", "hydra.launcher")
 
 
+def _flag(value, name: str) -> bool:
+    """A 0/1 option (also true/false, yes/no); anything else is a one-line error naming it."""
+    flag = str(value or "0").strip().lower()
+    if flag not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"{name}={flag}: expected 1 or 0")
+    return flag in ("1", "true", "yes")
+
+
 def _say(msg: str) -> None:
     print(f"compare: {msg}", flush=True)
 
@@ -172,10 +180,7 @@ class Plan:
 
         self.space = Space.load(args.space)
         self.stages = _parse_list(args.stages, "stages")
-        flag = str(getattr(args, "complete_pruned", None) or "0").strip().lower()
-        if flag not in ("0", "1", "true", "false", "yes", "no"):
-            raise ConfigError(f"complete_pruned={flag}: expected 1 or 0")
-        self.complete_pruned = flag in ("1", "true", "yes")
+        self.complete_pruned = _flag(getattr(args, "complete_pruned", None), "complete_pruned")
         for s in self.stages:
             if s not in STAGES:
                 raise ConfigError(f"unknown stage {s!r} (available: {', '.join(STAGES)})")
@@ -448,12 +453,16 @@ def _train_cmd(overrides: list[str]) -> list[str]:
 
 
 class Compare:
-    def __init__(self, plan: Plan, runner: Runner):
-        self.plan, self.runner = plan, runner
+    def __init__(self, plan: Plan, runner: Runner | None, read_only: bool = False):
+        self.plan, self.runner, self.read_only = plan, runner, read_only
         self.dir = plan.dir
+        if read_only and not (self.dir / "summary.json").exists() and plan.archive is not None:
+            self.dir = plan.archive  # status=1 on a folder that is gone: the records kept in the archive
         self.summary_path = self.dir / "summary.json"
         self.keeper = None
-        if plan.archive is not None:  # archive=: what the folder lacks comes back first, then is kept there
+        if (
+            plan.archive is not None and not read_only
+        ):  # archive=: what the folder lacks comes back first, then is kept there
             from .archive import Keeper, restore, settings_of
 
             kept = settings_of(plan.archive)
@@ -531,6 +540,15 @@ class Compare:
     def study(self, model: str, seed: int = 0, create: bool = False):
         from .tune import open_study
 
+        # status=1 loads a study and never creates one: create_study(load_if_exists=True) on an existing journal
+        # appends a line to it
+        if getattr(self, "read_only", False):
+            import optuna
+
+            from .tune import storage
+
+            path = self.study_path(model)
+            return optuna.load_study(study_name=model, storage=storage(path)) if path.exists() else None
         return open_study(self.study_path(model), model, self.plan.space, seed=seed, create=create)
 
     def search(self, i: int, model: str) -> bool:
@@ -1000,6 +1018,103 @@ class Compare:
         self.summary["report"] = str(out / "report.md")
         self._save_summary()
 
+    # ---- status=1
+    def status(self) -> list[str]:
+        """status=1: where the comparison stands, read from its folder (or, where that is gone, its archive)
+        without writing anything or taking its lock, so that it can run beside the comparison: each model's
+        search, the pruned trials run to the end, the final runs, the shared start-up points paired, whether
+        a make compare is running on it now, and what it does next."""
+        p = self.plan
+        if not self.summary_path.exists():
+            return [f"{p.dir}: no comparison here yet (no summary.json)"]
+        busy = _locked(self.dir)
+        lines = [
+            f"{self.dir}: {', '.join(p.models)}; {p.trials} trials each on {p.proxy} (space {p.space.name}), "
+            f"then {p.experiment} × seeds {','.join(map(str, p.seeds))}"
+            + (", pruned trials run to the end" if p.complete_pruned else ""),
+            "  a make compare is running on it now"
+            if busy
+            else "  nothing is running on it now (trials and runs it left unfinished resume when it runs again)",
+        ]
+        left = {"search": 0, "unpruned": 0, "final": 0}
+        for m in p.models:
+            lines += self._status_search(m, busy, left) + self._status_final(m, left)
+        paired = self.startup_paired()
+        for m, d in (paired or {}).get("diffs", {}).items():
+            if d.get("n", 0) >= 2:
+                lines.append(
+                    f"  start-up points, {m} − {paired['baseline']}: {d['delta']:+.2f} [{d['low']:.2f}, {d['high']:.2f}] "
+                    f"over {d['n']} points, t p = {_p(d['p_t'])}, Wilcoxon p = {_p(d['p_wilcoxon'])} "
+                    "(configurations with one seed each, not seeds)"
+                )
+        if left["search"]:
+            lines.append(f"  next: the search, {left['search']} trials in all")
+        elif left["unpruned"]:
+            lines.append(f"  next: {left['unpruned']} pruned trials run to the end")
+        elif left["final"]:
+            lines.append(f"  next: the final runs, {left['final']} of {len(p.models) * len(p.seeds)}")
+        else:
+            report = self.summary.get("report")
+            lines.append(f"  done: the report is {report}" if report else "  next: the report")
+        return lines
+
+    def _status_search(self, m: str, busy: bool, left: dict) -> list[str]:
+        """status=1: model m's search, and its pruned trials run to the end."""
+        from . import rundir
+        from .tune import finished, trial_score, trials_by_state
+
+        p, study = self.plan, self.study(m)
+        if study is None:
+            left["search"] += p.trials
+            return [f"  search {m}: not started"]
+        by = trials_by_state(study)
+        done = finished(study)[: p.trials]
+        scored = [t for t in by["complete"] if t in done and trial_score(t) is not None]
+        best = min(scored, key=lambda t: (trial_score(t), t.number), default=None)
+        running = [
+            f"{t.number} ({len(rundir.read_history(self.dir / 'search' / m / f'trial={t.number}'))} epochs done)"
+            for t in by["running"]
+        ]
+        left["search"] += p.trials - len(done)
+        lines = [
+            f"  search {m}: {len(done)} of {p.trials} trials finished ({len(by['complete'])} complete, "
+            f"{len(by['pruned'])} pruned), {len(by['failed'])} failed"
+            + (f"; {'running' if busy else 'cut short'}: trial {', '.join(running)}" if running else "")
+            + (f"; best so far trial {best.number}, {trial_score(best):.2f}" if best else "")
+        ]
+        if p.complete_pruned and by["pruned"]:
+            pruned = self.pruned_trials(m)
+            ended = [
+                n
+                for n in pruned
+                if (rundir.read_metrics(self.unpruned_dir(m, n)) or {}).get("status")
+                in ("completed", "diverged")
+            ]
+            lines.append(f"  pruned trials of {m} run to the end: {len(ended)} of {len(pruned)}")
+            left["unpruned"] += len(pruned) - len(ended)
+        return lines
+
+    def _status_final(self, m: str, left: dict) -> list[str]:
+        """status=1: model m's final runs, seed by seed."""
+        from . import rundir
+
+        runs = {sd: rundir.read_metrics(self.dir / "final" / m / f"seed={sd}") for sd in self.plan.seeds}
+        left["final"] += sum((r or {}).get("status") != "completed" for r in runs.values())
+        if not any(runs.values()):
+            return []
+        cells = [
+            f"seed {sd} {r.get('status')}"
+            + (f" (test {r['test/ppl']:.2f})" if r.get("test/ppl") is not None else "")
+            + (f" ({r.get('epochs_completed')} epochs done)" if r.get("status") != "completed" else "")
+            for sd, r in runs.items()
+            if r
+        ]
+        missing = [str(sd) for sd, r in runs.items() if not r]
+        return [
+            f"  final {m}: {'; '.join(cells)}"
+            + (f"; seeds {','.join(missing)} not started" if missing else "")
+        ]
+
     def run(self) -> int:
         p = self.plan
         _say(
@@ -1128,6 +1243,21 @@ def _lock(folder: Path) -> int:
     return fd
 
 
+def _locked(folder: Path) -> bool:
+    """Whether a make compare (or one of its jobs) holds the folder's lock now: tried, and let go at once."""
+    lock = folder / ".lock"
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (closing lets go of a lock it took)
+    return False
+
+
 @cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="make compare", description=__doc__.splitlines()[0])
@@ -1163,10 +1293,20 @@ def main(argv=None) -> int:
         help="a folder outside dir= where the records are kept (journals, summaries, ended runs' records, no "
         "checkpoints) and brought back from when dir= lacks them; commit it to outlive dir=",
     )
+    ap.add_argument(
+        "--status",
+        default="0",
+        help="1: say where the comparison stands (its folder, else its archive) and run nothing; the other "
+        "arguments as for the command it describes",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. model.hidden_dim=400")
     args = ap.parse_intermixed_args(argv)
     plan = Plan(args)
     plan.check_configs()
+    if _flag(args.status, "status"):
+        for line in Compare(plan, None, read_only=True).status():
+            print(line)
+        return 0
     if {"search", "final"} & set(plan.stages):
         from .rundir import check_folder
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -687,3 +688,97 @@ def test_an_archive_inside_the_folder_is_refused_in_one_line(tmp_path):
         ConfigError, match=r"^archive=.*: holds the comparison's folder .*; give one beside it$"
     ):
         _compare(tmp_path / "cmp", models="dglstm", trials="2", stages="search", archive=str(tmp_path))
+
+
+def _tree_digest(folder: Path) -> dict:
+    import hashlib
+
+    return {
+        str(f.relative_to(folder)): hashlib.md5(f.read_bytes()).hexdigest()
+        for f in folder.rglob("*")
+        if f.is_file()
+    }
+
+
+def test_status_says_where_it_stands_and_writes_nothing(tmp_path):
+    """status=1 on a comparison part-way: each model's finished trials and best so far, a trial cut short
+    with its epochs, the final runs seed by seed, the shared start-up points paired, whether a make compare
+    holds the folder, and what comes next — all read without writing a byte (the journals included: opening
+    a study to create it would append to them)."""
+    from optuna.trial import TrialState
+
+    from dglstm_lm.compare import Compare, _lock
+
+    folder = tmp_path / "cmp"
+    cmp = _compare(str(folder), models="stacked_lstm,dglstm", trials="3", stages="search,final", runner=None)
+    dists, points = cmp.plan.space.distributions(), cmp.startup_points()
+    for model, values in {
+        "stacked_lstm": [150.0, 140.0, "pruned"],
+        "dglstm": [145.0, 130.0, "running"],
+    }.items():
+        study = cmp.study(model, create=True)
+        for point, v in zip(points, values, strict=False):
+            study.enqueue_trial(point)
+            t = study.ask(dists)
+            if v == "pruned":
+                t.report(300.0, 2)
+                study.tell(t, state=TrialState.PRUNED)
+            elif v != "running":
+                study.tell(t, v)
+    run = folder / "search" / "dglstm" / "trial=2"
+    run.mkdir(parents=True)
+    (run / "history.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    seed1 = folder / "final" / "stacked_lstm" / "seed=1"
+    seed1.mkdir(parents=True)
+    (seed1 / "metrics.json").write_text(json.dumps({"status": "completed", "test/ppl": 99.5}))
+    cmp._save_summary()
+    before = _tree_digest(folder)
+
+    lines = Compare(cmp.plan, None, read_only=True).status()
+    assert lines[0].startswith(f"{folder}: stacked_lstm, dglstm; 3 trials each on smoke")
+    assert lines[1].startswith("  nothing is running on it now")
+    assert (
+        "  search stacked_lstm: 3 of 3 trials finished (2 complete, 1 pruned), 0 failed; best so far trial 1, 140.00"
+        in lines
+    )
+    assert "  final stacked_lstm: seed 1 completed (test 99.50)" in lines
+    assert (
+        "  search dglstm: 2 of 3 trials finished (2 complete, 0 pruned), 0 failed; cut short: trial 2 (2 epochs done); "
+        "best so far trial 1, 130.00"
+    ) in lines
+    (paired,) = [ln for ln in lines if ln.startswith("  start-up points")]
+    assert (
+        paired.startswith("  start-up points, dglstm − stacked_lstm: -7.50 [") and "over 2 points" in paired
+    )
+    assert lines[-1] == "  next: the search, 1 trials in all"
+    assert _tree_digest(folder) == before
+
+    fd = _lock(folder)  # a make compare running on it
+    try:
+        lines = Compare(cmp.plan, None, read_only=True).status()
+    finally:
+        os.close(fd)
+    assert lines[1] == "  a make compare is running on it now"
+    assert any("; running: trial 2 (2 epochs done)" in ln for ln in lines)
+
+
+def test_status_of_a_folder_that_holds_nothing_makes_nothing(tmp_path):
+    r = run_cli(
+        [
+            PY,
+            "-m",
+            "dglstm_lm.compare",
+            "--status",
+            "1",
+            "--dir",
+            str(tmp_path / "none"),
+            "--trials",
+            "3",
+            "logger=none",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{tmp_path / 'none'}: no comparison here yet (no summary.json)"
+    assert not (tmp_path / "none").exists()
+    bad = run_cli([PY, "-m", "dglstm_lm.compare", "--status", "maybe", "--dir", str(tmp_path / "none")])
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["error: status=maybe: expected 1 or 0"]
