@@ -39,6 +39,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -486,7 +487,12 @@ class Compare:
         now = self.plan.settings()
         if old and old.get("settings") and old["settings"] != now:
             shown = _differ(old["settings"], now)
-            raise UserError(f"{self.dir} holds a comparison with other settings ({shown}); use another dir=")
+            fix = (
+                "give status=1 the overrides of the command that runs it"
+                if self.read_only
+                else "use another dir="
+            )
+            raise UserError(f"{self.dir} holds a comparison with other settings ({shown}); {fix}")
         p = self.plan
         return {
             "what": (
@@ -1023,22 +1029,34 @@ class Compare:
         """status=1: where the comparison stands, read from its folder (or, where that is gone, its archive)
         without writing anything or taking its lock, so that it can run beside the comparison: each model's
         search, the pruned trials run to the end, the final runs, the shared start-up points paired, whether
-        a make compare is running on it now, and what it does next."""
+        a make compare is running on it now, and what it does next. The models, trials, seeds and
+        complete_pruned are the ones its summary.json records (a line says where the command differs)."""
         p = self.plan
         if not self.summary_path.exists():
-            return [f"{p.dir}: no comparison here yet (no summary.json)"]
+            where = p.dir if p.archive is None else f"{p.dir} (nor in archive={p.archive})"
+            return [f"{where}: no comparison here yet (no summary.json)"]
+        notes = self._status_plan(json.loads(self.summary_path.read_text()))
+        finals = "final" in p.stages
         busy = _locked(self.dir)
         lines = [
-            f"{self.dir}: {', '.join(p.models)}; {p.trials} trials each on {p.proxy} (space {p.space.name}), "
-            f"then {p.experiment} × seeds {','.join(map(str, p.seeds))}"
-            + (", pruned trials run to the end" if p.complete_pruned else ""),
+            f"{self.dir}: {', '.join(p.models)}; {p.trials} trials each on {p.proxy} (space {p.space.name})"
+            + (f", then {p.experiment} × seeds {','.join(map(str, p.seeds))}" if finals else "")
+            + (", pruned trials run to the end" if p.complete_pruned else "")
+            + (
+                f" (from archive=, as of its last copy; {p.dir} holds no summary.json)"
+                if self.dir != p.dir
+                else ""
+            ),
             "  a make compare is running on it now"
             if busy
             else "  nothing is running on it now (trials and runs it left unfinished resume when it runs again)",
+            *notes,
         ]
         left = {"search": 0, "unpruned": 0, "final": 0}
         for m in p.models:
-            lines += self._status_search(m, busy, left) + self._status_final(m, left)
+            lines += self._status_search(m, busy, left) + (
+                self._status_final(m, busy, left) if finals else []
+            )
         paired = self.startup_paired()
         for m, d in (paired or {}).get("diffs", {}).items():
             if d.get("n", 0) >= 2:
@@ -1048,14 +1066,30 @@ class Compare:
                     "(configurations with one seed each, not seeds)"
                 )
         if left["search"]:
-            lines.append(f"  next: the search, {left['search']} trials in all")
+            lines.append(f"  next: the search, {left['search']} trials left in all")
         elif left["unpruned"]:
-            lines.append(f"  next: {left['unpruned']} pruned trials run to the end")
+            lines.append(f"  next: the pruned trials run to the end, {left['unpruned']} left")
+        elif not finals:
+            lines.append("  done: the search")
         elif left["final"]:
-            lines.append(f"  next: the final runs, {left['final']} of {len(p.models) * len(p.seeds)}")
+            lines.append(f"  next: the final runs, {left['final']} of {len(p.models) * len(p.seeds)} left")
         else:
-            report = self.summary.get("report")
-            lines.append(f"  done: the report is {report}" if report else "  next: the report")
+            report = self.dir / "report" / "report.md"
+            lines.append(f"  done: the report is {report}" if report.exists() else "  next: the report")
+        return lines
+
+    def _status_plan(self, recorded: dict) -> list[str]:
+        """status=1: the plan's models, trials, seeds and complete_pruned as summary.json records them; a line
+        for each the command gave otherwise."""
+        p, lines = self.plan, []
+        for key, attr in (("models", "models"), ("trials_per_model", "trials"), ("seeds", "seeds")):
+            if key in recorded and recorded[key] != getattr(p, attr):
+                lines.append(
+                    f"  (this comparison has {attr}={recorded[key]}, where the command says {getattr(p, attr)})"
+                )
+                setattr(p, attr, recorded[key])
+        if "complete_pruned" in recorded:
+            p.complete_pruned = bool(recorded["complete_pruned"])
         return lines
 
     def _status_search(self, m: str, busy: bool, left: dict) -> list[str]:
@@ -1063,38 +1097,47 @@ class Compare:
         from . import rundir
         from .tune import finished, trial_score, trials_by_state
 
-        p, study = self.plan, self.study(m)
+        p = self.plan
+        try:
+            study = self.study(m)
+        except KeyError:  # its journal made, its first line not yet written
+            study = None
         if study is None:
             left["search"] += p.trials
             return [f"  search {m}: not started"]
         by = trials_by_state(study)
         done = finished(study)[: p.trials]
-        scored = [t for t in by["complete"] if t in done and trial_score(t) is not None]
-        best = min(scored, key=lambda t: (trial_score(t), t.number), default=None)
+        n_complete = sum(t in by["complete"] for t in done)
+        score = {t.number: trial_score(t) for t in done if t in by["complete"]}
+        ended: list[int] = []
+        if p.complete_pruned:  # a pruned trial run to the end counts with that run's score, as best() has it
+            for n in self.pruned_trials(m):
+                r = rundir.read_metrics(self.unpruned_dir(m, n)) or {}
+                if r.get("status") in ("completed", "diverged"):
+                    ended.append(n)
+                    v = r.get(p.metric) if r.get("status") == "completed" else None
+                    score[n] = float(v) if v is not None and math.isfinite(v) else None
+        scored = {n: v for n, v in score.items() if v is not None}
+        best = min(scored, key=lambda n: (scored[n], n), default=None)
+        label = "running or waiting to resume" if busy else "cut short"
         running = [
             f"{t.number} ({len(rundir.read_history(self.dir / 'search' / m / f'trial={t.number}'))} epochs done)"
             for t in by["running"]
         ]
         left["search"] += p.trials - len(done)
         lines = [
-            f"  search {m}: {len(done)} of {p.trials} trials finished ({len(by['complete'])} complete, "
-            f"{len(by['pruned'])} pruned), {len(by['failed'])} failed"
-            + (f"; {'running' if busy else 'cut short'}: trial {', '.join(running)}" if running else "")
-            + (f"; best so far trial {best.number}, {trial_score(best):.2f}" if best else "")
+            f"  search {m}: {len(done)} of {p.trials} trials finished ({n_complete} complete, "
+            f"{len(done) - n_complete} pruned); {len(by['failed'])} failed and drawn again"
+            + (f"; {label}: trial {', '.join(running)}" if running else "")
+            + (f"; best so far trial {best}, {scored[best]:.2f}" if best is not None else "")
         ]
-        if p.complete_pruned and by["pruned"]:
+        if p.complete_pruned and len(done) > n_complete:
             pruned = self.pruned_trials(m)
-            ended = [
-                n
-                for n in pruned
-                if (rundir.read_metrics(self.unpruned_dir(m, n)) or {}).get("status")
-                in ("completed", "diverged")
-            ]
             lines.append(f"  pruned trials of {m} run to the end: {len(ended)} of {len(pruned)}")
             left["unpruned"] += len(pruned) - len(ended)
         return lines
 
-    def _status_final(self, m: str, left: dict) -> list[str]:
+    def _status_final(self, m: str, busy: bool, left: dict) -> list[str]:
         """status=1: model m's final runs, seed by seed."""
         from . import rundir
 
@@ -1102,8 +1145,12 @@ class Compare:
         left["final"] += sum((r or {}).get("status") != "completed" for r in runs.values())
         if not any(runs.values()):
             return []
+
+        def state(r: dict) -> str:
+            return "cut short" if r.get("status") == "running" and not busy else str(r.get("status"))
+
         cells = [
-            f"seed {sd} {r.get('status')}"
+            f"seed {sd} {state(r)}"
             + (f" (test {r['test/ppl']:.2f})" if r.get("test/ppl") is not None else "")
             + (f" ({r.get('epochs_completed')} epochs done)" if r.get("status") != "completed" else "")
             for sd, r in runs.items()
@@ -1234,11 +1281,17 @@ def _lock(folder: Path) -> int:
     check_folder(folder, "dir")
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another make compare is running on {folder} (or one of its jobs is)") from None
+    for attempt in range(20):  # a status=1 probing the lock holds it for an instant: try again for a second
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 19:
+                os.close(fd)
+                raise UserError(
+                    f"another make compare is running on {folder} (or one of its jobs is)"
+                ) from None
+            time.sleep(0.05)
     os.set_inheritable(fd, True)  # the stages' jobs hold it too, should this process be killed
     return fd
 

@@ -700,17 +700,13 @@ def _tree_digest(folder: Path) -> dict:
     }
 
 
-def test_status_says_where_it_stands_and_writes_nothing(tmp_path):
-    """status=1 on a comparison part-way: each model's finished trials and best so far, a trial cut short
-    with its epochs, the final runs seed by seed, the shared start-up points paired, whether a make compare
-    holds the folder, and what comes next — all read without writing a byte (the journals included: opening
-    a study to create it would append to them)."""
+def _part_way(folder: Path, trials: str = "3", stages: str = "search,final"):
+    """A comparison part-way, on the smoke recipes: stacked LSTM 2 trials complete (150, 140) and one pruned,
+    DGLSTM 2 complete (145, 130) and one cut short after 2 epochs, all at the shared start-up points; the
+    stacked LSTM's seed 1 final run completed (test 99.5)."""
     from optuna.trial import TrialState
 
-    from dglstm_lm.compare import Compare, _lock
-
-    folder = tmp_path / "cmp"
-    cmp = _compare(str(folder), models="stacked_lstm,dglstm", trials="3", stages="search,final", runner=None)
+    cmp = _compare(str(folder), models="stacked_lstm,dglstm", trials=trials, stages=stages, runner=None)
     dists, points = cmp.plan.space.distributions(), cmp.startup_points()
     for model, values in {
         "stacked_lstm": [150.0, 140.0, "pruned"],
@@ -732,25 +728,37 @@ def test_status_says_where_it_stands_and_writes_nothing(tmp_path):
     seed1.mkdir(parents=True)
     (seed1 / "metrics.json").write_text(json.dumps({"status": "completed", "test/ppl": 99.5}))
     cmp._save_summary()
+    return cmp
+
+
+def test_status_says_where_it_stands_and_writes_nothing(tmp_path):
+    """status=1 on a comparison part-way: each model's finished trials and best so far, a trial cut short
+    with its epochs, the final runs seed by seed, the shared start-up points paired, whether a make compare
+    holds the folder, and what comes next — all read without writing a byte (the journals included: opening
+    a study to create it would append to them)."""
+    from dglstm_lm.compare import Compare, _lock
+
+    folder = tmp_path / "cmp"
+    cmp = _part_way(folder)
     before = _tree_digest(folder)
 
     lines = Compare(cmp.plan, None, read_only=True).status()
     assert lines[0].startswith(f"{folder}: stacked_lstm, dglstm; 3 trials each on smoke")
     assert lines[1].startswith("  nothing is running on it now")
     assert (
-        "  search stacked_lstm: 3 of 3 trials finished (2 complete, 1 pruned), 0 failed; best so far trial 1, 140.00"
-        in lines
-    )
+        "  search stacked_lstm: 3 of 3 trials finished (2 complete, 1 pruned); 0 failed and drawn again; "
+        "best so far trial 1, 140.00"
+    ) in lines
     assert "  final stacked_lstm: seed 1 completed (test 99.50)" in lines
     assert (
-        "  search dglstm: 2 of 3 trials finished (2 complete, 0 pruned), 0 failed; cut short: trial 2 (2 epochs done); "
-        "best so far trial 1, 130.00"
+        "  search dglstm: 2 of 3 trials finished (2 complete, 0 pruned); 0 failed and drawn again; "
+        "cut short: trial 2 (2 epochs done); best so far trial 1, 130.00"
     ) in lines
     (paired,) = [ln for ln in lines if ln.startswith("  start-up points")]
     assert (
         paired.startswith("  start-up points, dglstm − stacked_lstm: -7.50 [") and "over 2 points" in paired
     )
-    assert lines[-1] == "  next: the search, 1 trials in all"
+    assert lines[-1] == "  next: the search, 1 trials left in all"
     assert _tree_digest(folder) == before
 
     fd = _lock(folder)  # a make compare running on it
@@ -759,7 +767,67 @@ def test_status_says_where_it_stands_and_writes_nothing(tmp_path):
     finally:
         os.close(fd)
     assert lines[1] == "  a make compare is running on it now"
-    assert any("; running: trial 2 (2 epochs done)" in ln for ln in lines)
+    assert any("; running or waiting to resume: trial 2 (2 epochs done)" in ln for ln in lines)
+
+
+def test_status_follows_the_comparison_to_its_end_and_its_archive(tmp_path):
+    """The stages after the search: the pruned trial run to the end (complete_pruned=1, as summary.json
+    records it even when the command leaves it out) counts toward the best; then the final runs; then the
+    report. Only the search asked for (make search): no final runs. The folder gone: its archive is read."""
+    import shutil
+
+    from dglstm_lm.compare import Compare
+
+    folder = tmp_path / "cmp"
+    cmp = _part_way(folder)
+    cmp.study("dglstm").tell(2, 128.0)  # the DGLSTM's trial 2 completes
+    summary = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").write_text(json.dumps({**summary, "complete_pruned": True}))
+
+    def status(stages="search,final", archive=None):
+        import argparse
+
+        from dglstm_lm.compare import Plan
+
+        args = argparse.Namespace(
+            models="stacked_lstm,dglstm", trials="3", seeds="1", proxy="smoke", experiment="smoke",
+            space="lstm_lm", stages=stages, overrides=["logger=none"], proxy_override=None, dir=str(folder),
+            jobs=None, archive=archive,
+        )  # fmt: skip
+        plan = Plan(args)  # (a Compare that may write, as _compare makes, would restore the archive)
+        plan.metric, plan.base_seed = "val/ppl", 1
+        return Compare(plan, None, read_only=True).status()
+
+    lines = status()
+    assert "  pruned trials of stacked_lstm run to the end: 0 of 1" in lines
+    assert lines[-1] == "  next: the pruned trials run to the end, 1 left"
+    unpruned = folder / "unpruned" / "stacked_lstm" / "trial=2"
+    unpruned.mkdir(parents=True)
+    (unpruned / "metrics.json").write_text(json.dumps({"status": "completed", "val/ppl": 120.0}))
+    lines = status()
+    assert any(
+        ln.startswith("  search stacked_lstm:") and ln.endswith("best so far trial 2, 120.00") for ln in lines
+    )
+    assert lines[-1] == "  next: the final runs, 1 of 2 left"
+    for model in MODELS:
+        run = folder / "final" / model / "seed=1"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.json").write_text(json.dumps({"status": "completed", "test/ppl": 99.5}))
+    assert status()[-1] == "  next: the report"
+    (folder / "report").mkdir()
+    (folder / "report" / "report.md").write_text("# report\n")
+    assert status()[-1] == f"  done: the report is {folder / 'report' / 'report.md'}"
+    lines = status(stages="search")
+    assert lines[-1] == "  done: the search" and not any(ln.startswith("  final ") for ln in lines)
+    assert "then smoke" not in lines[0]
+
+    archive = tmp_path / "archive"
+    shutil.copytree(folder, archive)
+    shutil.rmtree(folder)
+    lines = status(archive=str(archive))
+    assert lines[0].startswith(f"{archive}: ") and "(from archive=, as of its last copy" in lines[0]
+    assert lines[-1] == f"  done: the report is {archive / 'report' / 'report.md'}"
+    assert not folder.exists()
 
 
 def test_status_of_a_folder_that_holds_nothing_makes_nothing(tmp_path):
