@@ -224,6 +224,7 @@ class TrialJob:
             for key, value in self.params.items():
                 OmegaConf.update(cfg, key, value, merge=False)
         self.cfg = cfg
+        self.max_epochs = int(cfg.trainer.max_epochs)
         # tune.complete: the parameters only (a pruned trial run to the end): the study is read, never written
         self.complete = bool(t.get("complete", False))
         self.trial = None if self.complete else optuna.trial.Trial(self.study, self.trial_id)
@@ -247,7 +248,9 @@ class TrialJob:
         if self.complete or value is None or not math.isfinite(value):
             return
         self.trial.report(float(value), int(record["epoch"]))
-        if self.trial.should_prune():
+        # after the last epoch a prune saves nothing and loses the trial's score (it would count as pruned,
+        # and complete_pruned=1 would train it again from the start): the trial completes
+        if int(record["epoch"]) < self.max_epochs and self.trial.should_prune():
             raise Pruned(
                 f"trial {self.number}: {self.metric} {value:.2f} after epoch {record['epoch']} is worse than "
                 "the pruner's threshold"
@@ -335,7 +338,7 @@ def replay_pruners(curves: list[list[float]], pruners: dict | None = None) -> di
             for epoch, v in enumerate(curve, 1):
                 epochs += 1
                 trial.report(v, epoch)
-                if trial.should_prune():
+                if epoch < len(curve) and trial.should_prune():  # as TrialJob.on_epoch: never after the last
                     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     pruned.append(i)
                     break

@@ -321,3 +321,45 @@ def test_pruner_replay_counts_epochs_and_keeps_the_best():
     assert 4 in med["pruned_trials"] and 6 not in med["pruned_trials"]  # the worst stopped, the best kept
     assert med["best_pruned"] is False
     assert all(r["epochs"] <= 64 for r in out.values())
+
+
+def test_the_last_epoch_is_never_pruned(tmp_path):
+    """A prune after a trial's last epoch saves nothing and loses its score (the trial would count as pruned,
+    and complete_pruned=1 would train it again from the start). Optuna's median pruner compares a trial's
+    best value so far with the median of the others' at the same epoch: a trial far worse from the start is
+    stopped after epoch 2 of 3; one ahead of the others until they improve at epoch 3 completes. The
+    pruners' replay does the same."""
+    from dglstm_lm.trainer import Pruned
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "params:\n  trainer.lr: {low: 0.5, high: 1.0}\n"
+        "pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 2}\n"
+    )
+    space = tune.Space.load(str(space_file))
+    study = tune.open_study(tmp_path / "m.journal", "m", space)
+    first = study.ask(space.distributions())
+    for epoch, v in ((1, 100.0), (2, 100.0), (3, 50.0)):
+        first.report(v, epoch)
+    study.tell(first, 50.0)
+
+    def job():
+        j = tune.TrialJob.__new__(tune.TrialJob)  # its on_epoch alone: no training
+        j.complete, j.metric, j.max_epochs = False, "val/ppl", 3
+        j.trial = study.ask(space.distributions())
+        j.number = j.trial.number
+        return j
+
+    bad = job()
+    bad.on_epoch({"val/ppl": 500.0, "epoch": 1})  # (the warm-up)
+    with pytest.raises(Pruned, match="after epoch 2 is worse"):
+        bad.on_epoch({"val/ppl": 500.0, "epoch": 2})
+    late = job()
+    for epoch, v in ((1, 90.0), (2, 90.0), (3, 80.0)):  # 80 > 50 at epoch 3: the pruner would stop it there
+        late.on_epoch({"val/ppl": v, "epoch": epoch})
+
+    good = [300.0, 200.0, 150.0, 130.0, 120.0, 115.0, 112.0, 110.0]
+    curves = [[v * f for v in good] for f in (1.3, 1.2, 1.25, 1.15)]
+    # flat at 136: under the others' median (112 × 1.225 = 137.2) up to epoch 7, over it (134.75) at epoch 8
+    med = tune.replay_pruners([*curves, [136.0] * 8])["median"]
+    assert 4 not in med["pruned_trials"] and med["epochs"] == med["epochs_unpruned"] == 40
