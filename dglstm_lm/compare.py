@@ -242,6 +242,25 @@ class Plan:
                     "launcher (another one runs its jobs as its own settings say)"
                 )
 
+    def final_at_a_time(self) -> int:
+        """How many final runs the launcher runs at a time: final_jobs=, else joblib's n_jobs (all the seeds
+        where it is not given), one under Hydra's basic launcher (it runs jobs one after another), all the
+        seeds under any other (SLURM: every job is queued at once)."""
+        if self.final_jobs is not None:
+            return self.final_jobs
+        launcher = next(
+            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra/launcher=")), None
+        )
+        if launcher is None or launcher == "basic":
+            return 1
+        n_jobs = next(
+            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra.launcher.n_jobs=")),
+            None,
+        )
+        if launcher == "joblib" and n_jobs is not None and n_jobs.lstrip("-").isdigit() and int(n_jobs) > 0:
+            return int(n_jobs)
+        return len(self.seeds)
+
     def _where(self, args) -> None:
         """The comparison's folder (dir=) and its archive (archive=), both absolute."""
         out_root = next(
@@ -935,11 +954,25 @@ class Compare:
         self._save_summary()
 
     # ---- 3. final
-    def final(self, model: str, params: dict) -> list[str]:
+    def final_all(self, best: dict) -> list[str]:
+        """Every model's final runs, seed by seed with the models in turn, as many at a time as the launcher
+        runs (final_at_a_time): seed 1 of every model, then seed 2, ... (in groups of that many seeds per
+        model), so that wherever the stage stops, the models hold the same seeds and pair."""
+        p = self.plan
+        n = p.final_at_a_time()
+        for i in range(0, len(p.seeds), n):
+            for m in p.models:
+                self.final(m, best[m]["params"], p.seeds[i : i + n], record=False)
+        return [problem for m in p.models for problem in self.final(m, best[m]["params"], [], say=False)]
+
+    def final(self, model: str, params: dict, seeds=None, record: bool = True, say: bool = True) -> list[str]:
+        """Trains `seeds` (default: all the plan's) of `model`'s best config where not completed; with
+        record, writes every seed's outcome to the summary and returns what is missing."""
         from . import rundir
         from .config import flatten
 
         p = self.plan
+        seeds = p.seeds if seeds is None else seeds
         final_dir = self.dir / "final" / model
         for s in p.seeds:
             run = final_dir / f"seed={s}"
@@ -954,16 +987,18 @@ class Compare:
                     "(the search changed since); move it away to train the new best, or use another dir="
                 )
         status = {s: (rundir.read_metrics(final_dir / f"seed={s}") or {}).get("status") for s in p.seeds}
-        todo = [s for s in p.seeds if status[s] != "completed"]
+        todo = [s for s in seeds if status[s] != "completed"]
         head = f"[final] {model}"
+        done = sum(status[s] == "completed" for s in p.seeds)
         if not todo:
-            _say(f"{head}: seeds {','.join(map(str, p.seeds))} completed; nothing to run")
+            if say:
+                _say(f"{head}: seeds {','.join(map(str, seeds))} completed; nothing to run")
         else:
             _say(
-                f"{head}: {len(p.seeds) - len(todo)} of {len(p.seeds)} seeds completed; training seeds "
+                f"{head}: {done} of {len(p.seeds)} seeds completed; training seed{'s' if len(todo) > 1 else ''} "
                 f"{','.join(map(str, todo))} on {p.experiment} with {_fmt_params(params)} → {final_dir}"
             )
-            overrides = p.final_overrides(model, params, ",".join(map(str, p.seeds)))
+            overrides = p.final_overrides(model, params, ",".join(map(str, todo)))
             # final_jobs=: each run then gets its share of the cores (runtime.default_threads)
             if p.final_jobs is not None:
                 overrides = [o for o in overrides if not o.startswith("hydra.launcher.n_jobs=")]
@@ -978,6 +1013,8 @@ class Compare:
                     ]
                 )
             )
+        if not record:
+            return []
         runs, problems = {}, []
         for s in p.seeds:
             m = rundir.read_metrics(final_dir / f"seed={s}") or {}
@@ -1065,6 +1102,8 @@ class Compare:
                     f"over {d['n']} points, t p = {_p(d['p_t'])}, Wilcoxon p = {_p(d['p_wilcoxon'])} "
                     "(configurations with one seed each, not seeds)"
                 )
+        if finals:
+            lines += self._status_final_paired()
         if left["search"]:
             lines.append(f"  next: the search, {left['search']} trials left in all")
         elif left["unpruned"]:
@@ -1137,6 +1176,41 @@ class Compare:
             left["unpruned"] += len(pruned) - len(ended)
         return lines
 
+    def _status_final_paired(self) -> list[str]:
+        """status=1: each model's final test perplexity against the first model's, paired by the seeds both
+        completed (a paired t-test and its 95% interval from two seeds on)."""
+        from . import rundir
+
+        p, lines = self.plan, []
+
+        def tests(m: str) -> dict:
+            out = {}
+            for sd in p.seeds:
+                r = rundir.read_metrics(self.dir / "final" / m / f"seed={sd}") or {}
+                if r.get("status") == "completed" and r.get("test/ppl") is not None:
+                    out[sd] = float(r["test/ppl"])
+            return out
+
+        base = tests(p.models[0])
+        for m in p.models[1:]:
+            other = tests(m)
+            seeds = [sd for sd in p.seeds if sd in base and sd in other]
+            if not seeds:
+                continue
+            d = [other[sd] - base[sd] for sd in seeds]
+            head = f"  final runs, {m} − {p.models[0]}, test perplexity over seed{'s' if len(d) > 1 else ''} {','.join(map(str, seeds))}: "
+            if len(d) == 1:
+                lines.append(head + f"{d[0]:+.2f} (one seed: no interval)")
+                continue
+            from scipy import stats
+
+            t = stats.ttest_rel([other[sd] for sd in seeds], [base[sd] for sd in seeds])
+            ci = t.confidence_interval(0.95)
+            lines.append(
+                head + f"{sum(d) / len(d):+.2f} [{ci.low:.2f}, {ci.high:.2f}], paired t p = {_p(t.pvalue)}"
+            )
+        return lines
+
     def _status_final(self, m: str, busy: bool, left: dict) -> list[str]:
         """status=1: model m's final runs, seed by seed."""
         from . import rundir
@@ -1191,8 +1265,7 @@ class Compare:
         if "final" in p.stages:
             best = {m: self.best(m) for m in p.models}
             self.tuning_report()  # the search's report now: the final runs take hours
-            for m in p.models:
-                problems += self.final(m, best[m]["params"])
+            problems += self.final_all(best)
         elif "search" in p.stages:
             for m in p.models:
                 self.best(m)

@@ -813,7 +813,12 @@ def test_status_follows_the_comparison_to_its_end_and_its_archive(tmp_path):
         run = folder / "final" / model / "seed=1"
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.json").write_text(json.dumps({"status": "completed", "test/ppl": 99.5}))
-    assert status()[-1] == "  next: the report"
+    lines = status()
+    assert lines[-1] == "  next: the report"
+    assert (
+        "  final runs, dglstm − stacked_lstm, test perplexity over seed 1: +0.00 (one seed: no interval)"
+        in lines
+    )
     (folder / "report").mkdir()
     (folder / "report" / "report.md").write_text("# report\n")
     assert status()[-1] == f"  done: the report is {folder / 'report' / 'report.md'}"
@@ -850,3 +855,65 @@ def test_status_of_a_folder_that_holds_nothing_makes_nothing(tmp_path):
     assert not (tmp_path / "none").exists()
     bad = run_cli([PY, "-m", "dglstm_lm.compare", "--status", "maybe", "--dir", str(tmp_path / "none")])
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["error: status=maybe: expected 1 or 0"]
+
+
+@pytest.mark.parametrize(
+    "launcher, expected",
+    [
+        (
+            ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "final_jobs=1"],
+            [[1], [1], [2], [2], [3], [3]],
+        ),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], [[1, 2], [1, 2], [3], [3]]),
+        ([], [[1], [1], [2], [2], [3], [3]]),  # Hydra's basic launcher: one job after another
+        (["hydra/launcher=slurm"], [[1, 2, 3], [1, 2, 3]]),  # every job queued at once
+    ],
+)
+def test_final_runs_go_seed_by_seed_with_the_models_in_turn(tmp_path, launcher, expected):
+    """The final runs go as many at a time as the launcher runs, seed by seed with the models in turn, so
+    that wherever the stage stops both models hold the same seeds (the models' first seeds pair hours before
+    the last run ends); a seed already completed is not run again, and the summary records every seed."""
+    import argparse
+
+    from dglstm_lm.compare import Compare, Plan
+
+    class Fake:
+        runs: list = []
+
+        def run(self, cmd):
+            model = next(a for a in cmd if a.startswith("model=")).split("=", 1)[1]
+            seeds = [
+                int(x) for x in next(a for a in cmd if a.startswith("seed=")).split("=", 1)[1].split(",")
+            ]
+            Fake.runs.append((model, seeds))
+            for sd in seeds:
+                run = tmp_path / "cmp" / "final" / model / f"seed={sd}"
+                run.mkdir(parents=True, exist_ok=True)
+                test = 100.0 + sd if model == "stacked_lstm" else 94.0 + 1.1 * sd
+                (run / "metrics.json").write_text(json.dumps({"status": "completed", "test/ppl": test}))
+            return 0
+
+    final_jobs = next((o.split("=")[1] for o in launcher if o.startswith("final_jobs=")), None)
+    overrides = ["logger=none", *[o for o in launcher if not o.startswith("final_jobs=")]]
+    args = argparse.Namespace(
+        models="stacked_lstm,dglstm", trials="2", seeds="1,2,3", proxy="smoke", experiment="smoke",
+        space="lstm_lm", stages="final", overrides=overrides, proxy_override=None, dir=str(tmp_path / "cmp"),
+        jobs="2", archive=None, final_jobs=final_jobs,
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    cmp = Compare(plan, runner=Fake())
+    best = {m: {"params": {"trainer.lr": 1.5}} for m in MODELS}
+    assert cmp.final_all(best) == []
+    assert [seeds for _, seeds in Fake.runs] == expected
+    assert [m for m, _ in Fake.runs] == [MODELS[i % 2] for i in range(len(expected))]
+    assert all(
+        cmp.summary["final"]["stacked_lstm"]["runs"][str(sd)]["test/ppl"] == 100.0 + sd for sd in (1, 2, 3)
+    )
+    # status=1 pairs the seeds both models completed: differences -5.9, -5.8, -5.7, a t interval with 2 df
+    (line,) = [ln for ln in Compare(plan, None, read_only=True).status() if ln.startswith("  final runs, ")]
+    half = 4.302652729911275 * 0.1 / 3**0.5  # t(0.975, 2) × sd / √n
+    assert line.startswith("  final runs, dglstm − stacked_lstm, test perplexity over seeds 1,2,3: -5.80 [")
+    assert f"[{-5.8 - half:.2f}, {-5.8 + half:.2f}]" in line
+    Fake.runs = []
+    assert cmp.final_all(best) == [] and Fake.runs == []  # done: nothing runs again
