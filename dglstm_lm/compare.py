@@ -958,11 +958,28 @@ class Compare:
         """Every model's final runs, seed by seed with the models in turn, as many at a time as the launcher
         runs (final_at_a_time): seed 1 of every model, then seed 2, ... (in groups of that many seeds per
         model), so that wherever the stage stops, the models hold the same seeds and pair."""
+        from . import rundir
+
         p = self.plan
         n = p.final_at_a_time()
+
+        def completed(m: str, seeds: list) -> bool:
+            return all(
+                (rundir.read_metrics(self.dir / "final" / m / f"seed={sd}") or {}).get("status")
+                == "completed"
+                for sd in seeds
+            )
+
+        todo = []
+        for m in p.models:
+            if completed(m, p.seeds):  # said once, and its runs' configs checked against its best
+                self.final(m, best[m]["params"], p.seeds, record=False)
+            else:
+                todo.append(m)
         for i in range(0, len(p.seeds), n):
-            for m in p.models:
-                self.final(m, best[m]["params"], p.seeds[i : i + n], record=False)
+            for m in todo:
+                if not completed(m, p.seeds[i : i + n]):
+                    self.final(m, best[m]["params"], p.seeds[i : i + n], record=False)
         return [problem for m in p.models for problem in self.final(m, best[m]["params"], [], say=False)]
 
     def final(self, model: str, params: dict, seeds=None, record: bool = True, say: bool = True) -> list[str]:
