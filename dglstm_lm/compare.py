@@ -84,6 +84,10 @@ RESERVED = {
 _LOCATION_KEYS = ("hydra/launcher", "hydra.launcher")
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def _flag(value, name: str) -> bool:
     """A 0/1 option (also true/false, yes/no); anything else is a one-line error naming it."""
     flag = str(value or "0").strip().lower()
@@ -1177,7 +1181,7 @@ class Compare:
         best = min(scored, key=lambda n: (scored[n], n), default=None)
         label = "running or waiting to resume" if busy else "cut short"
         running = [
-            f"{t.number} ({len(rundir.read_history(self.dir / 'search' / m / f'trial={t.number}'))} epochs done)"
+            f"{t.number} ({_epochs(len(rundir.read_history(self.dir / 'search' / m / f'trial={t.number}')))} done)"
             for t in by["running"]
         ]
         left["search"] += p.trials - len(done)
@@ -1243,7 +1247,7 @@ class Compare:
         cells = [
             f"seed {sd} {state(r)}"
             + (f" (test {r['test/ppl']:.2f})" if r.get("test/ppl") is not None else "")
-            + (f" ({r.get('epochs_completed')} epochs done)" if r.get("status") != "completed" else "")
+            + (f" ({_epochs(r.get('epochs_completed') or 0)} done)" if r.get("status") != "completed" else "")
             for sd, r in runs.items()
             if r
         ]
