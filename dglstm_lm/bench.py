@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError, cli
-from .runtime import keep_freed_memory, malloc_choice
+from .runtime import keep_freed_memory, malloc_choice, wgrad_choice
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
@@ -346,6 +346,8 @@ def instruction_set() -> dict:
         "fused_rows": ext.row_isa() if ext is not None else "unavailable",
         "fused_gemm": _gemm_choice(None) if ext is not None else "unavailable",
         "fused_gemm_bf16": _gemm_choice(torch.bfloat16) if ext is not None else "unavailable",
+        # where the layers' float32 weight gradients run ($DGLSTM_WGRAD, else chosen per CPU and width)
+        "fused_wgrad": _wgrad_choice() if ext is not None else "unavailable",
     }
 
 
@@ -360,6 +362,27 @@ def _gemm_choice(low) -> str:
     return wide if narrow == wide else f"{narrow} up to {limit} units, {wide} above"
 
 
+def wgrad_name(step_path: str) -> str:
+    """The library of the float32 weight gradients of a layer whose per-step GEMM is `step_path`, in words:
+    wgrad_path's choice on the oneDNN paths; torch's own (autograd's BLAS GEMM) on every other."""
+    from .models.kernels import wgrad_path
+
+    if step_path not in ("cpp_onednn", "cpp_brgemm"):
+        return "BLAS"
+    return {"onednn": "oneDNN", "blas": "BLAS"}[wgrad_path(step_path)]
+
+
+def _wgrad_choice() -> str:
+    """wgrad_name for model.backend=cpp here, e.g. "BLAS up to 512 units, oneDNN above"."""
+    from .models.kernels import brgemm_limit, gemm_path
+    from .runtime import WGRAD_ENV
+
+    limit = brgemm_limit(None)
+    narrow, wide = wgrad_name(gemm_path(hidden=limit)), wgrad_name(gemm_path())
+    said = wide if narrow == wide else f"{narrow} up to {limit} units, {wide} above"
+    return said + (f" ({WGRAD_ENV}={os.environ[WGRAD_ENV]})" if os.environ.get(WGRAD_ENV) else "")
+
+
 def row_gemm(core: str, hidden: int) -> str | None:
     """The per-step GEMM a DGLSTM row of the bench ran with (None for the other cores)."""
     from .models.kernels import GEMM_NAMES, cpp_extension, gemm_path
@@ -372,11 +395,21 @@ def row_gemm(core: str, hidden: int) -> str | None:
     return GEMM_NAMES[gemm_path(torch.float32, backend, low, hidden)]
 
 
+def row_wgrad(core: str, hidden: int) -> str:
+    """The library a float32 DGLSTM row's weight gradients ran on (see wgrad_name)."""
+    from .models.kernels import gemm_path
+
+    backend = core[len("dglstm[") : -1] if core.endswith("]") else "cpp"
+    return wgrad_name(gemm_path(torch.float32, backend, None, hidden))
+
+
 def describe_isa(info: dict) -> str:
     limits = ", ".join(f"{k}={v}" for k, v in info.get("isa_limits", {}).items())
     fused = f", fused DGLSTM rows {info['fused_rows']}" if "fused_rows" in info else ""
     if "fused_gemm" in info:
         fused += f", GEMM {info['fused_gemm']} (bf16: {info.get('fused_gemm_bf16', '?')})"
+    if "fused_wgrad" in info:
+        fused += f", weight gradients {info['fused_wgrad']}"
     return f"{info['cpu_isa']} CPU, torch kernels {info['aten_capability']}{fused}" + (
         f" (emulated: {limits})" if limits else ""
     )
@@ -486,6 +519,8 @@ def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dic
                 rec[f"{what}_ratio_to_nn_lstm{suffix}_ci95"] = paired and paired["ci95"]
         if device.type == "cpu" and row_gemm(c, dim) is not None:
             rec["gemm"] = row_gemm(c, dim)
+            if not bf16:  # (under autocast the weight gradients are autocast's bf16 GEMMs)
+                rec["wgrad"] = row_wgrad(c, dim)
         records.append(rec)
 
         def fmt(r, ci=None):
@@ -531,7 +566,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     from .rundir import check_writable
 
     out = Path(args.out)
-    malloc_choice()  # a bad $DGLSTM_MALLOC: one line before the output folder is made
+    malloc_choice()  # a bad $DGLSTM_MALLOC or $DGLSTM_WGRAD: one line before the output folder is made
+    wgrad_choice()
     check_writable(out)  # before minutes of measuring: a full disk or a read-only folder is one line now
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as a run does (runtime.py): the steps measured are the steps a run takes

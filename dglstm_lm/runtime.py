@@ -62,12 +62,13 @@ def resolve_device(name: str) -> torch.device:
 
 def check_before_run(obj) -> None:
     """What would fail a run before its first step, checked before Hydra makes its folder (a run refused
-    here leaves no `failed` folder behind to appear in every report): the output folder, $DGLSTM_MALLOC, the
-    device, the data folder."""
+    here leaves no `failed` folder behind to appear in every report): the output folder, $DGLSTM_MALLOC,
+    $DGLSTM_WGRAD, the device, the data folder."""
     from .data import check_source
 
     rundir.check_folder(obj.paths.output_dir, "paths.output_dir")
     malloc_choice()
+    wgrad_choice()
     resolve_device(obj.trainer.device)
     check_source(obj.data.dir)
 
@@ -108,6 +109,21 @@ def malloc_choice() -> str:
     choice = os.environ.get(MALLOC_ENV, "").strip().lower() or "keep"
     if choice not in ("keep", "system"):
         raise ConfigError(f"{MALLOC_ENV}={os.environ[MALLOC_ENV]}: expected keep or system")
+    return choice
+
+
+WGRAD_ENV = (
+    "DGLSTM_WGRAD"  # onednn | blas: force where the fused DGLSTM's weight gradients run (kernels.wgrad_path)
+)
+
+
+def wgrad_choice() -> str:
+    """$DGLSTM_WGRAD: auto (unset, the default), onednn or blas; anything else is a one-line error."""
+    choice = os.environ.get(WGRAD_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "onednn", "blas"):
+        raise ConfigError(
+            f"{WGRAD_ENV}={os.environ[WGRAD_ENV]}: expected onednn or blas (or unset: chosen per CPU)"
+        )
     return choice
 
 

@@ -416,12 +416,35 @@ def test_the_gemm_path_is_chosen_per_cpu_and_precision(monkeypatch):
     assert case("", mkl=False, backend="cpp_mkl") == "cpp_plain"
 
 
+def test_the_weight_gradients_library_is_chosen_per_cpu_and_path(monkeypatch):
+    """wgrad_path: BLAS for the layers on brgemm on a CPU without AVX-512 (measured faster on a Zen 3),
+    oneDNN on every other oneDNN path; $DGLSTM_WGRAD forces either, and refuses anything else in one line."""
+    from dglstm_lm.errors import ConfigError
+    from dglstm_lm.models import kernels
+
+    monkeypatch.delenv("DGLSTM_WGRAD", raising=False)
+    for avx512, expected in ((False, "blas"), (True, "onednn")):
+        monkeypatch.setattr(kernels, "_avx512", lambda v=avx512: v)
+        assert kernels.wgrad_path("cpp_brgemm") == expected
+        assert kernels.wgrad_path("cpp_onednn") == "onednn"
+        for forced in ("onednn", "blas"):
+            monkeypatch.setenv("DGLSTM_WGRAD", forced)
+            assert kernels.wgrad_path("cpp_brgemm") == kernels.wgrad_path("cpp_onednn") == forced
+        monkeypatch.delenv("DGLSTM_WGRAD")
+    monkeypatch.setenv("DGLSTM_WGRAD", "mkl")
+    with pytest.raises(ConfigError, match="DGLSTM_WGRAD=mkl: expected onednn or blas"):
+        kernels.wgrad_path("cpp_brgemm")
+
+
 GEMM_PATH_CHECK = """
 import json, sys, torch
 from dglstm_lm.models import build_core, kernels
 used = []
 real = kernels._pack
 kernels._pack = lambda w, rows, mode: used.append(mode) or real(w, rows, mode)
+calls = []  # oneDNN inner products with a transposed first operand: the input projections' weight gradients
+real_mm = kernels._onednn_mm
+kernels._onednn_mm = lambda a, b, bias=None: calls.append(not a.is_contiguous()) or real_mm(a, b, bias)
 torch.manual_seed(7)
 # 70 units: brgemm runs 5 column blocks forward (4H = 280) and 2 backward (64 + 6), each with a remainder
 core = build_core("dglstm", 16, [70, 70], peephole=True, coupled=sys.argv[2] == "coupled", backend=sys.argv[1])
@@ -435,24 +458,38 @@ x64 = x.detach().double().requires_grad_()
 out64, _ = ref(x64, ref.init_state(5, dtype=torch.float64))
 refs = torch.autograd.grad((out64 * w.double()).sum(), [x64, *ref.parameters()])
 dev = max(float(((g.double() - r).abs() / (1e-5 + 1e-4 * r.abs())).max()) for g, r in zip(grads, refs))
-print(json.dumps([sorted(set(used)), float((out.double() - out64).abs().max()), dev]))
+print(json.dumps([sorted(set(used)), float((out.double() - out64).abs().max()), dev, sum(calls)]))
 """
 
 
 @pytest.mark.parametrize("coupled", ["plain", "coupled"])
-@pytest.mark.parametrize("backend", ["cpp", "cpp_blas", "cpp_mkl", "cpp_onednn", "cpp_brgemm"])
-def test_every_gemm_path_matches_the_python_scan(backend, coupled):
+@pytest.mark.parametrize(
+    "backend,wgrad",
+    [
+        ("cpp", ""),
+        ("cpp_blas", ""),
+        ("cpp_mkl", ""),
+        *((b, w) for b in ("cpp_onednn", "cpp_brgemm") for w in ("onednn", "blas")),
+    ],
+)
+def test_every_gemm_path_matches_the_python_scan(backend, wgrad, coupled):
     """Each path of the per-step GEMM forced in a fresh process (its library's state and caches its own)
-    against the float64 python scan, forward and gradients, to the float32 tolerances of the tests above."""
+    against the float64 python scan, forward and gradients, to the float32 tolerances of the tests above;
+    the oneDNN paths with their weight gradients forced to each library ($DGLSTM_WGRAD, wgrad_path)."""
     import json
 
     from .conftest import PY, run_cli
 
     if cpp_extension() is None:
         pytest.skip("no fused kernel")
-    res = run_cli([PY, "-c", GEMM_PATH_CHECK, backend, coupled])
+    res = run_cli([PY, "-c", GEMM_PATH_CHECK, backend, coupled], env={"DGLSTM_WGRAD": wgrad})
     assert res.returncode == 0, res.stderr
-    used, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
+    used, out_err, grad_err, wgrad_onednn = json.loads(res.stdout.strip().splitlines()[-1])
+    from dglstm_lm.models import kernels
+
+    if wgrad and kernels.onednn_gemm_available():
+        # the input projections' weight gradients ran where asked: 3 projections (2 layers' W_ih, 1 W_xd)
+        assert wgrad_onednn == (3 if wgrad == "onednn" else 0), wgrad_onednn
     expected = {
         "cpp_blas": "cpp_plain",
         "cpp_mkl": "cpp_mkl",

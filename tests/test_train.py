@@ -492,6 +492,14 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     )
     assert gemms["dglstm"] == ("MKL packed" if vendor == "GenuineIntel" else "oneDNN brgemm")
     assert gemms["nn.LSTM"] is None and gemms["dglstm[python]"] is None
+    # where the weight gradients ran: oneDNN with its inner product everywhere; with brgemm on a CPU without
+    # AVX-512, BLAS; on the other paths, torch's own
+    wgrads = {rec["core"]: rec.get("wgrad") for rec in payload["records"]}
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert wgrads["dglstm[cpp_onednn]"] == "oneDNN" and wgrads["dglstm[cpp_blas]"] == "BLAS"
+    assert wgrads["dglstm[cpp_mkl]"] == "BLAS" and wgrads["nn.LSTM"] is None
+    assert wgrads["dglstm[cpp_brgemm]"] == ("oneDNN" if avx512 else "BLAS")
+    assert payload["machine"]["fused_wgrad"].startswith(("BLAS", "oneDNN")), payload["machine"]["fused_wgrad"]
     bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
     assert len(bf16) == 3 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
     assert set(payload["load_average"]) == {"start", "readings", "while_measuring"} and isinstance(
@@ -794,16 +802,23 @@ def test_the_allocator_is_left_alone_when_asked_or_set_by_the_environment(env, s
     assert r.stdout.splitlines() == [state, state]  # once per process
 
 
+@pytest.mark.parametrize(
+    "var,value,message",
+    [
+        ("DGLSTM_MALLOC", "jemalloc", "expected keep or system"),
+        ("DGLSTM_WGRAD", "mkl", "expected onednn or blas (or unset: chosen per CPU)"),
+    ],
+)
 @pytest.mark.parametrize("entry", ["train", "compare", "bench"])
-def test_a_bad_dglstm_malloc_is_one_line_before_anything_is_made(entry, tmp_path):
+def test_a_bad_dglstm_variable_is_one_line_before_anything_is_made(entry, var, value, message, tmp_path):
     out = tmp_path / "out"
     argv = {
         "train": ["dglstm_lm.train", "experiment=smoke", f"paths.output_dir={out}", "logger=none"],
         "compare": ["dglstm_lm.compare", "--models", "stacked_lstm", "--trials", "1", "--dir", str(out)],
         "bench": ["dglstm_lm.bench", "--quick", "--out", str(out)],
     }[entry]
-    r = run_cli([PY, "-m", *argv], env={"DGLSTM_MALLOC": "jemalloc"})
+    r = run_cli([PY, "-m", *argv], env={var: value})
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
-    assert line == "error: DGLSTM_MALLOC=jemalloc: expected keep or system", line
+    assert line == f"error: {var}={value}: {message}", line
     assert not out.exists()

@@ -197,7 +197,7 @@ class DGLSTMLayer(nn.Module):
         if self.depth_gate == "open":
             gd = x.new_full((T, B, H), OPEN_GATE)
         elif "x" in self.depth_terms:
-            gd = input_linear(xg, self.depth_weight_ih, self.depth_bias, self.backend)
+            gd = input_linear(xg, self.depth_weight_ih, self.depth_bias, self.backend, H)
         else:
             gd = self.depth_bias.expand(T, B, H)
         if "c_lower" in self.depth_terms:
@@ -210,7 +210,7 @@ class DGLSTMLayer(nn.Module):
         h0, c0 = state
         xg = x * self.stabiliser.exp() if self.use_stabiliser else x  # the gates' view of the input
         # (T, B, G*H), all steps in one GEMM
-        gx = input_linear(xg, self.weight_ih, self.bias_ih + self.bias_hh, self.backend)
+        gx = input_linear(xg, self.weight_ih, self.bias_ih + self.bias_hh, self.backend, self.hidden_dim)
         gd = m = wcd = None
         if self.has_depth:
             gd, m, wcd = self._depth_inputs(x, xg, lower_c)

@@ -477,8 +477,30 @@ class _Scan(torch.autograd.Function):
             w_hh_t = packed_t = None
             if ctx.mode != "cpp_plain":
                 w_hh_t, packed_t = _packed(w_hh, h_all.shape[1], ctx.mode, transposed=True)
-            grads = cpp_extension().backward(*args, GEMM_MODES[ctx.mode][0], packed_t, w_hh_t)
+            wgrad = wgrad_path(ctx.mode) == "onednn"
+            grads = cpp_extension().backward(*args, GEMM_MODES[ctx.mode][0], packed_t, w_hh_t, wgrad)
         return (*grads, None, None, None)
+
+
+@functools.cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def wgrad_path(step_path: str) -> str:
+    """Where a layer's float32 weight gradients (dW_ih, dW_hh, W_xd's: dz^T x over all steps) run when its
+    per-step GEMM (`step_path`, gemm_path's answer) is oneDNN's: "onednn", its inner product, which first
+    copies the transposed gradient dz^T into a contiguous tensor, or "blas", torch.mm (MKL's sgemm), which
+    reads the transposed view as it is. Chosen by measurement: BLAS for the narrow layers that run brgemm
+    on a CPU without AVX-512 (on a Zen 3 the whole training step 1.04x faster at 2 x 200 and 1.08x at
+    8 x 200), oneDNN everywhere else (on that Zen 3 no faster at 2 x 650, 0.97-1.01x; on a Zen 4 oneDNN
+    measured ahead of MKL at a layer's shapes; docs/models.md). $DGLSTM_WGRAD=onednn|blas forces one."""
+    from ..runtime import wgrad_choice
+
+    choice = wgrad_choice()
+    if choice != "auto":
+        return choice
+    return "blas" if step_path == "cpp_brgemm" and not _avx512() else "onednn"
 
 
 def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -488,31 +510,39 @@ def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """x w^T + b with oneDNN's inner product, forward and backward (dx = g w, dw = g^T x): x [N, K], w [M, K],
-    b [M] or None."""
+    """x w^T + b with oneDNN's inner product, forward and backward (dx = g w, dw = g^T x, the latter where
+    wgrad_path says: `wgrad`): x [N, K], w [M, K], b [M] or None."""
 
     @staticmethod
-    def forward(ctx, x, w, b):
+    def forward(ctx, x, w, b, wgrad):
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
+        ctx.has_bias, ctx.wgrad = b is not None, wgrad
         return _onednn_mm(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
         grad = grad.contiguous()
         return (
             _onednn_mm(grad, w.t()) if need_x else None,
-            _onednn_mm(grad.t(), x.t()) if need_w else None,
+            (grad.t().mm(x) if ctx.wgrad == "blas" else _onednn_mm(grad.t(), x.t())) if need_w else None,
             grad.sum(0) if ctx.has_bias and need_b else None,
+            None,
         )
 
 
-def input_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, backend: str = "auto"):
-    """F.linear(x, w, b) for a layer's input projections over all steps, on the library the fused kernel's
-    per-step GEMM uses here: where that is oneDNN (model.backend cpp/auto on AMD, cpp_onednn), oneDNN's
-    inner product in float32; anywhere else (MKL, autocast, other devices and dtypes) F.linear itself."""
+def input_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    backend: str = "auto",
+    hidden: int | None = None,
+):
+    """F.linear(x, w, b) for the input projections over all steps of a layer of `hidden` units, on the
+    library the fused kernel's per-step GEMM uses here: where that is oneDNN (model.backend cpp/auto on AMD,
+    cpp_onednn), oneDNN's inner product in float32 (its weight gradient where wgrad_path says); anywhere else
+    (MKL, autocast, other devices and dtypes) F.linear itself."""
     if (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -524,7 +554,8 @@ def input_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
     ):
         lead = x.shape[:-1]
         b = None if b is None else b.contiguous()
-        y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), w.contiguous(), b)
+        step = gemm_path(torch.float32, "cpp" if backend == "auto" else backend, hidden=hidden)
+        y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), w.contiguous(), b, wgrad_path(step))
         return y.view(*lead, w.shape[0])
     return F.linear(x, w, b)
 
