@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError, cli
-from .runtime import keep_freed_memory, malloc_choice, wgrad_choice
+from .runtime import keep_freed_memory, malloc_choice
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
@@ -363,19 +363,15 @@ def _gemm_choice(low) -> str:
 
 
 def wgrad_name(step_path: str) -> str:
-    """The library of the float32 weight gradients of a layer whose per-step GEMM is `step_path`, in words:
-    wgrad_path's choice on the oneDNN paths; torch's own (autograd's BLAS GEMM) on every other."""
+    """The library of the float32 weight gradients of a layer whose per-step GEMM is `step_path`, in words."""
     from .models.kernels import wgrad_path
 
-    if step_path not in ("cpp_onednn", "cpp_brgemm"):
-        return "BLAS"
     return {"onednn": "oneDNN", "blas": "BLAS"}[wgrad_path(step_path)]
 
 
 def _wgrad_choice() -> str:
     """wgrad_name for model.backend=cpp here, e.g. "BLAS up to 512 units, oneDNN above"."""
-    from .models.kernels import brgemm_limit, gemm_path
-    from .runtime import WGRAD_ENV
+    from .models.kernels import WGRAD_ENV, brgemm_limit, gemm_path
 
     limit = brgemm_limit(None)
     narrow, wide = wgrad_name(gemm_path(hidden=limit)), wgrad_name(gemm_path())
@@ -519,7 +515,7 @@ def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dic
                 rec[f"{what}_ratio_to_nn_lstm{suffix}_ci95"] = paired and paired["ci95"]
         if device.type == "cpu" and row_gemm(c, dim) is not None:
             rec["gemm"] = row_gemm(c, dim)
-            if not bf16:  # (under autocast the weight gradients are autocast's bf16 GEMMs)
+            if not bf16:  # (under autocast the projections' weight gradients are autocast's bf16 GEMMs)
                 rec["wgrad"] = row_wgrad(c, dim)
         records.append(rec)
 
@@ -566,6 +562,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     from .rundir import check_writable
 
     out = Path(args.out)
+    from .models.kernels import wgrad_choice
+
     malloc_choice()  # a bad $DGLSTM_MALLOC or $DGLSTM_WGRAD: one line before the output folder is made
     wgrad_choice()
     check_writable(out)  # before minutes of measuring: a full disk or a read-only folder is one line now

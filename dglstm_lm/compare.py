@@ -295,7 +295,8 @@ class Plan:
     # ---- composition checks: every config this command will train composes and validates
     def check_configs(self) -> None:
         from .config import compose, flatten, resolved_container, validate
-        from .runtime import malloc_choice, wgrad_choice
+        from .models.kernels import wgrad_choice
+        from .runtime import malloc_choice
 
         malloc_choice()  # every run it starts would refuse a bad $DGLSTM_MALLOC: say so before anything is made
         wgrad_choice()  # ... and a bad $DGLSTM_WGRAD

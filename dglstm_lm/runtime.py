@@ -67,6 +67,8 @@ def check_before_run(obj) -> None:
     from .data import check_source
 
     rundir.check_folder(obj.paths.output_dir, "paths.output_dir")
+    from .models.kernels import wgrad_choice
+
     malloc_choice()
     wgrad_choice()
     resolve_device(obj.trainer.device)
@@ -109,21 +111,6 @@ def malloc_choice() -> str:
     choice = os.environ.get(MALLOC_ENV, "").strip().lower() or "keep"
     if choice not in ("keep", "system"):
         raise ConfigError(f"{MALLOC_ENV}={os.environ[MALLOC_ENV]}: expected keep or system")
-    return choice
-
-
-WGRAD_ENV = (
-    "DGLSTM_WGRAD"  # onednn | blas: force where the fused DGLSTM's weight gradients run (kernels.wgrad_path)
-)
-
-
-def wgrad_choice() -> str:
-    """$DGLSTM_WGRAD: auto (unset, the default), onednn or blas; anything else is a one-line error."""
-    choice = os.environ.get(WGRAD_ENV, "").strip().lower() or "auto"
-    if choice not in ("auto", "onednn", "blas"):
-        raise ConfigError(
-            f"{WGRAD_ENV}={os.environ[WGRAD_ENV]}: expected onednn or blas (or unset: chosen per CPU)"
-        )
     return choice
 
 

@@ -43,6 +43,13 @@ from .runtime import (
 log = logging.getLogger("dglstm_lm.train")
 
 
+def _wgrad_summary() -> str:
+    """Where the DGLSTM's weight gradients run here (kernels.wgrad_path), for metrics.json."""
+    from .models.kernels import wgrad_summary
+
+    return wgrad_summary()
+
+
 class DivergedError(UserError):
     exit_code = 3
 
@@ -313,6 +320,7 @@ class _Run:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "malloc": keep_freed_memory(),
+            "wgrad": _wgrad_summary(),
             "run_dir": str(self.run_dir),
             "wandb_id": self.tracker.run_id,
             "code": self.code,

@@ -431,8 +431,12 @@ def test_the_weight_gradients_library_is_chosen_per_cpu_and_path(monkeypatch):
             monkeypatch.setenv("DGLSTM_WGRAD", forced)
             assert kernels.wgrad_path("cpp_brgemm") == kernels.wgrad_path("cpp_onednn") == forced
         monkeypatch.delenv("DGLSTM_WGRAD")
+    for path in ("cpp_mkl", "cpp_plain"):  # the other paths: torch's own GEMM, whatever is asked
+        for forced in ("onednn", "blas", "auto"):
+            monkeypatch.setenv("DGLSTM_WGRAD", forced)
+            assert kernels.wgrad_path(path) == "blas"
     monkeypatch.setenv("DGLSTM_WGRAD", "mkl")
-    with pytest.raises(ConfigError, match="DGLSTM_WGRAD=mkl: expected onednn or blas"):
+    with pytest.raises(ConfigError, match="DGLSTM_WGRAD=mkl: expected onednn, blas or auto"):
         kernels.wgrad_path("cpp_brgemm")
 
 
@@ -442,7 +446,7 @@ from dglstm_lm.models import build_core, kernels
 used = []
 real = kernels._pack
 kernels._pack = lambda w, rows, mode: used.append(mode) or real(w, rows, mode)
-calls = []  # oneDNN inner products with a transposed first operand: the input projections' weight gradients
+calls = []  # the input projections' oneDNN inner products: is the first operand a transposed view (a dW)?
 real_mm = kernels._onednn_mm
 kernels._onednn_mm = lambda a, b, bias=None: calls.append(not a.is_contiguous()) or real_mm(a, b, bias)
 torch.manual_seed(7)
@@ -451,14 +455,19 @@ core = build_core("dglstm", 16, [70, 70], peephole=True, coupled=sys.argv[2] == 
 x = torch.randn(9, 5, 16, requires_grad=True)
 out, _ = core(x, core.init_state(5))
 w = torch.randn_like(out)
-grads = torch.autograd.grad((out * w).sum(), [x, *core.parameters()])
+with torch.profiler.profile(record_shapes=True) as prof:  # the GEMMs the backward ran, the C++ kernel's too
+    grads = torch.autograd.grad((out * w).sum(), [x, *core.parameters()])
+G = 3 if sys.argv[2] == "coupled" else 4
+# the weight gradients of W_ih (2 layers) and W_hh (2 layers, in the C++ backward): dz^T [G*H, T*B] first
+wgrads = {k: sum(e.key == k and list(e.input_shapes[0][:2]) == [G * 70, 45] for e in prof.events())
+          for k in ("aten::mm", "mkldnn::_linear_pointwise")}
 ref = build_core("dglstm", 16, [70, 70], peephole=True, coupled=sys.argv[2] == "coupled", backend="python").double()
 ref.load_state_dict({k: v.double() for k, v in core.state_dict().items()})
 x64 = x.detach().double().requires_grad_()
 out64, _ = ref(x64, ref.init_state(5, dtype=torch.float64))
 refs = torch.autograd.grad((out64 * w.double()).sum(), [x64, *ref.parameters()])
 dev = max(float(((g.double() - r).abs() / (1e-5 + 1e-4 * r.abs())).max()) for g, r in zip(grads, refs))
-print(json.dumps([sorted(set(used)), float((out.double() - out64).abs().max()), dev, sum(calls)]))
+print(json.dumps([sorted(set(used)), float((out.double() - out64).abs().max()), dev, calls, wgrads]))
 """
 
 
@@ -484,12 +493,18 @@ def test_every_gemm_path_matches_the_python_scan(backend, wgrad, coupled):
         pytest.skip("no fused kernel")
     res = run_cli([PY, "-c", GEMM_PATH_CHECK, backend, coupled], env={"DGLSTM_WGRAD": wgrad})
     assert res.returncode == 0, res.stderr
-    used, out_err, grad_err, wgrad_onednn = json.loads(res.stdout.strip().splitlines()[-1])
-    from dglstm_lm.models import kernels
-
-    if wgrad and kernels.onednn_gemm_available():
-        # the input projections' weight gradients ran where asked: 3 projections (2 layers' W_ih, 1 W_xd)
-        assert wgrad_onednn == (3 if wgrad == "onednn" else 0), wgrad_onednn
+    used, out_err, grad_err, calls, wgrads = json.loads(res.stdout.strip().splitlines()[-1])
+    if wgrad:
+        # the input projections (2 layers' W_ih, 1 W_xd) ran on oneDNN: forward and dx always, their weight
+        # gradients (a transposed first operand) only when asked
+        assert sorted(calls) == [False] * 6 + [True] * (3 if wgrad == "onednn" else 0), calls
+        # the W_ih and W_hh gradients of both layers ran where asked, W_hh's in the C++ backward: 4 GEMMs
+        # with dz^T first, all on oneDNN or all on BLAS
+        assert wgrads == (
+            {"aten::mm": 0, "mkldnn::_linear_pointwise": 4}
+            if wgrad == "onednn"
+            else {"aten::mm": 4, "mkldnn::_linear_pointwise": 0}
+        ), wgrads
     expected = {
         "cpp_blas": "cpp_plain",
         "cpp_mkl": "cpp_mkl",

@@ -17,6 +17,7 @@ import torch
 from dglstm_lm import checkpoint as ckpt
 from dglstm_lm.config import compose
 from dglstm_lm.errors import CheckpointError
+from dglstm_lm.models.kernels import wgrad_path
 from dglstm_lm.train import DivergedError, train
 from dglstm_lm.trainer import Interrupted, Trainer
 
@@ -80,6 +81,11 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
     ):
         assert m[key] is not None, key
     assert m["status"] == "completed" and m["model"] == model and m["epochs_completed"] == 2
+    if "DGLSTM_WGRAD" not in os.environ:  # where the weight gradients ran is on record
+        assert (
+            m["wgrad"]
+            == f"auto: {wgrad_path('cpp_brgemm')} where a layer runs brgemm, onednn on oneDNN's inner product"
+        )
     if "DGLSTM_MALLOC" not in os.environ and not any(k.startswith("MALLOC_") for k in os.environ):
         assert m["malloc"] == (
             "keep (glibc: mmap threshold 32 MiB, no trim)" if _glibc() else "system (not glibc)"
@@ -452,7 +458,8 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
             str(tmp_path),
             "--ptb-dir",
             str(ptb_dir),
-        ]
+        ],
+        env={"DGLSTM_WGRAD": ""},  # the choice per CPU, not a caller's
     )
     assert r.returncode == 0, r.stderr[-2000:]
     payload = json.loads((tmp_path / "bench.json").read_text())
@@ -499,6 +506,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert wgrads["dglstm[cpp_onednn]"] == "oneDNN" and wgrads["dglstm[cpp_blas]"] == "BLAS"
     assert wgrads["dglstm[cpp_mkl]"] == "BLAS" and wgrads["nn.LSTM"] is None
     assert wgrads["dglstm[cpp_brgemm]"] == ("oneDNN" if avx512 else "BLAS")
+    assert wgrads["dglstm"] == ("oneDNN" if avx512 and vendor != "GenuineIntel" else "BLAS")  # auto, 16 units
     assert payload["machine"]["fused_wgrad"].startswith(("BLAS", "oneDNN")), payload["machine"]["fused_wgrad"]
     bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
     assert len(bf16) == 3 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
@@ -806,16 +814,17 @@ def test_the_allocator_is_left_alone_when_asked_or_set_by_the_environment(env, s
     "var,value,message",
     [
         ("DGLSTM_MALLOC", "jemalloc", "expected keep or system"),
-        ("DGLSTM_WGRAD", "mkl", "expected onednn or blas (or unset: chosen per CPU)"),
+        ("DGLSTM_WGRAD", "mkl", "expected onednn, blas or auto (chosen per CPU)"),
     ],
 )
-@pytest.mark.parametrize("entry", ["train", "compare", "bench"])
+@pytest.mark.parametrize("entry", ["train", "compare", "bench", "eval"])
 def test_a_bad_dglstm_variable_is_one_line_before_anything_is_made(entry, var, value, message, tmp_path):
     out = tmp_path / "out"
     argv = {
         "train": ["dglstm_lm.train", "experiment=smoke", f"paths.output_dir={out}", "logger=none"],
         "compare": ["dglstm_lm.compare", "--models", "stacked_lstm", "--trials", "1", "--dir", str(out)],
         "bench": ["dglstm_lm.bench", "--quick", "--out", str(out)],
+        "eval": ["dglstm_lm.evaluate", "--ckpt", str(out)],
     }[entry]
     r = run_cli([PY, "-m", *argv], env={var: value})
     assert r.returncode == 2

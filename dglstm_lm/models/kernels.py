@@ -477,35 +477,63 @@ class _Scan(torch.autograd.Function):
             w_hh_t = packed_t = None
             if ctx.mode != "cpp_plain":
                 w_hh_t, packed_t = _packed(w_hh, h_all.shape[1], ctx.mode, transposed=True)
-            wgrad = wgrad_path(ctx.mode) == "onednn"
-            grads = cpp_extension().backward(*args, GEMM_MODES[ctx.mode][0], packed_t, w_hh_t, wgrad)
+            wgrad_onednn = wgrad_path(ctx.mode) == "onednn"
+            grads = cpp_extension().backward(*args, GEMM_MODES[ctx.mode][0], packed_t, w_hh_t, wgrad_onednn)
         return (*grads, None, None, None)
+
+
+WGRAD_ENV = "DGLSTM_WGRAD"  # onednn | blas | auto (or unset): where the weight gradients run (wgrad_path)
+
+
+def wgrad_choice() -> str:
+    """$DGLSTM_WGRAD: auto (unset, the default), onednn or blas; anything else is a one-line error."""
+    from ..errors import ConfigError
+
+    choice = os.environ.get(WGRAD_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "onednn", "blas"):
+        raise ConfigError(
+            f"{WGRAD_ENV}={os.environ[WGRAD_ENV]}: expected onednn, blas or auto (chosen per CPU)"
+        )
+    return choice
 
 
 @functools.cache
 def _avx512() -> bool:
+    """Whether torch's kernels run AVX-512 (ATen's capability: the CPU's, or less where ATEN_CPU_CAPABILITY
+    limits it, as `make bench isa=avx2` does)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def wgrad_path(step_path: str) -> str:
-    """Where a layer's float32 weight gradients (dW_ih, dW_hh, W_xd's: dz^T x over all steps) run when its
-    per-step GEMM (`step_path`, gemm_path's answer) is oneDNN's: "onednn", its inner product, which first
-    copies the transposed gradient dz^T into a contiguous tensor, or "blas", torch.mm (MKL's sgemm), which
-    reads the transposed view as it is. Chosen by measurement: BLAS for the narrow layers that run brgemm
-    on a CPU without AVX-512 (on a Zen 3 the whole training step 1.04x faster at 2 x 200 and 1.08x at
-    8 x 200), oneDNN everywhere else (on that Zen 3 no faster at 2 x 650, 0.97-1.01x; on a Zen 4 oneDNN
-    measured ahead of MKL at a layer's shapes; docs/models.md). $DGLSTM_WGRAD=onednn|blas forces one."""
-    from ..runtime import wgrad_choice
-
+    """Where a layer's float32 weight gradients (dW_ih, dW_hh and the depth gate's dW_xd: dz^T x over all
+    steps) run, given its per-step GEMM's path `step_path` (gemm_path's answer). On the oneDNN paths
+    (cpp_onednn, cpp_brgemm): "onednn", its inner product, which first copies the transposed gradient dz^T
+    into a contiguous tensor, or "blas", torch.mm (MKL's sgemm), which reads the transposed view as it is.
+    BLAS for the layers on brgemm on a CPU without AVX-512, oneDNN on the other oneDNN paths: measured on a
+    Zen 3 at 200 units (the whole training step 1.04x faster at 2 x 200, 1.08x at 8 x 200) and 650 (no
+    faster: 0.97-1.01x), and on a Zen 4 only per call at a 650-wide layer's shapes (oneDNN ahead); the
+    widths between and narrow layers on AVX-512 follow from those, unmeasured (docs/models.md).
+    $DGLSTM_WGRAD=onednn|blas forces one on the oneDNN paths. Every other path: "blas" (torch's own GEMM)."""
+    if step_path not in ("cpp_onednn", "cpp_brgemm"):
+        return "blas"
     choice = wgrad_choice()
     if choice != "auto":
         return choice
     return "blas" if step_path == "cpp_brgemm" and not _avx512() else "onednn"
 
 
+def wgrad_summary() -> str:
+    """What a run records (metrics.json's wgrad): $DGLSTM_WGRAD's choice, or the automatic one for this CPU."""
+    choice = wgrad_choice()
+    if choice != "auto":
+        return f"{choice} ({WGRAD_ENV})"
+    return f"auto: {wgrad_path('cpp_brgemm')} where a layer runs brgemm, onednn on oneDNN's inner product"
+
+
 def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b_t^T (+ bias) by oneDNN's inner product; a and b_t may be transposed views (oneDNN reads the
-    strides): on AMD 1.1-1.25x MKL's sgemm at the sizes of a 650-wide layer's projections and gradients."""
+    """a @ b_t^T (+ bias) by oneDNN's inner product; b_t may be a transposed view (read with its strides), a
+    transposed `a` is first copied contiguous: on a Zen 4 1.1-1.25x MKL's sgemm at the sizes of a 650-wide
+    layer's projections and gradients (see wgrad_path for the weight gradients)."""
     return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
 
 
@@ -539,10 +567,10 @@ def input_linear(
     backend: str = "auto",
     hidden: int | None = None,
 ):
-    """F.linear(x, w, b) for the input projections over all steps of a layer of `hidden` units, on the
-    library the fused kernel's per-step GEMM uses here: where that is oneDNN (model.backend cpp/auto on AMD,
-    cpp_onednn), oneDNN's inner product in float32 (its weight gradient where wgrad_path says); anywhere else
-    (MKL, autocast, other devices and dtypes) F.linear itself."""
+    """F.linear(x, w, b) for the input projections over all steps of a layer of `hidden` units (None: a wide
+    layer), on the library the fused kernel's per-step GEMM uses here: where that is oneDNN (model.backend
+    cpp/auto on AMD, cpp_onednn), oneDNN's inner product in float32 (its weight gradient where wgrad_path
+    says); anywhere else (MKL, autocast, other devices and dtypes) F.linear itself."""
     if (
         x.device.type == "cpu"
         and x.dtype == torch.float32

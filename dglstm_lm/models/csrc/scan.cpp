@@ -545,9 +545,10 @@ std::vector<Tensor> scan_forward(const Tensor& gx, const std::optional<Tensor>& 
 // grad_h, grad_c: [T,B,H] gradients arriving at every h_t and c_t from outside the layer. gemm: the per-step
 // GEMM's path (Gemm above); w_packed_t and w_hh_t: W_hh^T ([H, G*H], contiguous) and its packing for B rows
 // for that path, or both none for kPlain. With a bfloat16 oneDNN weight the weight gradient's GEMM takes
-// bfloat16 inputs too (float32 accumulation), as autocast would give it; in float32, wgrad_onednn: dW_hh by
-// oneDNN's inner product where the per-step GEMM is oneDNN's (kOneDnn, kBrgemm), else by torch's BLAS (MKL's
-// sgemm; which is faster depends on the CPU: wgrad_path in kernels.py).
+// bfloat16 inputs too (float32 accumulation), as autocast would give it. In float32 dW_hh runs on oneDNN's
+// inner product when wgrad_onednn is set and the per-step GEMM is oneDNN's (kOneDnn, kBrgemm); otherwise
+// (the flag unset, or another path) on torch's BLAS (MKL's sgemm). Which is faster depends on the CPU and
+// the width: wgrad_path in kernels.py decides the flag.
 // Returns {d_gx, d_gd, d_m, d_h0, d_c0, d_w_hh, d_wci, d_wcf, d_wco, d_wcd}; entries the forward pass had
 // no input for are undefined tensors (None in Python).
 std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, const Tensor& h0, const Tensor& c0,
@@ -611,7 +612,9 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
     // its own, [G*H, B] x [B, H], cost more than this copy)
     const auto h_prev_all = T > 1 ? at::cat({h0.unsqueeze(0), h_all.narrow(0, 0, T - 1)}, 0) : h0.unsqueeze(0);
     const auto dz_t = d_gx.reshape({T * B, G * H}).t();  // [G*H, T*B], a transposed view
-    if (wgrad_onednn && (step_gemm.kind == Gemm::kOneDnn || (step_gemm.kind == Gemm::kBrgemm && has_onednn_gemm()))) {
+    const bool onednn_path =
+        step_gemm.kind == Gemm::kOneDnn || (step_gemm.kind == Gemm::kBrgemm && has_onednn_gemm());
+    if (wgrad_onednn && onednn_path) {
       // oneDNN's inner product (it makes the transposed view dz_t contiguous first)
       d_w_hh = onednn_linear().call(dz_t, h_prev_all.reshape({T * B, H}).t(), std::nullopt, "none",
                                     c10::List<std::optional<c10::Scalar>>(), std::nullopt);
