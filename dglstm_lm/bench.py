@@ -539,6 +539,19 @@ def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dic
 
 
 @cli
+def _check_before(args, out: Path) -> None:
+    """What would fail the bench, in one line before the output folder is made: the rounds, $DGLSTM_MALLOC,
+    $DGLSTM_WGRAD, and (before minutes of measuring) a full disk or a read-only folder."""
+    from .models.kernels import wgrad_choice
+    from .rundir import check_writable
+
+    if args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: at least 1 round is needed")
+    malloc_choice()
+    wgrad_choice()
+    check_writable(out)
+
+
 def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
@@ -557,16 +570,8 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     p.add_argument("--ptb-dir", default=None)
     p.add_argument("--out", default="outputs/bench")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        raise UserError(f"--rounds {args.rounds}: at least 1 round is needed")
-    from .rundir import check_writable
-
     out = Path(args.out)
-    from .models.kernels import wgrad_choice
-
-    malloc_choice()  # a bad $DGLSTM_MALLOC or $DGLSTM_WGRAD: one line before the output folder is made
-    wgrad_choice()
-    check_writable(out)  # before minutes of measuring: a full disk or a read-only folder is one line now
+    _check_before(args, out)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as a run does (runtime.py): the steps measured are the steps a run takes
     device = torch.device(args.device)

@@ -44,7 +44,7 @@ log = logging.getLogger("dglstm_lm.train")
 
 
 def _wgrad_summary() -> str:
-    """Where the DGLSTM's weight gradients run here (kernels.wgrad_path), for metrics.json."""
+    """Where the DGLSTM's weight gradients run here (kernels.wgrad_path), for the run's record."""
     from .models.kernels import wgrad_summary
 
     return wgrad_summary()

@@ -523,7 +523,7 @@ def wgrad_path(step_path: str) -> str:
 
 
 def wgrad_summary() -> str:
-    """What a run records (metrics.json's wgrad): $DGLSTM_WGRAD's choice, or the automatic one for this CPU."""
+    """What a run records (its record's wgrad): $DGLSTM_WGRAD's choice, or the automatic one for this CPU."""
     choice = wgrad_choice()
     if choice != "auto":
         return f"{choice} ({WGRAD_ENV})"
