@@ -75,7 +75,7 @@ class _NNLSTMCore(nn.Module):
         return self.rnn(x, state)
 
 
-def make_model(core: str, dim: int, layers: int, device):
+def make_model(core: str, dim: int, layers: int, device, vocab: int = V):
     from .models import LanguageModel, build_core
 
     core = core.removesuffix(BF16)  # the precision is the step's (autocast), not the model's
@@ -85,7 +85,7 @@ def make_model(core: str, dim: int, layers: int, device):
         c = build_core("dglstm", dim, [dim] * layers, backend=core[len("dglstm[") : -1])
     else:
         c = build_core(core, dim, [dim] * layers)
-    model = LanguageModel(V, dim, c).to(device)
+    model = LanguageModel(vocab, dim, c).to(device)
     model.reset_parameters("uniform", 0.05)
     return model
 

@@ -49,18 +49,10 @@ DEVICE = "cuda"  # (a CPU check of this script's logic swaps it, with torch.cuda
 
 
 def make_model(core: str, dim: int, layers: int, device):
-    from .bench import _NNLSTMCore
-    from .models import LanguageModel, build_core
+    """The same models as `make bench` builds (its nn.LSTM wrapper, the cores, a forced DGLSTM backend)."""
+    from .bench import make_model as bench_model
 
-    if core.startswith("nn.LSTM"):
-        c = _NNLSTMCore(dim, layers)
-    elif core.startswith("dglstm["):
-        c = build_core("dglstm", dim, [dim] * layers, backend=core[len("dglstm[") : -1])
-    else:
-        c = build_core(core, dim, [dim] * layers)
-    model = LanguageModel(V, dim, c).to(device)
-    model.reset_parameters("uniform", 0.05)
-    return model
+    return bench_model(core, dim, layers, device, vocab=V)
 
 
 def _step_fn(models, device, precision, train):

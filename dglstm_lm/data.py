@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from . import faults
+from .checkpoint import pid_alive
 from .errors import DataError, UserError, cli, find_write_error, write_error_reason
-from .rundir import pid_alive
 
 log = logging.getLogger(__name__)
 

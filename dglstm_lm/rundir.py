@@ -269,18 +269,6 @@ def _key(run_dir: str | Path) -> str:
     return os.path.realpath(run_dir)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
 def process_start(pid: int) -> str | None:
     """The start time of process `pid` in clock ticks since boot (Linux), to tell a reused pid apart."""
     try:
@@ -310,7 +298,7 @@ def stale_reason(info: dict) -> str | None:
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # no process could hold it
         return f"it is damaged (no valid pid: {json.dumps(info)[:80]})"
     if info.get("host") == here:
-        if not pid_alive(pid):
+        if not ckpt.pid_alive(pid):
             return f"its holder ({describe(info)}) is no longer running"
         started = info.get("pid_start")
         now = process_start(pid)
