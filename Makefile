@@ -61,7 +61,7 @@ sweep:  ## Hydra multirun over any grid, e.g. model=lstm,stacked_lstm,dglstm see
 search:  ## one model's Optuna search (make compare's search stage): model=dglstm trials=24 [proxy= space= dir= jobs=]
 	$(PY) -m dglstm_lm.compare --stages search --models '$(or $(model),dglstm)' $(foreach v,$(filter-out models,$(COMPARE_VARS)),$(if $($(v)),--$(v) '$($(v))')) $(ARGS) $(filter-out 'model=%,$(COMPARE_QUOTED))
 
-compare:  ## equal-budget tuned comparison: models=a,b trials=24 seeds=1,2,3 [proxy= experiment= space= dir= jobs= final_jobs= complete_pruned=1 archive= status=1]
+compare:  ## equal-budget tuned comparison: models=a,b trials=24 seeds=2,3,4 [proxy= experiment= space= dir= jobs= final_jobs= complete_pruned=1 archive= status=1]
 	$(PY) -m dglstm_lm.compare $(foreach v,$(COMPARE_VARS),$(if $($(v)),--$(v) '$($(v))')) $(ARGS) $(COMPARE_QUOTED)
 
 eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt

@@ -59,7 +59,9 @@ def records(folder: Path) -> Iterator[Path]:
             if (folder / run / name).is_file():
                 yield run / name
     for f in sorted((folder / "report").rglob("*")):  # report.md, report.csv, figures/*.png
-        if f.is_file() and not f.name.startswith("."):
+        # not W&B's run folder (wandb/) nor its cache (.wandb-cache/), which the report's W&B run writes
+        parts = f.relative_to(folder / "report").parts
+        if f.is_file() and not any(p.startswith(".") or p == "wandb" for p in parts):
             yield f.relative_to(folder)
     for f in sorted((folder / "optuna").glob("*.journal")):
         yield f.relative_to(folder)

@@ -1,6 +1,6 @@
 """`make compare`: an equal-budget tuned comparison of models, in one resumable command.
 
-    python -m dglstm_lm.compare --models stacked_lstm,dglstm --trials 24 --seeds 1,2,3 \\
+    python -m dglstm_lm.compare --models stacked_lstm,dglstm --trials 24 --seeds 2,3,4 \\
         --proxy tuned_small_proxy --experiment tuned_small --dir outputs/compare/tuned_small [overrides]
 
 Stages:
@@ -54,7 +54,8 @@ class CompareError(UserError):
 
 DEFAULT_MODELS = "stacked_lstm,dglstm"
 DEFAULT_TRIALS = 24
-DEFAULT_SEEDS = "1,2,3"
+# the final runs' seeds: not the search trials' (conf/train.yaml's seed, 1), whose luck helped choose the config
+DEFAULT_SEEDS = "2,3,4"
 DEFAULT_PROXY = "tuned_small_proxy"
 DEFAULT_EXPERIMENT = "tuned_small"
 DEFAULT_SPACE = "lstm_lm"
@@ -307,6 +308,7 @@ class Plan:
         for m in self.models:
             job = compose(self.search_overrides(m))
             validate(job)
+            self.search_seed = int(job.seed)  # every trial's (the overrides are the same for every model)
             keys = set(flatten(resolved_container(job)))
             for key in self.space.params:
                 if key not in keys:
@@ -906,6 +908,31 @@ class Compare:
         )
         return entry
 
+    def _budget_rows(self, models: list[str]) -> list[str]:
+        """tuning.md's budget table: the search's spend per model, and with complete_pruned=1 what running its
+        pruned trials to the end cost on top (a model that prunes more spends more there)."""
+        b, extra = self.summary["budget"], self.plan.complete_pruned
+        head = "| model | trials complete | pruned | failed | epochs | CPU hours |"
+        rule = "| --- | ---: | ---: | ---: | ---: | ---: |"
+        if extra:
+            head += " pruned run to the end: trials | their epochs | their CPU hours | CPU hours in all |"
+            rule += " ---: | ---: | ---: | ---: |"
+        rows = [head + " best proxy val ppl |", rule + " ---: |"]
+        for m in models:
+            x, best = b.get(m, {}), self.summary["best"][m]
+            row = (
+                f"| {m} | {x.get('trials_complete')} | {x.get('trials_pruned')} | {x.get('trials_failed')} | "
+                f"{x.get('epochs_trained')} | {x.get('cpu_s', 0) / 3600:.2f} |"
+            )
+            if extra:
+                u = x.get("pruned_run_to_the_end") or {}
+                row += (
+                    f" {u.get('trials', 0)} | {u.get('epochs', 0)} | {u.get('cpu_s', 0) / 3600:.2f} | "
+                    f"{(x.get('cpu_s', 0) + u.get('cpu_s', 0)) / 3600:.2f} |"
+                )
+            rows.append(row + f" {best[f'proxy {self.plan.metric}']:.2f} |")
+        return rows
+
     def tuning_report(self) -> None:
         """<dir>/tuning.md and <dir>/expected_best.png: the budgets side by side, and the expected best proxy
         validation perplexity vs the number of trials per model (with its 95% bootstrap band)."""
@@ -915,21 +942,14 @@ class Compare:
         models = [m for m in self.plan.models if m in self.summary["expected_best"]]
         if not models:
             return
-        b, e = self.summary["budget"], self.summary["expected_best"]
+        e = self.summary["expected_best"]
         lines = [
             f"# Tuning: {', '.join(models)} on {self.plan.proxy}",
             "",
             "## The budget each model's search spent",
             "",
-            "| model | trials complete | pruned | failed | epochs | CPU hours | best proxy val ppl |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *self._budget_rows(models),
         ]
-        for m in models:
-            x, best = b.get(m, {}), self.summary["best"][m]
-            lines.append(
-                f"| {m} | {x.get('trials_complete')} | {x.get('trials_pruned')} | {x.get('trials_failed')} | "
-                f"{x.get('epochs_trained')} | {x.get('cpu_s', 0) / 3600:.2f} | {best[f'proxy {self.plan.metric}']:.2f} |"
-            )
         n_max = max(len(e[m]) for m in models)
         shown = sorted({n for n in (1, 2, 4, 8, 12, 16, 24, 32, 48, n_max) if n <= n_max})
         lines += [
@@ -937,7 +957,11 @@ class Compare:
             "## Expected best proxy validation perplexity after n trials (95% bootstrap band)",
             "",
             "Tang et al. (2020)'s unbiased estimator of Dodge et al. (2019)'s curve over the finished trials in "
-            "their order (a pruned trial counts with its last reported perplexity, a diverged one as the worst).",
+            + (
+                "their order (a pruned trial counts with its run to the end, a diverged one as the worst)."
+                if self.plan.complete_pruned
+                else "their order (a pruned trial counts with its last reported perplexity, a diverged one as the worst)."
+            ),
             "",
             "| n | " + " | ".join(models) + " |",
             "| ---: | " + " | ".join("---:" for _ in models) + " |",
@@ -1267,6 +1291,13 @@ class Compare:
             + (f", then {p.experiment} × seeds {','.join(map(str, p.seeds))}" if "final" in p.stages else "")
             + f" → {self.dir}"
         )
+        seed = getattr(p, "search_seed", None)
+        if "final" in p.stages and seed in p.seeds:
+            _say(
+                f"note: seed {seed} is every search trial's seed too: its final runs begin as the trials did (the "
+                "same initial weights, the same random stream for its dropout masks), so the luck that helped choose "
+                f"each configuration carries into them; final seeds without {seed} avoid that (the default: {DEFAULT_SEEDS})"
+            )
         self._save_summary()
         if self.keeper is not None:
             self.keeper.start()  # and every ten minutes while a stage runs

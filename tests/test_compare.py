@@ -250,6 +250,8 @@ def test_the_acceptance_command_writes_budgets_and_the_expected_best_figure(tmp_
     cmd += [f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={ptb_root}", f"data.dir={ptb_dir}"]
     r = run_cli(cmd, env={"PTB_DIR": str(ptb_dir)}, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # seed 1 is also the search trials' seed (conf/train.yaml): said once, the runs go ahead
+    assert (r.stdout + r.stderr).count("note: seed 1 is every search trial's seed too") == 1
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["budget"]) == set(MODELS)
     for m in MODELS:
@@ -521,6 +523,9 @@ def test_complete_pruned_runs_the_pruned_trials_to_the_end_and_chooses_over_all(
     md = (tmp_path / "cmp" / "tuning.md").read_text()
     assert "| stacked_lstm | 1 | 300.00 | 100.00 | **yes** |" in md
     assert "its best is trial 1, **one the pruner had stopped**" in md
+    # the budget table shows what running the pruned trial to the end cost, beside the search's own spend
+    assert "| stacked_lstm | 2 | 1 | 0 | 0 | 0.00 | 1 | 8 | 0.01 | 0.01 | 100.00 |" in md
+    assert "a pruned trial counts with its run to the end" in md
 
 
 @pytest.mark.parametrize("final_jobs", [None, "1"])
@@ -592,6 +597,11 @@ def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_
         (run / "config.json").write_text("{}")
     (folder / "report" / "figures").mkdir(parents=True)
     (folder / "report" / "figures" / "curves.png").write_bytes(b"png")
+    # the report's W&B run and cache (make report logs one), which the archive does not keep
+    (folder / "report" / "wandb" / "offline-run-1").mkdir(parents=True)
+    (folder / "report" / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"\0" * 10)
+    (folder / "report" / ".wandb-cache" / "artifacts").mkdir(parents=True)
+    (folder / "report" / ".wandb-cache" / "artifacts" / "media.png").write_bytes(b"png")
     budget = cmp.budget("stacked_lstm")  # a save point: the archive follows
     kept = {str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()}
     for n in (0, 1):
@@ -600,6 +610,7 @@ def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_
         } <= kept
     assert {"summary.json", "optuna/stacked_lstm.journal", "report/figures/curves.png"} <= kept
     assert not [k for k in kept if "trial=2" in k or "checkpoints" in k or "wandb" in k], kept
+    assert {k for k in kept if k.startswith("report/")} == {"report/figures/curves.png"}
 
     shutil.rmtree(folder)
 
