@@ -135,14 +135,18 @@ def open_study(path: str | Path, name: str, space: Space, seed: int = 0, create:
 
     if not create and not Path(path).exists():
         return None
-    return optuna.create_study(
-        study_name=name,
-        storage=storage(path),
-        direction="minimize",
-        sampler=make_sampler(space.sampler, seed),
-        pruner=make_pruner(space.pruner),
-        load_if_exists=True,
-    )
+    st, sampler, pruner = storage(path), make_sampler(space.sampler, seed), make_pruner(space.pruner)
+    try:  # a study the journal holds is loaded: create_study would append another creation to the journal
+        return optuna.load_study(study_name=name, storage=st, sampler=sampler, pruner=pruner)
+    except KeyError:  # not there yet (load_if_exists: another process may create it meanwhile)
+        return optuna.create_study(
+            study_name=name,
+            storage=st,
+            direction="minimize",
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
 
 
 def trials_by_state(study) -> dict[str, list]:

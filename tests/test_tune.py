@@ -363,3 +363,20 @@ def test_the_last_epoch_is_never_pruned(tmp_path):
     # flat at 136: under the others' median (112 × 1.225 = 137.2) up to epoch 7, over it (134.75) at epoch 8
     med = tune.replay_pruners([*curves, [136.0] * 8])["median"]
     assert 4 not in med["pruned_trials"] and med["epochs"] == med["epochs_unpruned"] == 40
+
+
+def test_opening_a_study_again_loads_it_without_writing_to_its_journal(tmp_path):
+    """A study is opened many times over a comparison (every status line, every batch): the first open creates
+    it (one creation in the journal); later opens load it with the same sampler and pruner and append
+    nothing, while the trials stay as they were."""
+    space = tune.Space.load("lstm_lm")
+    path = tmp_path / "m.journal"
+    study = tune.open_study(path, "m", space)
+    study.tell(study.ask(space.distributions()), 150.0)
+    size = path.stat().st_size
+    for _ in range(3):
+        again = tune.open_study(path, "m", space)
+    assert path.stat().st_size == size
+    assert [t.value for t in again.trials] == [150.0]
+    assert type(again.sampler) is type(study.sampler) and type(again.pruner) is type(study.pruner)
+    assert tune.open_study(tmp_path / "absent.journal", "m", space, create=False) is None
