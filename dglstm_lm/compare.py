@@ -1158,7 +1158,10 @@ class Compare:
         elif not finals:
             lines.append("  done: the search")
         elif left["final"]:
-            lines.append(f"  next: the final runs, {left['final']} of {len(p.models) * len(p.seeds)} left")
+            lines.append(
+                f"  next: the final runs, {left['final']} of {len(p.models) * len(p.seeds)} left"
+                + self._final_time_left()
+            )
         else:
             report = self.dir / "report" / "report.md"
             lines.append(f"  done: the report is {report}" if report.exists() else "  next: the report")
@@ -1257,6 +1260,40 @@ class Compare:
                 head + f"{sum(d) / len(d):+.2f} [{ci.low:.2f}, {ci.high:.2f}], paired t p = {_p(t.pvalue)}"
             )
         return lines
+
+    def _final_time_left(self) -> str:
+        """status=1: an upper bound on the final runs' time left, from the epochs they have trained: every run
+        not completed trains to the recipe's cap at its model's median epoch time (the differences of
+        the history's elapsed_s, so that a pause or a resume does not count), final_at_a_time() at once."""
+        import statistics
+
+        from . import rundir
+
+        p, cap, per_epoch, unfinished = self.plan, None, {}, []  # unfinished: (model, epochs it has done)
+        for m in p.models:
+            times = []
+            for sd in p.seeds:
+                run = self.dir / "final" / m / f"seed={sd}"
+                r = rundir.read_metrics(run) or {}
+                cap = int(r["max_epochs"]) if r.get("max_epochs") else cap
+                if r.get("status") != "completed":
+                    unfinished.append((m, r.get("epochs_completed") or 0))
+                prev = 0.0
+                for rec in rundir.read_history(run):
+                    e = rec.get("elapsed_s")
+                    if isinstance(e, (int, float)):
+                        times += [e - prev] if e > prev else []
+                        prev = e
+            per_epoch[m] = statistics.median(times) if times else None
+        known = [v for v in per_epoch.values() if v is not None]
+        if cap is None or not known:
+            return ""
+        typical = statistics.median(known)
+        seconds = sum(max(cap - done, 0) * (per_epoch[m] or typical) for m, done in unfinished)
+        return (
+            f"; at most about {seconds / p.final_at_a_time() / 3600:.1f} h more ({cap} epochs a run at "
+            f"{typical / 60:.1f} min an epoch, as the final runs have taken; early stopping ends runs sooner)"
+        )
 
     def _status_final(self, m: str, busy: bool, left: dict) -> list[str]:
         """status=1: model m's final runs, seed by seed."""

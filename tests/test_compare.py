@@ -820,6 +820,22 @@ def test_status_follows_the_comparison_to_its_end_and_its_archive(tmp_path):
         ln.startswith("  search stacked_lstm:") and ln.endswith("best so far trial 2, 120.00") for ln in lines
     )
     assert lines[-1] == "  next: the final runs, 1 of 2 left"
+    # a final run part-way: the time left is every unfinished run trained to the cap at the epoch time its
+    # history shows (differences of elapsed_s: a pause, here the 360 s step, does not count), one at a time
+    going = folder / "final" / "stacked_lstm" / "seed=1"
+    going.mkdir(parents=True, exist_ok=True)
+    (going / "metrics.json").write_text(
+        json.dumps({"status": "running", "epochs_completed": 4, "max_epochs": 10})
+    )
+    (going / "history.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": e + 1, "elapsed_s": t}) + "\n" for e, t in enumerate([60, 120, 480, 540])
+        )
+    )
+    assert status()[-1] == (
+        "  next: the final runs, 2 of 2 left; at most about 0.3 h more (10 epochs a run at 1.0 min an epoch, "
+        "as the final runs have taken; early stopping ends runs sooner)"
+    )  # (10 − 4) × 60 s for the stacked LSTM, 10 × 60 s for the DGLSTM: 960 s
     for model in MODELS:
         run = folder / "final" / model / "seed=1"
         run.mkdir(parents=True, exist_ok=True)
