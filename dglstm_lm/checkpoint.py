@@ -235,6 +235,8 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this host (one another user owns counts; a bad id does not)."""
+    if pid <= 0:  # kill(0, ...) and kill(-1, ...) address groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -986,8 +986,8 @@ class Compare:
     # ---- 3. final
     def final_all(self, best: dict) -> list[str]:
         """Every model's final runs, seed by seed with the models in turn, as many at a time as the launcher
-        runs (final_at_a_time): seed 1 of every model, then seed 2, ... (in groups of that many seeds per
-        model), so that wherever the stage stops, the models hold the same seeds and pair."""
+        runs (final_at_a_time): the first seed of every model, then the second, ... (in groups of that many seeds
+        per model), so that wherever the stage stops, the models hold the same seeds and pair."""
         from . import rundir
 
         p = self.plan
@@ -1264,20 +1264,21 @@ class Compare:
     def _final_time_left(self) -> str:
         """status=1: an upper bound on the final runs' time left, from the epochs they have trained: every run
         not completed trains to the recipe's cap at its model's median epoch time (the differences of
-        the history's elapsed_s, so that a pause or a resume does not count), final_at_a_time() at once."""
+        the history's elapsed_s, so that a pause or a resume does not count), in final_all's order: each
+        model's seeds in groups of final_at_a_time() (this command's final_jobs= or launcher), a group
+        lasting as long as its longest run."""
         import statistics
 
         from . import rundir
 
-        p, cap, per_epoch, unfinished = self.plan, None, {}, []  # unfinished: (model, epochs it has done)
+        p, cap, per_epoch, done = self.plan, None, {}, {}  # done[(m, sd)]: epochs trained, None: completed
         for m in p.models:
             times = []
             for sd in p.seeds:
                 run = self.dir / "final" / m / f"seed={sd}"
                 r = rundir.read_metrics(run) or {}
                 cap = int(r["max_epochs"]) if r.get("max_epochs") else cap
-                if r.get("status") != "completed":
-                    unfinished.append((m, r.get("epochs_completed") or 0))
+                done[m, sd] = None if r.get("status") == "completed" else (r.get("epochs_completed") or 0)
                 prev = 0.0
                 for rec in rundir.read_history(run):
                     e = rec.get("elapsed_s")
@@ -1288,10 +1289,16 @@ class Compare:
         known = [v for v in per_epoch.values() if v is not None]
         if cap is None or not known:
             return ""
-        typical = statistics.median(known)
-        seconds = sum(max(cap - done, 0) * (per_epoch[m] or typical) for m, done in unfinished)
+        typical, n = statistics.median(known), p.final_at_a_time()
+
+        def left(m: str, sd: int) -> float:
+            return 0.0 if done[m, sd] is None else max(cap - done[m, sd], 0) * (per_epoch[m] or typical)
+
+        seconds = sum(
+            max(left(m, sd) for sd in p.seeds[i : i + n]) for i in range(0, len(p.seeds), n) for m in p.models
+        )
         return (
-            f"; at most about {seconds / p.final_at_a_time() / 3600:.1f} h more ({cap} epochs a run at "
+            f"; at most about {seconds / 3600:.1f} h more ({cap} epochs a run at "
             f"{typical / 60:.1f} min an epoch, as the final runs have taken; early stopping ends runs sooner)"
         )
 

@@ -944,3 +944,31 @@ def test_final_runs_go_seed_by_seed_with_the_models_in_turn(tmp_path, launcher, 
     assert f"[{-5.8 - half:.2f}, {-5.8 + half:.2f}]" in line
     Fake.runs = []
     assert cmp.final_all(best) == [] and Fake.runs == []  # done: nothing runs again
+
+
+def test_the_final_runs_time_left_follows_their_groups(tmp_path):
+    """status=1's bound on the final runs' time left follows final_all's order: each model's seeds in groups
+    of final_jobs, a group as long as its longest run. Seeds 2, 3 done at 1 min an epoch, a cap of 40:
+    seed 4 of each model runs alone (a group of one), 40 + 40 min, not the 80 min halved."""
+    import argparse
+
+    from dglstm_lm.compare import Compare, Plan
+
+    args = argparse.Namespace(
+        models="stacked_lstm,dglstm", trials="2", seeds="2,3,4", proxy="smoke", experiment="smoke",
+        space="lstm_lm", stages="final", overrides=["logger=none", "hydra/launcher=joblib"], proxy_override=None,
+        dir=str(tmp_path / "cmp"), jobs="2", archive=None, final_jobs="2",
+    )  # fmt: skip
+    plan = Plan(args)
+    plan.metric, plan.base_seed = "val/ppl", 1
+    for m in MODELS:
+        for sd in (2, 3):
+            run = tmp_path / "cmp" / "final" / m / f"seed={sd}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"status": "completed", "max_epochs": 40}))
+            (run / "history.jsonl").write_text(
+                "".join(json.dumps({"epoch": e, "elapsed_s": 60.0 * e}) + "\n" for e in range(1, 41))
+            )
+    assert (
+        Compare(plan, None, read_only=True)._final_time_left().startswith("; at most about 1.3 h more (40 ")
+    )
