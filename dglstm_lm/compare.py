@@ -1263,8 +1263,9 @@ class Compare:
 
     def _final_time_left(self) -> str:
         """status=1: an upper bound on the final runs' time left, from the epochs they have trained: every run
-        not completed trains to the recipe's cap at its model's median epoch time (the differences of
-        the history's elapsed_s, so that a pause or a resume does not count), in final_all's order: each
+        not completed trains to the recipe's cap at its model's shortest epoch (the differences of the
+        history's elapsed_s: a pause, SIGSTOP or a session's end, only lengthens an epoch, and in a run paused
+        more often than not the median would be one), in final_all's order: each
         model's seeds in groups of final_at_a_time() (this command's final_jobs= or launcher), a group
         lasting as long as its longest run."""
         import statistics
@@ -1285,7 +1286,7 @@ class Compare:
                     if isinstance(e, (int, float)):
                         times += [e - prev] if e > prev else []
                         prev = e
-            per_epoch[m] = statistics.median(times) if times else None
+            per_epoch[m] = min(times) if times else None
         known = [v for v in per_epoch.values() if v is not None]
         if cap is None or not known:
             return ""
@@ -1299,7 +1300,7 @@ class Compare:
         )
         return (
             f"; at most about {seconds / 3600:.1f} h more ({cap} epochs a run at "
-            f"{typical / 60:.1f} min an epoch, as the final runs have taken; early stopping ends runs sooner)"
+            f"{typical / 60:.1f} min an epoch, the final runs' shortest, unpaused; early stopping ends runs sooner)"
         )
 
     def _status_final(self, m: str, busy: bool, left: dict) -> list[str]:

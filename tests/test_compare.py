@@ -821,7 +821,7 @@ def test_status_follows_the_comparison_to_its_end_and_its_archive(tmp_path):
     )
     assert lines[-1] == "  next: the final runs, 1 of 2 left"
     # a final run part-way: the time left is every unfinished run trained to the cap at the epoch time its
-    # history shows (differences of elapsed_s: a pause, here the 360 s step, does not count), one at a time
+    # history shows (its shortest epoch, from elapsed_s: the pauses, here two 360 s epochs of 4, do not count), one at a time
     going = folder / "final" / "stacked_lstm" / "seed=1"
     going.mkdir(parents=True, exist_ok=True)
     (going / "metrics.json").write_text(
@@ -829,12 +829,12 @@ def test_status_follows_the_comparison_to_its_end_and_its_archive(tmp_path):
     )
     (going / "history.jsonl").write_text(
         "".join(
-            json.dumps({"epoch": e + 1, "elapsed_s": t}) + "\n" for e, t in enumerate([60, 120, 480, 540])
+            json.dumps({"epoch": e + 1, "elapsed_s": t}) + "\n" for e, t in enumerate([60, 420, 780, 840])
         )
     )
     assert status()[-1] == (
         "  next: the final runs, 2 of 2 left; at most about 0.3 h more (10 epochs a run at 1.0 min an epoch, "
-        "as the final runs have taken; early stopping ends runs sooner)"
+        "the final runs' shortest, unpaused; early stopping ends runs sooner)"
     )  # (10 − 4) × 60 s for the stacked LSTM, 10 × 60 s for the DGLSTM: 960 s
     for model in MODELS:
         run = folder / "final" / model / "seed=1"
