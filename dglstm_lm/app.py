@@ -36,6 +36,7 @@ from .sweep import (
     _stops_as_a_grid,
     _SweepStop,
     _worker_stop_handler,
+    joblib_at_a_time,
     stops_as_a_grid,
 )
 from .train import DivergedError, train
@@ -306,12 +307,10 @@ def _job_environment(base: DictConfig, sweeps: list) -> dict[str, str]:
     env = {"DGLSTM_LAUNCHER": launcher, "DGLSTM_SWEEPER": sweeper}
     if "joblib" in launcher.lower():
         n_jobs = int(OmegaConf.select(base, "hydra.launcher.n_jobs", default=-1) or -1)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         grid = 1
         for _, values in sweeps:
             grid *= len(values)
-        parallel = min(cores if n_jobs <= 0 else n_jobs, grid)
-        env["DGLSTM_PARALLEL_JOBS"] = str(max(1, parallel))
+        env["DGLSTM_PARALLEL_JOBS"] = str(joblib_at_a_time(n_jobs, grid))
     return env
 
 

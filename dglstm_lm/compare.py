@@ -44,6 +44,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ConfigError, UserError, cli
+from .sweep import joblib_at_a_time
 
 
 class CompareError(UserError):
@@ -219,16 +220,18 @@ class Plan:
 
     def _jobs(self, args) -> None:
         """jobs= (the search's batches) and final_jobs= (the final runs at a time)."""
-        jobs = next(
-            (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra.launcher.n_jobs=")),
-            None,
-        )
-        try:
-            self.jobs = int(args.jobs if args.jobs is not None else (jobs or 1))
-        except ValueError:
-            raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1") from None
-        if self.jobs < 1:
-            raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1")
+        if args.jobs is None:  # the launcher's own: joblib's n_jobs (-1, or unset: one per core), else one
+            n_jobs = self._launcher_n_jobs()
+            self.jobs = (
+                joblib_at_a_time(n_jobs, math.inf) if self.launcher == "joblib" else max(1, n_jobs or 1)
+            )
+        else:
+            try:
+                self.jobs = int(args.jobs)
+            except ValueError:
+                raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1") from None
+            if self.jobs < 1:
+                raise ConfigError(f"jobs={args.jobs}: expected a whole number ≥ 1")
         # final_jobs=: the final runs at a time, apart from the search's batches (jobs=): with 2 cores and 3
         # seeds a model's third run would otherwise run alone on one thread, and one run of two threads ends
         # in about 60% of the time of one of one thread (docs/running.md)
@@ -248,23 +251,37 @@ class Plan:
                 )
 
     def final_at_a_time(self) -> int:
-        """How many final runs the launcher runs at a time: final_jobs=, else joblib's n_jobs (all the seeds
-        where it is not given), one under Hydra's basic launcher (it runs jobs one after another), all the
-        seeds under any other (SLURM: every job is queued at once)."""
+        """How many final runs the launcher runs at a time: final_jobs=, else joblib's n_jobs (one per core
+        where it is unset or -1, as the launcher runs them), at most the seeds; one under Hydra's basic
+        launcher (it runs jobs one after another), all the seeds under any other (SLURM: every job is queued
+        at once)."""
         if self.final_jobs is not None:
             return self.final_jobs
-        launcher = next(
+        if self.launcher in (None, "basic"):
+            return 1
+        if self.launcher == "joblib":
+            return joblib_at_a_time(self._launcher_n_jobs(), len(self.seeds))
+        return len(self.seeds)
+
+    @property
+    def launcher(self) -> str | None:
+        """hydra/launcher= as given (None: Hydra's basic launcher)."""
+        return next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra/launcher=")), None
         )
-        if launcher is None or launcher == "basic":
-            return 1
-        n_jobs = next(
+
+    def _launcher_n_jobs(self) -> int | None:
+        """hydra.launcher.n_jobs= as given (None where unset); not a whole number: refused in one line."""
+        given = next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra.launcher.n_jobs=")),
             None,
         )
-        if launcher == "joblib" and n_jobs is not None and n_jobs.lstrip("-").isdigit() and int(n_jobs) > 0:
-            return int(n_jobs)
-        return len(self.seeds)
+        if given is None:
+            return None
+        try:
+            return int(given)
+        except ValueError:
+            raise ConfigError(f"hydra.launcher.n_jobs={given}: expected a whole number") from None
 
     def _where(self, args) -> None:
         """The comparison's folder (dir=) and its archive (archive=), both absolute."""
@@ -1510,7 +1527,8 @@ def main(argv=None) -> int:
         "--final-jobs",
         "--final_jobs",
         default=None,
-        help="final runs at a time with hydra/launcher=joblib (default: jobs); each run gets its share of the cores",
+        help="final runs at a time with hydra/launcher=joblib (default: its n_jobs, else one per core); each run "
+        "gets its share of the cores",
     )
     ap.add_argument(
         "--archive",

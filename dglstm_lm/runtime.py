@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .errors import ConfigError, RunDirRefused, UserError
+from .sweep import cpu_cores
 
 log = logging.getLogger("dglstm_lm.train")
 
@@ -82,8 +83,7 @@ def default_threads() -> int | None:
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]) // parallel)
     if parallel > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // parallel)
+        return max(1, cpu_cores() // parallel)
     return None
 
 

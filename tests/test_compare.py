@@ -182,6 +182,7 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
         (["hydra.sweeper.n_trials=3"], "error: hydra.sweeper.n_trials=3: set by make compare; use nothing"),
         (["--space", "nope"], "error: unknown space 'nope' (available: lstm_lm"),
         (["--jobs", "0"], "error: jobs=0: expected a whole number ≥ 1"),
+        (["hydra.launcher.n_jobs=two"], "error: hydra.launcher.n_jobs=two: expected a whole number"),
         (["--final_jobs", "0", "hydra/launcher=joblib"], "error: final_jobs=0: expected a whole number ≥ 1"),
         (
             ["--final_jobs", "1"],
@@ -892,17 +893,22 @@ def test_status_of_a_folder_that_holds_nothing_makes_nothing(tmp_path):
             [[1], [1], [2], [2], [3], [3]],
         ),
         (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], [[1, 2], [1, 2], [3], [3]]),
+        # joblib's own default (and -1): one per core, 2 here (the test's cpu_cores)
+        (["hydra/launcher=joblib"], [[1, 2], [1, 2], [3], [3]]),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], [[1, 2], [1, 2], [3], [3]]),
         ([], [[1], [1], [2], [2], [3], [3]]),  # Hydra's basic launcher: one job after another
         (["hydra/launcher=slurm"], [[1, 2, 3], [1, 2, 3]]),  # every job queued at once
     ],
 )
-def test_final_runs_go_seed_by_seed_with_the_models_in_turn(tmp_path, launcher, expected):
+def test_final_runs_go_seed_by_seed_with_the_models_in_turn(tmp_path, monkeypatch, launcher, expected):
     """The final runs go as many at a time as the launcher runs, seed by seed with the models in turn, so
     that wherever the stage stops both models hold the same seeds (the models' first seeds pair hours before
     the last run ends); a seed already completed is not run again, and the summary records every seed."""
     import argparse
 
     from dglstm_lm.compare import Compare, Plan
+
+    monkeypatch.setattr("dglstm_lm.sweep.cpu_cores", lambda: 2)
 
     class Fake:
         runs: list = []
@@ -972,3 +978,32 @@ def test_the_final_runs_time_left_follows_their_groups(tmp_path):
     assert (
         Compare(plan, None, read_only=True)._final_time_left().startswith("; at most about 1.3 h more (40 ")
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, jobs, expected",
+    [
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], None, 2),  # joblib's -1: one per core
+        (["hydra/launcher=joblib"], None, 2),  # the launcher's default, -1
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], None, 3),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], "1", 1),  # jobs= wins
+        ([], None, 1),  # Hydra's basic launcher runs one job at a time
+    ],
+)
+def test_the_search_batches_follow_the_launcher_when_jobs_is_not_given(
+    tmp_path, monkeypatch, overrides, jobs, expected
+):
+    """jobs= (the search's trials at a time) defaults to what the launcher runs at once: joblib's n_jobs, one
+    per core where it is -1 or unset (it was refused with 'jobs=None' for -1, the value running.md
+    documents as one per core)."""
+    import argparse
+
+    from dglstm_lm.compare import Plan
+
+    monkeypatch.setattr("dglstm_lm.sweep.cpu_cores", lambda: 2)
+    args = argparse.Namespace(
+        models="stacked_lstm", trials="2", seeds="2,3", proxy="smoke", experiment="smoke", space="lstm_lm",
+        stages="search", overrides=["logger=none", *overrides], proxy_override=None, dir=str(tmp_path / "c"),
+        jobs=jobs, archive=None, final_jobs=None,
+    )  # fmt: skip
+    assert Plan(args).jobs == expected
