@@ -28,6 +28,7 @@ from .errors import (
     report_and_exit,
     write_error_reason,
 )
+from .parallel import joblib_at_a_time
 from .resume import check_same_run
 from .runtime import check_before_run, record_failure
 from .sweep import (
@@ -36,7 +37,6 @@ from .sweep import (
     _stops_as_a_grid,
     _SweepStop,
     _worker_stop_handler,
-    joblib_at_a_time,
     stops_as_a_grid,
 )
 from .train import DivergedError, train

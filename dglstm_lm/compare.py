@@ -44,7 +44,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ConfigError, UserError, cli
-from .sweep import joblib_at_a_time
+from .parallel import joblib_at_a_time
 
 
 class CompareError(UserError):
@@ -220,8 +220,8 @@ class Plan:
 
     def _jobs(self, args) -> None:
         """jobs= (the search's batches) and final_jobs= (the final runs at a time)."""
+        n_jobs = self._launcher_n_jobs()  # checked whether or not jobs= is given
         if args.jobs is None:  # the launcher's own: joblib's n_jobs (-1, or unset: one per core), else one
-            n_jobs = self._launcher_n_jobs()
             self.jobs = (
                 joblib_at_a_time(n_jobs, math.inf) if self.launcher == "joblib" else max(1, n_jobs or 1)
             )
@@ -271,7 +271,8 @@ class Plan:
         )
 
     def _launcher_n_jobs(self) -> int | None:
-        """hydra.launcher.n_jobs= as given (None where unset); not a whole number: refused in one line."""
+        """hydra.launcher.n_jobs= as given (None where unset); 0 or not a whole number: refused in one line
+        (joblib refuses 0; a negative n_jobs counts back from the cores)."""
         given = next(
             (o.split("=", 1)[1] for o in reversed(self.common) if o.startswith("hydra.launcher.n_jobs=")),
             None,
@@ -279,9 +280,14 @@ class Plan:
         if given is None:
             return None
         try:
-            return int(given)
+            n_jobs = int(given)
         except ValueError:
-            raise ConfigError(f"hydra.launcher.n_jobs={given}: expected a whole number") from None
+            n_jobs = 0
+        if n_jobs == 0:
+            raise ConfigError(
+                f"hydra.launcher.n_jobs={given}: expected a whole number other than 0 (-1: one per core)"
+            )
+        return n_jobs
 
     def _where(self, args) -> None:
         """The comparison's folder (dir=) and its archive (archive=), both absolute."""
@@ -1506,7 +1512,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     ap.add_argument("--trials", default=DEFAULT_TRIALS, help="finished trials per model, in total")
     ap.add_argument(
-        "--jobs", default=None, help="trials run at a time (default hydra.launcher.n_jobs, else 1)"
+        "--jobs",
+        default=None,
+        help="trials run at a time (default: joblib's hydra.launcher.n_jobs, one per core where it is -1 or "
+        "unset; 1 under other launchers)",
     )
     ap.add_argument("--seeds", default=DEFAULT_SEEDS, help="seeds of the final runs")
     ap.add_argument("--proxy", default=DEFAULT_PROXY, help="the search's recipe (conf/experiment/)")

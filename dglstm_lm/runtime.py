@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .errors import ConfigError, RunDirRefused, UserError
-from .sweep import cpu_cores
+from .parallel import cpu_cores
 
 log = logging.getLogger("dglstm_lm.train")
 

@@ -43,17 +43,6 @@ def _job_prefix(prefix: str):
             h.setFormatter(f)
 
 
-def cpu_cores() -> int:
-    """The CPUs this process may run on (its affinity: SLURM's or taskset's share), else the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def joblib_at_a_time(n_jobs: int | None, jobs: int) -> int:
-    """How many of `jobs` jobs Hydra's joblib launcher runs at once: n_jobs, or one per core where n_jobs is
-    unset or not positive (joblib's -1, the launcher's default), never more than the jobs."""
-    return max(1, min(cpu_cores() if n_jobs is None or n_jobs <= 0 else n_jobs, jobs))
-
-
 def stops_as_a_grid(launcher: str, sweeper: str) -> bool:
     """Whether a stopped sweep stops as a whole (its running jobs checkpoint and return, the others do not
     start, the summary prints the command that continues it): a grid (Hydra's basic sweeper) whose jobs run

@@ -182,7 +182,14 @@ def test_compare_end_to_end_tops_up_and_skips_finished_work(tmp_path, ptb_dir, p
         (["hydra.sweeper.n_trials=3"], "error: hydra.sweeper.n_trials=3: set by make compare; use nothing"),
         (["--space", "nope"], "error: unknown space 'nope' (available: lstm_lm"),
         (["--jobs", "0"], "error: jobs=0: expected a whole number ≥ 1"),
-        (["hydra.launcher.n_jobs=two"], "error: hydra.launcher.n_jobs=two: expected a whole number"),
+        (
+            ["hydra.launcher.n_jobs=two"],
+            "error: hydra.launcher.n_jobs=two: expected a whole number other than 0",
+        ),
+        (
+            ["--jobs", "2", "hydra.launcher.n_jobs=0"],
+            "error: hydra.launcher.n_jobs=0: expected a whole number other",
+        ),
         (["--final_jobs", "0", "hydra/launcher=joblib"], "error: final_jobs=0: expected a whole number ≥ 1"),
         (
             ["--final_jobs", "1"],
@@ -896,6 +903,8 @@ def test_status_of_a_folder_that_holds_nothing_makes_nothing(tmp_path):
         # joblib's own default (and -1): one per core, 2 here (the test's cpu_cores)
         (["hydra/launcher=joblib"], [[1, 2], [1, 2], [3], [3]]),
         (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], [[1, 2], [1, 2], [3], [3]]),
+        # n_jobs above the seeds: at most the seeds, all at once
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=5"], [[1, 2, 3], [1, 2, 3]]),
         ([], [[1], [1], [2], [2], [3], [3]]),  # Hydra's basic launcher: one job after another
         (["hydra/launcher=slurm"], [[1, 2, 3], [1, 2, 3]]),  # every job queued at once
     ],
@@ -908,7 +917,7 @@ def test_final_runs_go_seed_by_seed_with_the_models_in_turn(tmp_path, monkeypatc
 
     from dglstm_lm.compare import Compare, Plan
 
-    monkeypatch.setattr("dglstm_lm.sweep.cpu_cores", lambda: 2)
+    monkeypatch.setattr("dglstm_lm.parallel.cpu_cores", lambda: 2)
 
     class Fake:
         runs: list = []
@@ -986,6 +995,7 @@ def test_the_final_runs_time_left_follows_their_groups(tmp_path):
         (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], None, 2),  # joblib's -1: one per core
         (["hydra/launcher=joblib"], None, 2),  # the launcher's default, -1
         (["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], None, 3),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-2"], None, 1),  # joblib's -2: all cores but one
         (["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"], "1", 1),  # jobs= wins
         ([], None, 1),  # Hydra's basic launcher runs one job at a time
     ],
@@ -1000,7 +1010,7 @@ def test_the_search_batches_follow_the_launcher_when_jobs_is_not_given(
 
     from dglstm_lm.compare import Plan
 
-    monkeypatch.setattr("dglstm_lm.sweep.cpu_cores", lambda: 2)
+    monkeypatch.setattr("dglstm_lm.parallel.cpu_cores", lambda: 2)
     args = argparse.Namespace(
         models="stacked_lstm", trials="2", seeds="2,3", proxy="smoke", experiment="smoke", space="lstm_lm",
         stages="search", overrides=["logger=none", *overrides], proxy_override=None, dir=str(tmp_path / "c"),
