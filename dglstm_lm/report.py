@@ -43,6 +43,7 @@ from .checkpoint import atomic_write_bytes
 from .config import MODEL_NAMES, flatten, with_defaults
 from .errors import UserError, cli
 from .report_figures import make_figures, remove_stale, val_curve
+from .report_latex import render_latex
 
 log = logging.getLogger(__name__)
 
@@ -904,6 +905,7 @@ def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline", baselin
         text = f"# Perplexity report: `{root}`\n\nNo runs found under {root}.\n"
         atomic_write_bytes(out_dir / "report.md", text.encode())
         atomic_write_bytes(out_dir / "report.csv", write_csv([]))
+        atomic_write_bytes(out_dir / "report.tex", render_latex([], str(root)).encode())
         remove_stale(fig_dir, keep=())
         return {"runs": 0, "tables": 0, "problems": 0, "message": f"no runs found under {root}"}
     problems = [r for r in runs if not completed(r)]
@@ -914,6 +916,7 @@ def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline", baselin
     )
     atomic_write_bytes(out_dir / "report.md", md.encode())
     atomic_write_bytes(out_dir / "report.csv", write_csv(tables))
+    atomic_write_bytes(out_dir / "report.tex", render_latex(tables, str(root)).encode())
     remove_stale(fig_dir, keep=figures.values())  # after report.md no longer links them
     group = _group_of(root)
     wandb_id = None

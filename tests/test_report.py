@@ -1082,3 +1082,71 @@ def test_models_of_different_depths_are_not_a_depth_sweep(tmp_path):
     seeds = sorted(STACKED)
     _check_diff(lstm, "test", _paired([115.0 + s for s in seeds], [STACKED[s][1] for s in seeds]), "paired")
     assert "same depth" not in md and "_depth.png" not in md
+
+
+def _tex_tables(tex: str) -> list[dict]:
+    """Each table environment of report.tex as {caption, label, rows: [[cell, ...]]} (rules left out)."""
+    tables = []
+    for body in re.findall(r"\\begin\{table\}\[t\]\n(.*?)\\end\{table\}", tex, flags=re.S):
+        lines = body.splitlines()
+        caption = next(ln for ln in lines if ln.startswith("\\caption{"))[len("\\caption{") : -1]
+        label = next(ln for ln in lines if ln.startswith("\\label{"))[len("\\label{") : -1]
+        start = lines.index("\\midrule") + 1
+        rows = [
+            [c.strip() for c in ln.removesuffix(" \\\\").split(" & ")]
+            for ln in lines[start:]
+            if ln.endswith(" \\\\")
+        ]
+        tables.append({"caption": caption, "label": label, "rows": rows, "header": lines[start - 2]})
+    return tables
+
+
+def test_report_tex_holds_the_tables_with_the_same_numbers(fake_runs, tmp_path):
+    """report.tex: one booktabs table per table of the report, nine cells a row, LaTeX's special characters
+    escaped, mean ± sd and Δ [95% CI] with p computed here (paired and Welch t-tests), best means in bold."""
+    build_report(fake_runs, tmp_path / "rep", wandb_mode="disabled")
+    tex = (tmp_path / "rep" / "report.tex").read_text()
+    assert tex.count("\\begin{table}") == tex.count("\\end{table}") == 2
+    assert tex.count("\\begin{tabular}{lrrrrrrrr}") == 2 and "booktabs" in tex.splitlines()[0]
+    fake, other = sorted(_tex_tables(tex), key=lambda t: "other" in t["caption"])
+    assert len({fake["label"], other["label"]}) == 2 and all(" " not in t["label"] for t in (fake, other))
+    for t in (fake, other):
+        assert all(len(row) == 9 for row in t["rows"]), t["rows"]
+        assert not re.search(r"(?<!\\)[_%&#]", " ".join(c for row in t["rows"] for c in row))
+    rows = {row[0]: row for row in fake["rows"]}
+    assert set(rows) == {"stacked\\_lstm", "lstm", "dglstm (peephole=False)", "dglstm (peephole=True)"}
+    seeds = sorted(STACKED)
+    base = rows["stacked\\_lstm"]
+    assert base[5:] == ["baseline", "", "baseline", ""]
+    assert base[1] == "0.00M" and base[4] == "3"
+    test = [v[1] for v in STACKED.values()]
+    assert base[3] == f"{np.mean(test):.2f} $\\pm$ {np.std(test, ddof=1):.2f}"
+    for i, (delta, p) in enumerate(((5, 6), (7, 8))):
+        d, lo, hi, pv = _paired([DGLSTM[s][i] for s in seeds], [STACKED[s][i] for s in seeds])
+        assert rows["dglstm (peephole=False)"][delta] == f"${d:+.2f}$ [${lo:.2f}$, ${hi:.2f}$]"
+        assert rows["dglstm (peephole=False)"][p] == f"{pv:.3f}"
+        d, lo, hi, pv = _welch([v[i] for v in LSTM.values()], [v[i] for v in STACKED.values()])
+        assert (
+            rows["lstm"][delta] == f"${d:+.2f}$ [${lo:.2f}$, ${hi:.2f}$]" and rows["lstm"][p] == f"{pv:.3f}"
+        )
+        one = PEEP[4][i] - np.mean([v[i] for v in STACKED.values()])
+        assert (
+            rows["dglstm (peephole=True)"][delta] == f"${one:+.2f}$"
+            and rows["dglstm (peephole=True)"][p] == ""
+        )
+    # the lowest mean of each column in bold (the dglstm's), no other cell
+    dg_val = np.mean([v[0] for v in DGLSTM.values()])
+    assert rows["dglstm (peephole=False)"][2].startswith(f"\\textbf{{{dg_val:.2f} $\\pm$")
+    assert sum(c.startswith("\\textbf") for row in fake["rows"] for c in row) == 2
+    assert "$\\Delta$ is row $-$ stacked\\_lstm" in fake["caption"]
+    assert "paired by seed where the seeds match, Welch's otherwise" in fake["caption"]
+    assert "none under two seeds on a side" in fake["caption"]
+    assert "a paired $t$-test by seed" in other["caption"] and "$\\Delta$ is row $-$ lstm" in other["caption"]
+
+
+def test_tex_escape_covers_latex_special_characters():
+    from dglstm_lm.report_latex import tex_escape
+
+    assert tex_escape("a_b & 50% #1 $x {y} ~z ^w \\v") == (
+        "a\\_b \\& 50\\% \\#1 \\$x \\{y\\} \\textasciitilde{}z \\textasciicircum{}w \\textbackslash{}v"
+    )
