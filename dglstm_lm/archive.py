@@ -58,7 +58,7 @@ def records(folder: Path) -> Iterator[Path]:
         for name in RUN_FILES:
             if (folder / run / name).is_file():
                 yield run / name
-    for f in sorted((folder / "report").rglob("*")):  # report.md, report.csv, figures/*.png
+    for f in sorted((folder / "report").rglob("*")):  # report.md, .csv, .tex, figures/*.png
         # not W&B's run folder (wandb/) nor its cache (.wandb-cache/), which the report's W&B run writes
         parts = f.relative_to(folder / "report").parts
         if f.is_file() and not any(p.startswith(".") or p == "wandb" for p in parts):
