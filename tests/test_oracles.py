@@ -94,7 +94,9 @@ def test_uniform_model_run_and_make_eval_report_the_vocabulary_size(
     )
     run_dir = tmp_path / "run"
     m = train(cfg, run_dir)
-    for rec in read_history(run_dir):
+    history = read_history(run_dir)
+    assert len(history) == m["epochs_completed"] >= 1
+    for rec in history:
         assert rec["train/ppl"] == pytest.approx(10_000, rel=1e-5)
         assert rec["val/ppl"] == pytest.approx(10_000, rel=1e-5)
     saved = json.loads((run_dir / "metrics.json").read_text())
@@ -161,7 +163,9 @@ def test_hand_set_logits_give_the_computed_loss_perplexity_and_token_count(batch
     run_dir = tmp_path / "run"
     m = train(cfg, run_dir)
     train_nll, train_n = _expected("train")
-    for rec in read_history(run_dir):
+    history = read_history(run_dir)
+    assert len(history) == m["epochs_completed"] >= 1
+    for rec in history:
         assert (
             rec["train/tokens"] == train_n
         )  # real targets only: sentence mode pads, the stream's last row too

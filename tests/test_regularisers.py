@@ -98,6 +98,8 @@ def test_variational_masks_are_per_sequence_shared_over_steps_and_new_per_window
     model(tokens, model.init_state(B))
     model(tokens, model.init_state(B))  # a second window
     masks = {"embedding": [seen["core"][0], seen["core"][1]]}
+    if kind in MULTI_LAYER:  # each layer ran on its own (not a fused call, whose dropout is per element)
+        assert len(seen["layer1"]) == len(seen["layer0_out"]) == 2, kind
     if seen["layer1"]:
         layer1 = seen["layer1"]
         if kind == "residual_lstm":  # the input of layer 1 is drop(h^0) + the input of layer 0

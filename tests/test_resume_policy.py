@@ -94,7 +94,7 @@ def test_each_change_is_judged_as_the_readme_says(before, after, mid_epoch, expe
     batch = 5 if mid_epoch else 0
     if expected in ("free", "warn"):
         warned = policy.check_resume(old, new, "ckpt.pt", epoch=2, batch=batch)
-        changed = set(policy.differences(old, new))
+        changed = {o.split("=", 1)[0] for o in after if o not in before}  # the keys the case overrides
         assert set(warned) == (changed if expected == "warn" else set())
     else:
         with pytest.raises(CheckpointError, match=expected):

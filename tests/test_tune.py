@@ -273,7 +273,8 @@ def test_early_stopping_decides_from_the_position_and_the_best_epoch():
     assert Trainer.stopped_early(state(2, 3, 6))  # 2 epochs without a better one
     assert Trainer.stopped_early(state(1, 0, 2))
     assert not Trainer.stopped_early(state(2, 5, 8))  # at max_epochs: the run ended, not stopped early
-    assert not Trainer.stopped_early(state(2, 5, 8))  # at max_epochs: the run ended, not stopped early
+    assert Trainer.stopped_early(state(2, 4, 7))  # the same patience one epoch before max_epochs: stopped
+    assert not Trainer.stopped_early(state(0, 0, 5))  # patience 0: early stopping off
 
 
 @pytest.mark.slow  # trains on real PTB (seconds each)
