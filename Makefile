@@ -75,6 +75,7 @@ generate:  ## sample text: make generate ckpt=... [temperature=1.0 length=50 see
 # make bench isa=avx2: torch's kernels, oneDNN and MKL limited to AVX2 (an AVX2 machine measured on an AVX-512 one)
 ISA_ENV = $(if $(filter avx2 AVX2,$(isa)),ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)
 bench:  ## throughput and memory of every core against nn.LSTM; data preparation speed -> outputs/bench/ [isa=avx2]
+	@case "$(isa)" in ""|avx2|AVX2) ;; *) echo "error: isa=$(isa): expected avx2 (or nothing: the CPU's own)" >&2; exit 2;; esac
 	$(ISA_ENV) $(PY) -m dglstm_lm.bench $(ARGS)
 
 bench-gpu:  ## on CUDA (~8 min): cuDNN LSTM, stacked, DGLSTM (triton, graphs, python), fp32/bf16, e2e smoke + resume

@@ -11,7 +11,6 @@ set of a fresh process over three training steps (CPU), or torch's peak allocati
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, cli
+from .errors import ArgumentParser, UserError, cli
 from .runtime import keep_freed_memory, malloc_choice
 
 V, B, T = 10_000, 20, 35
@@ -538,22 +537,56 @@ def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dic
     return records
 
 
+def _whole(text: str, flag: str) -> list[int]:
+    """Comma-separated whole numbers ≥ 1 (--sizes), else a one-line error naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} {text}: expected whole numbers ≥ 1, comma-separated")
+    return values
+
+
 @cli
 def _check_before(args, out: Path) -> None:
-    """What would fail the bench, in one line before the output folder is made: the rounds, $DGLSTM_MALLOC,
-    $DGLSTM_WGRAD, and (before minutes of measuring) a full disk or a read-only folder."""
+    """What would fail the bench, in one line before anything is measured or made: the sizes, layers,
+    threads, rounds, device, cores and PTB folder, $DGLSTM_MALLOC, $DGLSTM_WGRAD, and (before minutes of
+    measuring) a full disk or a read-only folder; the output folder is not made here."""
     from .models.kernels import wgrad_choice
     from .rundir import check_writable
 
-    if args.rounds < 1:
-        raise UserError(f"--rounds {args.rounds}: at least 1 round is needed")
+    args.sizes = _whole(args.sizes, "--sizes")
+    for flag, value in (("--layers", args.layers), ("--threads", args.threads), ("--rounds", args.rounds)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: expected a whole number ≥ 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: expected cpu or cuda[:<index>]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: expected cpu or cuda[:<index>]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    unknown = [c for c in args.cores.split(",") if c and c not in CORES]
+    if unknown or not [c for c in args.cores.split(",") if c]:
+        raise UserError(
+            f"--cores {args.cores}: unknown {', '.join(unknown) or 'none given'} (available: {', '.join(CORES)})"
+        )
+    ptb = args.ptb_dir or os.environ.get("PTB_DIR")
+    if ptb and not Path(ptb).is_dir():
+        source = "--ptb-dir" if args.ptb_dir else "PTB_DIR"
+        raise UserError(f"{source}={ptb}: not a folder")
     malloc_choice()
     wgrad_choice()
-    check_writable(out)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file")
+    check_writable(existing)  # the nearest folder that exists: room and write access, nothing made
 
 
 def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table
-    p = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -595,7 +628,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         + (f", {info['gpu']}" if "gpu" in info else "")
     )
     records = []
-    for dim in (int(s) for s in args.sizes.split(",")):
+    for dim in args.sizes:
         models = {c: make_model(c, dim, args.layers, device) for c in cores}
         steps = (
             1 if args.quick else max(1, round(2 * 200 / dim))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rundir
-from .errors import UserError, cli
+from .errors import ArgumentParser, UserError, cli
 
 V, B, T = 10_000, 20, 35
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,7 +255,7 @@ def markdown(payload: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make bench-gpu", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="make bench-gpu", description=__doc__.splitlines()[0])
     p.add_argument(
         "--sizes", default="200,650,1500", help="hidden sizes (= embedding sizes), comma-separated"
     )

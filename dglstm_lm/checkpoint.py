@@ -183,9 +183,8 @@ def load(path: Path, map_location="cpu", require=()) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {first[:120]})"
+            f"checkpoint {path} is unreadable (truncated or corrupt: {_load_reason(exc)})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dglstm-lm checkpoint")
@@ -211,13 +210,27 @@ def check_keys(state: dict, keys, path) -> None:
         )
 
 
+def _load_reason(exc: Exception) -> str:
+    """torch.load's failure in a few words: its first line, cut at a word (its unpickler's advice on
+    weights_only, which does not apply to a file that is no checkpoint, left out)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if not first or first.startswith("Weights only load failed") or isinstance(exc, KeyError):
+        return f"not a PyTorch checkpoint ({type(exc).__name__})"
+    return first if len(first) <= 120 else first[:120].rsplit(" ", 1)[0] + " ..."
+
+
 def resolve(target: str | Path, prefer: str = LAST) -> Path:
-    """A checkpoint file, or a run directory (→ its checkpoints/<prefer>, else checkpoints/last.pt)."""
+    """A checkpoint file, or a run directory (→ its checkpoints/<prefer>, else checkpoints/last.pt); a
+    folder with neither is refused in one line."""
     p = Path(target).expanduser()
     if p.is_dir():
         if (p / DIR / prefer).is_file():
             return p / DIR / prefer
-        return p / DIR / LAST
+        if not (p / DIR / LAST).is_file() and not previous_of(p / DIR / LAST).is_file():
+            raise CheckpointError(
+                f"{p} is a folder without {DIR}/{prefer} or {DIR}/{LAST}: not a run's folder"
+            )
+        return p / DIR / LAST  # (or, where it was lost, the previous one that load_for_resume falls back to)
     return p
 
 

@@ -43,7 +43,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, UserError, cli
+from .errors import ArgumentParser, ConfigError, UserError, cli
 from .parallel import joblib_at_a_time
 
 
@@ -68,7 +68,7 @@ MAX_FAILED_BATCHES = 2
 
 # Set by this command itself: given as overrides they would break the equal budget or the folder layout.
 RESERVED = {
-    "model": "models=",
+    "model": "models= (which models), experiment= and proxy= (their sizes and recipes)",
     "experiment": "experiment= (the final recipe) and proxy= (the search's)",
     "seed": "seeds=",
     "trainer.resume": "nothing: re-run the same command to continue",
@@ -303,10 +303,14 @@ class Plan:
         )
         self.dir = Path(args.dir or default).resolve()
         _quote(self.dir)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"dir={args.dir or default} is not a folder")
         # archive=: where the records are kept beside the folder (dglstm_lm/archive.py); where they are kept
         # changes nothing computed, so it is not one of the settings
         archive = getattr(args, "archive", None)
         self.archive = Path(archive).resolve() if archive else None
+        if self.archive is not None and self.archive.exists() and not self.archive.is_dir():
+            raise ConfigError(f"archive={archive} is not a folder")
         if self.archive is not None and (self.archive == self.dir or self.dir in self.archive.parents):
             raise ConfigError(
                 f"archive={archive}: inside the comparison's folder {self.dir}; give one outside it"
@@ -1508,7 +1512,7 @@ def _locked(folder: Path) -> bool:
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="make compare", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="make compare", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS})")
     ap.add_argument("--trials", default=DEFAULT_TRIALS, help="finished trials per model, in total")
     ap.add_argument(
@@ -1551,7 +1555,9 @@ def main(argv=None) -> int:
         help="1: say where the comparison stands (its folder, else its archive) and run nothing; the other "
         "arguments as for the command it describes",
     )
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. model.hidden_dim=400")
+    ap.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every stage, e.g. logger=none trainer.threads=1"
+    )
     args = ap.parse_intermixed_args(argv)
     plan = Plan(args)
     plan.check_configs()

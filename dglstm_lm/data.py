@@ -67,11 +67,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _not_a_folder(folder: Path, origin: str | None = None) -> str:
+    """The one line for a data folder that is not one: missing, or a file."""
+    what = "is a file, not a folder" if folder.exists() else "does not exist"
+    return f"data folder {folder}" + (f" (from {origin})" if origin else "") + f" {what}"
+
+
 def check_files(folder: Path, sha256: dict | None) -> dict[str, str]:
     """Check that the three files exist, are non-empty UTF-8 and (if sums are given) match them.
     Returns {split: sha256}."""
     if not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist")
+        raise DataError(_not_a_folder(folder))
     sums = {}
     for split in SPLITS:
         path = folder / FILES[split]
@@ -168,7 +174,7 @@ def check_source(data_dir: str | None) -> None:
         return
     folder = Path(explicit).expanduser()
     if not folder.is_dir():
-        raise DataError(f"data folder {folder} (from {'data.dir' if data_dir else 'PTB_DIR'}) does not exist")
+        raise DataError(_not_a_folder(folder, "data.dir" if data_dir else "PTB_DIR"))
     for split in SPLITS:
         if not (folder / FILES[split]).is_file():
             raise DataError(
@@ -184,8 +190,7 @@ def locate(
     if explicit:
         folder = Path(explicit).expanduser()
         if not folder.is_dir():
-            origin = "data.dir" if data_dir else "PTB_DIR"
-            raise DataError(f"data folder {folder} (from {origin}) does not exist")
+            raise DataError(_not_a_folder(folder, "data.dir" if data_dir else "PTB_DIR"))
         return folder, check_files(folder, sha256)
     folder = root / "ptb"
     if folder.is_dir():

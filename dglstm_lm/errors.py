@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import os
@@ -66,6 +67,15 @@ def find_write_error(exc: BaseException | None) -> OSError | None:
 def output_error(exc: OSError, path=None) -> OutputError:
     target = path if path is not None else (exc.filename or "an output file")
     return OutputError(f"could not write {target}: {write_error_reason(exc)}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: <prog>: <what is wrong> (--help lists the
+    options)` and exit status 2, in place of argparse's usage lines before its message."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (--help lists the options)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def report_and_exit(exc: BaseException, code: int | None = None):

@@ -6,13 +6,12 @@ Reading a checkpoint while its run is still writing is safe: checkpoints are rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
-from .errors import CheckpointError, DataError, cli
+from .errors import ArgumentParser, CheckpointError, DataError, cli
 from .runtime import keep_freed_memory
 
 
@@ -43,7 +42,7 @@ def evaluate_checkpoint(
     from .runtime import resolve_device
     from .trainer import evaluate_batches, ppl
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     model, cfg, state = load_model(path, dev)
     if data_dir:
         cfg.data.dir = data_dir
@@ -71,7 +70,7 @@ def evaluate_checkpoint(
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="make eval", description=__doc__.splitlines()[0])
     p.add_argument(
         "--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)"
     )
@@ -92,7 +91,12 @@ def main(argv=None) -> int:
     if not args.ckpt:
         raise CheckpointError("no checkpoint given: make eval ckpt=<checkpoint file or run dir>")
     target = ckpt.resolve(args.ckpt, prefer=ckpt.BEST)
+    from .runtime import resolve_device
+
+    resolve_device(args.device, "--device")  # before the checkpoint is read
     splits = [s for s in args.split.split(",") if s]
+    if not splits:
+        raise DataError(f"--split {args.split!r}: no split named (train, valid, test)")
     for s in splits:
         if s not in ("train", "valid", "test"):
             raise DataError(f"unknown split {s!r} (train, valid, test)")

@@ -5,14 +5,14 @@ make generate ckpt=outputs/runs/<date>/<time>_dglstm temperature=0.8 length=60 s
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
 
 import torch
 
 from . import checkpoint as ckpt
 from .data import EOS, UNK
-from .errors import CheckpointError, ConfigError, cli
+from .errors import ArgumentParser, CheckpointError, ConfigError, cli
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def sample(
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="make generate", description=__doc__.splitlines()[0])
     p.add_argument(
         "--ckpt", required=True, help="a checkpoint file, or a run directory (uses checkpoints/best.pt)"
     )
@@ -51,14 +51,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.ckpt:
         raise CheckpointError("no checkpoint given: make generate ckpt=<checkpoint file or run dir>")
-    if not args.temperature > 0:
-        raise ConfigError(f"temperature must be positive, got {args.temperature}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"temperature must be positive and finite, got {args.temperature}")
     if args.length <= 0:
         raise ConfigError(f"length must be positive, got {args.length}")
     target = ckpt.resolve(args.ckpt, prefer=ckpt.BEST)
     from .evaluate import load_model
 
     model, _, state = load_model(target)
+    known = set(state["vocab"])
+    unknown = [w for w in args.prompt.split() if w not in known]
+    if unknown and UNK in known:  # the model reads them as <unk>; say so (PTB's words are lower-case)
+        print(
+            f"note: not in the vocabulary, read as {UNK}: {', '.join(map(repr, unknown))}"
+            + (" (PTB's words are lower-case)" if any(w != w.lower() for w in unknown) else ""),
+            file=sys.stderr,
+        )
     words = sample(model, state["vocab"], args.length, args.temperature, args.prompt, args.seed)
     text = (
         " ".join(([args.prompt] if args.prompt else []) + words).replace(f" {EOS} ", "\n").replace(EOS, "\n")

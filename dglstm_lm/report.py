@@ -21,7 +21,6 @@ Files are only read (each one is replaced atomically by its writer), so a report
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -41,7 +40,7 @@ from scipy import stats
 from . import rundir
 from .checkpoint import atomic_write_bytes
 from .config import MODEL_NAMES, flatten, with_defaults
-from .errors import UserError, cli
+from .errors import ArgumentParser, UserError, cli
 from .report_figures import make_figures, remove_stale, val_curve
 from .report_latex import render_latex
 
@@ -897,6 +896,8 @@ def log_to_wandb(tables, figures, out_dir: Path, group: str, mode: str) -> str |
 
 def build_report(root: Path, out_dir: Path, wandb_mode: str = "offline", baseline: str | None = None) -> dict:
     runs = find_runs(root)
+    if baseline is not None and not runs:
+        raise UserError(f"unknown baseline '{baseline}': there are no runs under {root}")
     tables = build_tables(runs)
     choose_baselines(tables, baseline)  # before anything is written: an unknown baseline is an error
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -945,7 +946,7 @@ def _group_of(root: Path) -> str:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make report", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="make report", description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=None, help="a run or sweep directory, or the whole outputs/ (default)")
     p.add_argument("--out", default=None, help="where to write (default: outputs/report)")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])

@@ -8,14 +8,13 @@ completed run) and the data it read: "the 650 run" found without opening every r
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import yaml
 
 from . import rundir
-from .errors import UserError, cli
+from .errors import ArgumentParser, UserError, cli
 
 # overrides that say where and how a run was watched, not what it is
 _QUIET = ("paths.", "logger", "trainer.progress", "hydra.", "trainer.threads", "data.dir")
@@ -85,7 +84,7 @@ def render(records: list[dict], root: Path) -> str:
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make runs", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="make runs", description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="outputs", help="a folder of runs (default outputs/)")
     args = p.parse_args(argv)
     root = Path(args.dir)

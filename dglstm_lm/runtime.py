@@ -53,18 +53,25 @@ def code_version() -> str:
         return "unknown"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "trainer.device") -> torch.device:
+    """The device `name` (auto: CUDA where there is one, else the CPU), or a one-line error naming `what`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name}: CUDA is not available on this machine (use auto or cpu)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{what}={name}: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}={name}: CUDA is not available on this machine (use auto or cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what}={name}: unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    return device
 
 
 def check_before_run(obj) -> None:
     """What would fail a run before its first step, checked before Hydra makes its folder (a run refused
     here leaves no `failed` folder behind to appear in every report): the output folder, $DGLSTM_MALLOC,
-    $DGLSTM_WGRAD, the device, the data folder."""
+    $DGLSTM_WGRAD, the device and its precision, the data folder."""
     from .data import check_source
 
     rundir.check_folder(obj.paths.output_dir, "paths.output_dir")
@@ -72,7 +79,10 @@ def check_before_run(obj) -> None:
 
     malloc_choice()
     wgrad_choice()
-    resolve_device(obj.trainer.device)
+    device = resolve_device(obj.trainer.device)
+    from .trainer import precision_context
+
+    precision_context(device, obj.trainer.precision)  # bf16 where the device has none: refused here
     check_source(obj.data.dir)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ArgumentParser, ConfigError
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "conf" / "space"
 
@@ -378,10 +378,9 @@ def _curves(search_dir: Path) -> dict[str, list[list[float]]]:
 
 def main(argv=None) -> int:
     """`python -m dglstm_lm.tune <compare dir>`: the pruners replayed on its trials that ran to the end."""
-    import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m dglstm_lm.tune", description=main.__doc__)
+    ap = ArgumentParser(prog="python -m dglstm_lm.tune", description=main.__doc__)
     ap.add_argument("dir", help="a make compare folder (its search/<model>/trial=<n>/ runs)")
     args = ap.parse_args(argv)
     curves = {m: c for m, c in _curves(Path(args.dir) / "search").items() if len(c) >= 3}

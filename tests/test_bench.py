@@ -130,4 +130,4 @@ def test_the_load_before_the_start_is_taken_out_of_the_readings():
 def test_zero_rounds_is_refused_in_one_line_before_anything_is_written(tmp_path):
     r = run_cli([PY, "-m", "dglstm_lm.bench", "--rounds", "0", "--out", str(tmp_path / "bench")])
     assert r.returncode != 0 and not (tmp_path / "bench").exists()
-    assert r.stderr.strip().splitlines() == ["error: --rounds 0: at least 1 round is needed"], r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --rounds 0: expected a whole number ≥ 1"], r.stderr

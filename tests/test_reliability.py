@@ -1353,3 +1353,97 @@ def test_a_folder_without_inodes_left_is_refused_before_the_run(tmp_path):
         assert line.startswith(f"error: could not write {fs}/out/runs/") and "(no inodes left:" in line, line
     finally:
         _umount(fs)
+
+
+# ------------------------------------------------------------------------------------------ one line, in process
+def _one_error_line(capsys, main, argv) -> str:
+    """main(argv) refuses with exit status 2 and exactly one `error: ` line on stderr (no usage, no traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "abc"], "error: --sizes abc: expected whole numbers ≥ 1, comma-separated"),
+        (["--sizes", "200,0"], "error: --sizes 200,0: expected whole numbers ≥ 1"),
+        (["--cores", "nosuch"], "error: --cores nosuch: unknown nosuch (available: nn.LSTM,"),
+        (["--layers", "0"], "error: --layers 0: expected a whole number ≥ 1"),
+        (["--threads", "0"], "error: --threads 0: expected a whole number ≥ 1"),
+        (["--rounds", "0"], "error: --rounds 0: expected a whole number ≥ 1"),
+        (["--device", "nosuch"], "error: --device nosuch: expected cpu or cuda[:<index>]"),
+        (["--rounds", "abc"], "error: make bench: argument --rounds: invalid int value: 'abc' (--help"),
+        (["--ptb-dir", "/nonexistent/ptb"], "error: --ptb-dir=/nonexistent/ptb: not a folder"),
+    ],
+)
+def test_make_bench_refuses_bad_options_before_it_measures_or_makes_anything(tmp_path, capsys, argv, message):
+    from dglstm_lm.bench import main
+
+    out = tmp_path / "bench" / "deeper"
+    line = _one_error_line(capsys, main, [*argv, "--out", str(out)])
+    assert line.startswith(message), line
+    assert not (
+        tmp_path / "bench"
+    ).exists()  # the output folder is made only when there is something to write
+
+
+def test_make_bench_refuses_an_output_under_a_file(tmp_path, capsys):
+    from dglstm_lm.bench import main
+
+    (tmp_path / "f").write_text("x")
+    line = _one_error_line(capsys, main, ["--out", str(tmp_path / "f" / "bench")])
+    assert line == f"error: --out {tmp_path / 'f' / 'bench'}: {tmp_path / 'f'} is a file"
+
+
+def test_eval_and_generate_refuse_bad_options_in_one_line(tmp_path, capsys):
+    from dglstm_lm.evaluate import main as eval_main
+    from dglstm_lm.generate import main as generate_main
+
+    fake = tmp_path / "x.pt"
+    fake.write_text("not a checkpoint")
+    line = _one_error_line(capsys, eval_main, ["--ckpt", str(fake), "--device", "nosuch"])
+    assert line == "error: --device=nosuch: unknown device 'nosuch' (auto, cpu, cuda, cuda:N)"
+    line = _one_error_line(capsys, eval_main, ["--ckpt", str(fake), "--split", ","])
+    assert line == "error: --split ',': no split named (train, valid, test)"
+    line = _one_error_line(capsys, eval_main, ["--ckpt", str(fake)])
+    assert line.startswith(
+        f"error: checkpoint {fake} is unreadable (truncated or corrupt: not a PyTorch checkpoint ("
+    )
+    (tmp_path / "run").mkdir()
+    line = _one_error_line(capsys, eval_main, ["--ckpt", str(tmp_path / "run")])
+    assert (
+        line
+        == f"error: {tmp_path / 'run'} is a folder without checkpoints/best.pt or checkpoints/last.pt: not a run's folder"
+    )
+    for t in ("inf", "nan", "0"):
+        line = _one_error_line(capsys, generate_main, ["--ckpt", str(fake), "--temperature", t])
+        assert line.startswith("error: temperature must be positive and finite, got "), line
+    line = _one_error_line(capsys, generate_main, ["--ckpt", str(fake), "--length", "abc"])
+    assert (
+        line == "error: make generate: argument --length: invalid int value: 'abc' (--help lists the options)"
+    )
+
+
+def test_other_folders_that_are_files_or_empty_are_named(tmp_path, capsys, monkeypatch):
+    from dglstm_lm.compare import main as compare_main
+    from dglstm_lm.data import check_source
+    from dglstm_lm.report import main as report_main
+
+    (tmp_path / "f").write_text("x")
+    line = _one_error_line(capsys, compare_main, ["--status", "1", "--dir", str(tmp_path / "f")])
+    assert line == f"error: dir={tmp_path / 'f'} is not a folder"
+    (tmp_path / "empty").mkdir()
+    line = _one_error_line(
+        capsys,
+        report_main,
+        ["--dir", str(tmp_path / "empty"), "--baseline", "nosuch", "--out", str(tmp_path / "r")],
+    )
+    assert line == f"error: unknown baseline 'nosuch': there are no runs under {tmp_path / 'empty'}"
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("PTB_DIR", str(tmp_path / "f"))
+    with pytest.raises(UserError, match=r"^data folder .*/f \(from PTB_DIR\) is a file, not a folder$"):
+        check_source(None)

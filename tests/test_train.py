@@ -432,6 +432,14 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
     assert text.startswith("the company")
     gen2 = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=12", "seed=3", "prompt=the company"])
     assert gen2.stdout == gen.stdout  # seeded
+    assert gen.stderr.strip() == ""  # every prompt word is PTB's
+    # words outside the vocabulary are read as <unk>, and the command says which
+    oov = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=3", "prompt=the Company zzqx"])
+    assert oov.returncode == 0, oov.stderr
+    assert (
+        oov.stderr.strip()
+        == "note: not in the vocabulary, read as <unk>: 'Company', 'zzqx' (PTB's words are lower-case)"
+    )
     # exactly `length` tokens are sampled, and the command prints them (an <eos> as a line break): counted on
     # the sample itself, not on the printed words, which an <eos> makes fewer (6 of 9 seeds sat on the bound)
     from dglstm_lm import checkpoint as ckpt
@@ -834,3 +842,24 @@ def test_a_bad_dglstm_variable_is_one_line_before_anything_is_made(entry, var, v
     (line,) = r.stderr.strip().splitlines()
     assert line == f"error: {var}={value}: {message}", line
     assert not out.exists()
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_before_the_run_folder_is_made(tmp_path, ptb_dir):
+    """From the command line the refusal comes before Hydra makes the run's folder: no `failed` run is
+    left behind to appear in every report, and the error is said once."""
+    from dglstm_lm.trainer import cpu_bf16_supported
+
+    if cpu_bf16_supported():
+        pytest.skip("this CPU runs bf16: nothing to refuse")
+    out = tmp_path / "out"
+    r = run_cli(
+        [PY, "-m", "dglstm_lm.train", "experiment=smoke", "logger=none", "trainer.precision=bf16",
+         f"data.dir={ptb_dir}", f"paths.output_dir={out}"]
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert [ln for ln in r.stderr.splitlines() if "bfloat16" in ln] == [r.stderr.strip()], r.stderr
+    assert r.stderr.strip().endswith(
+        "has no bfloat16 support in oneDNN (it needs AVX-512 or AMX); use trainer.precision=fp32"
+    )
+    assert "bfloat16" not in r.stdout
+    assert not out.exists() or not any(out.rglob("metrics.json"))
