@@ -582,7 +582,12 @@ def _check_before(args, out: Path) -> None:
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"--out {out}: {existing} is a file")
-    check_writable(existing)  # the nearest folder that exists: room and write access, nothing made
+    try:  # the nearest folder that exists: room and write access, nothing made
+        check_writable(existing)
+    except UserError as exc:  # named as the folder asked for
+        raise type(exc)(
+            str(exc).replace(f"could not write {existing}", f"could not write {out}", 1)
+        ) from None
 
 
 def main(argv=None) -> int:  # long on purpose: the options, then each measurement in the order of the table

@@ -51,3 +51,19 @@ def test_the_entry_point_is_thin_and_no_function_is_long():
                 if node.end_lineno - node.lineno + 1 > 100:
                     long.append(f"{path.name}:{node.name}")
     assert not long, long
+
+
+def test_no_module_defines_a_top_level_name_twice():
+    """A second `def` of a name at module level silently replaces the first, and every caller of the first
+    then calls the second (a test helper redefined further down a test file broke 16 slow tests once)."""
+    twice = []
+    for p in [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
+        seen: dict[str, int] = {}
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if node.name in seen:
+                    twice.append(
+                        f"{p.relative_to(ROOT)}:{node.lineno} {node.name} (first at {seen[node.name]})"
+                    )
+                seen.setdefault(node.name, node.lineno)
+    assert twice == []

@@ -1356,7 +1356,7 @@ def test_a_folder_without_inodes_left_is_refused_before_the_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ one line, in process
-def _one_error_line(capsys, main, argv) -> str:
+def _refused_in_one_line(capsys, main, argv) -> str:
     """main(argv) refuses with exit status 2 and exactly one `error: ` line on stderr (no usage, no traceback)."""
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -1384,7 +1384,7 @@ def test_make_bench_refuses_bad_options_before_it_measures_or_makes_anything(tmp
     from dglstm_lm.bench import main
 
     out = tmp_path / "bench" / "deeper"
-    line = _one_error_line(capsys, main, [*argv, "--out", str(out)])
+    line = _refused_in_one_line(capsys, main, [*argv, "--out", str(out)])
     assert line.startswith(message), line
     assert not (
         tmp_path / "bench"
@@ -1395,7 +1395,7 @@ def test_make_bench_refuses_an_output_under_a_file(tmp_path, capsys):
     from dglstm_lm.bench import main
 
     (tmp_path / "f").write_text("x")
-    line = _one_error_line(capsys, main, ["--out", str(tmp_path / "f" / "bench")])
+    line = _refused_in_one_line(capsys, main, ["--out", str(tmp_path / "f" / "bench")])
     assert line == f"error: --out {tmp_path / 'f' / 'bench'}: {tmp_path / 'f'} is a file"
 
 
@@ -1405,24 +1405,24 @@ def test_eval_and_generate_refuse_bad_options_in_one_line(tmp_path, capsys):
 
     fake = tmp_path / "x.pt"
     fake.write_text("not a checkpoint")
-    line = _one_error_line(capsys, eval_main, ["--ckpt", str(fake), "--device", "nosuch"])
+    line = _refused_in_one_line(capsys, eval_main, ["--ckpt", str(fake), "--device", "nosuch"])
     assert line == "error: --device=nosuch: unknown device 'nosuch' (auto, cpu, cuda, cuda:N)"
-    line = _one_error_line(capsys, eval_main, ["--ckpt", str(fake), "--split", ","])
+    line = _refused_in_one_line(capsys, eval_main, ["--ckpt", str(fake), "--split", ","])
     assert line == "error: --split ',': no split named (train, valid, test)"
-    line = _one_error_line(capsys, eval_main, ["--ckpt", str(fake)])
+    line = _refused_in_one_line(capsys, eval_main, ["--ckpt", str(fake)])
     assert line.startswith(
         f"error: checkpoint {fake} is unreadable (truncated or corrupt: not a PyTorch checkpoint ("
     )
     (tmp_path / "run").mkdir()
-    line = _one_error_line(capsys, eval_main, ["--ckpt", str(tmp_path / "run")])
+    line = _refused_in_one_line(capsys, eval_main, ["--ckpt", str(tmp_path / "run")])
     assert (
         line
         == f"error: {tmp_path / 'run'} is a folder without checkpoints/best.pt or checkpoints/last.pt: not a run's folder"
     )
     for t in ("inf", "nan", "0"):
-        line = _one_error_line(capsys, generate_main, ["--ckpt", str(fake), "--temperature", t])
+        line = _refused_in_one_line(capsys, generate_main, ["--ckpt", str(fake), "--temperature", t])
         assert line.startswith("error: temperature must be positive and finite, got "), line
-    line = _one_error_line(capsys, generate_main, ["--ckpt", str(fake), "--length", "abc"])
+    line = _refused_in_one_line(capsys, generate_main, ["--ckpt", str(fake), "--length", "abc"])
     assert (
         line == "error: make generate: argument --length: invalid int value: 'abc' (--help lists the options)"
     )
@@ -1434,10 +1434,10 @@ def test_other_folders_that_are_files_or_empty_are_named(tmp_path, capsys, monke
     from dglstm_lm.report import main as report_main
 
     (tmp_path / "f").write_text("x")
-    line = _one_error_line(capsys, compare_main, ["--status", "1", "--dir", str(tmp_path / "f")])
+    line = _refused_in_one_line(capsys, compare_main, ["--status", "1", "--dir", str(tmp_path / "f")])
     assert line == f"error: dir={tmp_path / 'f'} is not a folder"
     (tmp_path / "empty").mkdir()
-    line = _one_error_line(
+    line = _refused_in_one_line(
         capsys,
         report_main,
         ["--dir", str(tmp_path / "empty"), "--baseline", "nosuch", "--out", str(tmp_path / "r")],
