@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArgumentParser, UserError, cli
-from .runtime import keep_freed_memory, malloc_choice
+from .runtime import keep_freed_memory, malloc_choice, resolve_device
 
 V, B, T = 10_000, 20, 35
 # "nn.LSTM (control)" is a second, identical nn.LSTM model: its ratio to the first shows the noise floor.
@@ -560,14 +560,7 @@ def _check_before(args, out: Path) -> None:
     for flag, value in (("--layers", args.layers), ("--threads", args.threads), ("--rounds", args.rounds)):
         if value < 1:
             raise UserError(f"{flag} {value}: expected a whole number ≥ 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device}: expected cpu or cuda[:<index>]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {args.device}: expected cpu or cuda[:<index>]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    args.device = str(resolve_device(args.device, "--device"))  # auto: CUDA where there is one, else the CPU
     unknown = [c for c in args.cores.split(",") if c and c not in CORES]
     if unknown or not [c for c in args.cores.split(",") if c]:
         raise UserError(
@@ -595,7 +588,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
     p.add_argument("--sizes", default="200,650", help="hidden sizes (= embedding sizes), comma-separated")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (CUDA where there is one)")
     p.add_argument(
         "--rounds",
         type=int,
