@@ -64,8 +64,8 @@ search:  ## one model's Optuna search (make compare's search stage): model=dglst
 compare:  ## equal-budget tuned comparison: models=a,b trials=24 seeds=2,3,4 [proxy= experiment= space= dir= jobs= final_jobs= complete_pruned=1 archive= status=1]
 	$(PY) -m dglstm_lm.compare $(foreach v,$(COMPARE_VARS),$(if $($(v)),--$(v) '$($(v))')) $(ARGS) $(COMPARE_QUOTED)
 
-eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt
-	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(if $(filter-out 0 false no,$(full)),--full) $(ARGS)
+eval:  ## evaluate a checkpoint on valid and test: make eval ckpt=outputs/runs/.../checkpoints/best.pt [split=train,valid,test full=1]
+	$(PY) -m dglstm_lm.evaluate --ckpt '$(ckpt)' $(if $(split),--split '$(split)') $(if $(filter-out 0 false no,$(full)),--full) $(ARGS)
 
 GENERATE_ARGS = $(strip $(if $(temperature),--temperature $(temperature)) $(if $(length),--length $(length)) \
   $(if $(seed),--seed $(seed)) $(if $(prompt),--prompt '$(prompt)'))

@@ -426,6 +426,13 @@ def test_make_train_passes_overrides_through_and_eval_generate_work(tmp_path, pt
     assert full.returncode == 0, full.stderr
     res = json.loads(full.stdout.strip().splitlines()[-1])
     assert res["valid/tokens"] == 73_760 and res["test/tokens"] == 82_430 and res["valid/ppl"] > 1
+    train = run_cli(
+        ["make", "-s", "eval", f"ckpt={run_dir}", "split=train", "full=1", "ARGS=--json"],
+        env={"PTB_DIR": str(ptb_dir)},
+    )
+    assert train.returncode == 0, train.stderr
+    res = json.loads(train.stdout.strip().splitlines()[-1])
+    assert res["train/tokens"] == 929_589 and res["train/ppl"] > 1 and "valid/ppl" not in res
     gen = run_cli(["make", "-s", "generate", f"ckpt={run_dir}", "length=12", "seed=3", "prompt=the company"])
     assert gen.returncode == 0, gen.stderr
     text = gen.stdout.strip()
