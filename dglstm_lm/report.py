@@ -134,6 +134,17 @@ class Run:
     history: list[dict]
 
     @property
+    def tokens_per_s(self) -> float | None:
+        """Training throughput as the median of its epochs' (`history.jsonl`): an epoch slowed or paused by
+        other work on the machine moves it little, where the run's total (`metrics.json`, tokens over every
+        second the loop took, pauses included) would carry it; the total where no epoch recorded one."""
+        epochs = [h.get("train/tokens_per_s") for h in self.history]
+        epochs = [v for v in epochs if _finite(v)]
+        if epochs:
+            return statistics.median(epochs)
+        return (self.metrics or {}).get("train/tokens_per_s")
+
+    @property
     def status(self) -> str:
         if self.metrics is None:
             return "not started"
@@ -320,7 +331,7 @@ class Row:
         params = self.runs[0].metrics.get("num_params")
         val_m, val_s = self.stat("val/ppl")
         test_m, test_s = self.stat("test/ppl")
-        tps, _ = self.stat("train/tokens_per_s")
+        tps, _ = _mean_std([r.tokens_per_s for r in self.runs])
         wall, _ = self.stat("wall_s")
         epochs, _ = self.stat("epochs_completed")
         return {
@@ -657,7 +668,9 @@ def _md_row(t: Table, r: Row, best: dict) -> str:
 def _md_caption(t: Table) -> str:
     caption = (
         "Best value of each column in bold; ± is the standard deviation over seeds; seeds counts distinct "
-        "seeds (of a seed run more than once, its latest completed run is used); published rows in italics."
+        "seeds (of a seed run more than once, its latest completed run is used); published rows in italics;"
+        " tokens/s: training throughput, the median of each run's epochs (an epoch slowed or paused by other"
+        " work moves it little), mean over seeds; wall: each run's whole time, pauses included, mean over seeds."
     )
     if t.baseline is not None and t.by_depth:
         caption += (

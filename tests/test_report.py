@@ -1152,3 +1152,19 @@ def test_tex_escape_covers_latex_special_characters():
     assert tex_escape("a_b & 50% #1 $x {y} ~z ^w \\v") == (
         "a\\_b \\& 50\\% \\#1 \\$x \\{y\\} \\textasciitilde{}z \\textasciicircum{}w \\textbackslash{}v"
     )
+
+
+def test_tokens_per_s_is_the_median_of_the_epochs_so_a_paused_epoch_moves_it_little(tmp_path):
+    """A run paused for a while (SIGSTOP while CI ran, another job on its cores) has one slow epoch and a
+    total throughput in metrics.json that carries the pause; the report shows the median of its epochs."""
+    root = tmp_path / "outputs"
+    for seed, epochs in ((1, [6000.0, 6200.0, 1000.0]), (2, [5000.0, 5400.0, 5200.0])):
+        run = fake_run(root, f"s{seed}", "stacked_lstm", seed, 100.0, 95.0)
+        history = [{"epoch": i + 1, "val/ppl": 100.0, "train/tokens_per_s": v} for i, v in enumerate(epochs)]
+        (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    old = fake_run(root, "o1", "dglstm", 1, 99.0, 94.0)  # history without throughput: metrics.json's total
+    rows, md = _report(root, "report")
+    assert _num(rows[("fake", "stacked_lstm")]["tokens_per_s"]) == pytest.approx((6000.0 + 5200.0) / 2)
+    assert _num(rows[("fake", "dglstm")]["tokens_per_s"]) == pytest.approx(5000.0)  # fake_run's metrics
+    assert json.loads((old / "metrics.json").read_text())["train/tokens_per_s"] == 5000.0
+    assert "the median of each run's epochs" in md
