@@ -135,8 +135,8 @@ class Run:
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Training throughput as the median of its epochs' (`history.jsonl`): an epoch slowed or paused by
-        other work on the machine moves it little, where the run's total (`metrics.json`, tokens over every
+        """Training throughput as the median of its epochs' (the run's history): an epoch slowed or paused
+        by other work on the machine moves it little, where the run's total (its metrics: tokens over every
         second the loop took, pauses included) would carry it; the total where no epoch recorded one."""
         epochs = [h.get("train/tokens_per_s") for h in self.history]
         epochs = [v for v in epochs if _finite(v)]
