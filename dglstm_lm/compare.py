@@ -1289,8 +1289,8 @@ class Compare:
         return lines
 
     def _final_time_left(self) -> str:
-        """status=1: an upper bound on the final runs' time left, from the epochs they have trained: every run
-        not completed trains to the recipe's cap at its model's shortest epoch (the differences of the
+        """status=1: the final runs' time left, from the epochs they have trained: every run not completed
+        trains to the recipe's cap at its model's shortest epoch (the differences of the
         history's elapsed_s: a pause, SIGSTOP or a session's end, only lengthens an epoch, and in a run paused
         more often than not the median would be one), in final_all's order: each
         model's seeds in groups of final_at_a_time() (this command's final_jobs= or launcher), a group
@@ -1325,9 +1325,15 @@ class Compare:
         seconds = sum(
             max(left(m, sd) for sd in p.seeds[i : i + n]) for i in range(0, len(p.seeds), n) for m in p.models
         )
+        paces = ", ".join(
+            f"{m} {per_epoch[m] / 60:.1f}"
+            if per_epoch[m] is not None
+            else f"{m} as the others (no epoch yet)"
+            for m in p.models
+        )
         return (
-            f"; at most about {seconds / 3600:.1f} h more ({cap} epochs a run at "
-            f"{typical / 60:.1f} min an epoch, the final runs' shortest, unpaused; early stopping ends runs sooner)"
+            f"; about {seconds / 3600:.1f} h more if every run trains to its cap of {cap} epochs at its model's "
+            f"fastest epoch so far (min: {paces}); pauses add to it, early stopping ends runs sooner"
         )
 
     def _status_final(self, m: str, busy: bool, left: dict) -> list[str]:

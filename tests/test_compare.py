@@ -841,8 +841,9 @@ def test_status_follows_the_comparison_to_its_end_and_its_archive(tmp_path):
         )
     )
     assert status()[-1] == (
-        "  next: the final runs, 2 of 2 left; at most about 0.3 h more (10 epochs a run at 1.0 min an epoch, "
-        "the final runs' shortest, unpaused; early stopping ends runs sooner)"
+        "  next: the final runs, 2 of 2 left; about 0.3 h more if every run trains to its cap of 10 epochs at its "
+        "model's fastest epoch so far (min: stacked_lstm 1.0, dglstm as the others (no epoch yet)); pauses add "
+        "to it, early stopping ends runs sooner"
     )  # (10 − 4) × 60 s for the stacked LSTM, 10 × 60 s for the DGLSTM: 960 s
     for model in MODELS:
         run = folder / "final" / model / "seed=1"
@@ -985,7 +986,9 @@ def test_the_final_runs_time_left_follows_their_groups(tmp_path):
                 "".join(json.dumps({"epoch": e, "elapsed_s": 60.0 * e}) + "\n" for e in range(1, 41))
             )
     assert (
-        Compare(plan, None, read_only=True)._final_time_left().startswith("; at most about 1.3 h more (40 ")
+        Compare(plan, None, read_only=True)
+        ._final_time_left()
+        .startswith("; about 1.3 h more if every run trains to its cap of 40 ")
     )
 
 
