@@ -39,7 +39,9 @@ V, B, T = 10_000, 20, 35
 # brgemm micro-kernel (plain "dglstm" runs the path the kernel chooses for this CPU and width, recorded in
 # each DGLSTM row as gemm), [cpp_blas] with a plain BLAS GEMM, [python] the scan
 # written with torch ops. A " bf16" suffix: the same model trained and evaluated under
-# torch.autocast(bfloat16) (trainer.precision=bf16), its ratio taken to "nn.LSTM bf16".
+# torch.autocast(bfloat16) (trainer.precision=bf16), its ratio taken to "nn.LSTM bf16";
+# "dglstm[cpp_onednn] bf16" forces oneDNN's bf16 inner product, against which plain "dglstm bf16" shows the
+# path chosen here (on a CPU with AMX, the brgemm micro-kernel in bfloat16).
 CORES = (
     "nn.LSTM",
     "nn.LSTM (control)",
@@ -54,6 +56,7 @@ CORES = (
     "nn.LSTM bf16",
     "stacked_lstm bf16",
     "dglstm bf16",
+    "dglstm[cpp_onednn] bf16",
 )
 BF16 = " bf16"
 

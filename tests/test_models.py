@@ -374,13 +374,22 @@ def test_the_gemm_path_is_chosen_per_cpu_and_precision(monkeypatch):
     from dglstm_lm.models import kernels
 
     def case(
-        vendor, mkl=True, onednn=True, bf16=True, dtype=torch.float32, backend="cpp", low=None, hidden=None
+        vendor,
+        mkl=True,
+        onednn=True,
+        bf16=True,
+        dtype=torch.float32,
+        backend="cpp",
+        low=None,
+        hidden=None,
+        amx=False,
     ):
         monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
         monkeypatch.setattr(kernels, "packed_gemm_available", lambda: mkl)
         monkeypatch.setattr(kernels, "onednn_gemm_available", lambda: onednn)
         monkeypatch.setattr(kernels, "onednn_bf16_available", lambda: onednn and bf16)
         monkeypatch.setattr(kernels, "brgemm_available", lambda: onednn)
+        monkeypatch.setattr(kernels, "brgemm_bf16_available", lambda: onednn and amx)
         return kernels.gemm_path(dtype, backend, low, hidden)
 
     bf = torch.bfloat16
@@ -417,6 +426,18 @@ def test_the_gemm_path_is_chosen_per_cpu_and_precision(monkeypatch):
     assert case("GenuineIntel", backend="cpp_onednn", low=bf) == "cpp_onednn_bf16"
     assert case("GenuineIntel", backend="cpp_blas", low=bf) == "cpp_plain"
     assert case("", mkl=False, backend="cpp_mkl") == "cpp_plain"
+
+    # AMX: under autocast bf16 the brgemm micro-kernel in bfloat16, at every even width, on any vendor;
+    # odd widths (bfloat16 pairs) and float32 keep their paths, and so do the forcing backends
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        for hidden in (200, 650, None):
+            assert case(vendor, amx=True, low=bf, hidden=hidden) == "cpp_brgemm_bf16"
+    assert case("GenuineIntel", amx=True, low=bf, hidden=201) == "cpp_onednn_bf16"
+    assert case("GenuineIntel", amx=True, hidden=200) == "cpp_mkl"
+    assert case("GenuineIntel", amx=True, low=bf, hidden=200, bf16=False) == "cpp_mkl"
+    assert case("GenuineIntel", amx=True, low=bf, backend="cpp_onednn") == "cpp_onednn_bf16"
+    assert case("GenuineIntel", amx=True, low=bf, backend="cpp_brgemm") == "cpp_brgemm"
+    assert case("GenuineIntel", amx=True, low=bf, backend="cpp_mkl") == "cpp_mkl"
 
 
 def test_the_weight_gradients_library_is_chosen_per_cpu_and_path(monkeypatch):
@@ -529,17 +550,23 @@ def test_every_gemm_path_matches_the_python_scan(backend, wgrad, coupled):
     assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
 
 
+@pytest.mark.parametrize("path", ["cpp_onednn_bf16", "cpp_brgemm_bf16"])
 @pytest.mark.parametrize("coupled", [False, True])
-def test_bf16_gemm_is_within_bf16_tolerance_of_float32(coupled, monkeypatch):
+def test_bf16_gemm_is_within_bf16_tolerance_of_float32(coupled, path, monkeypatch):
     """Under autocast bf16 the fused kernel's per-step GEMMs (forward h_{t-1} W_hh^T, backward dz_t W_hh, and
-    dW_hh) take bfloat16 inputs with float32 accumulation, while the cell state and the gates stay float32.
-    Against the same kernel in float32: outputs within 2e-2 absolute (h and c are O(1); one bf16 rounding
-    is 2^-9 relative, and it enters every step's pre-activations), every gradient within 3% of its largest
-    entry; and it does differ from float32 (the bf16 GEMM ran: h W_hh^T is not computed in float32)."""
+    dW_hh) take bfloat16 inputs with float32 accumulation, while the cell state and the gates stay float32:
+    on oneDNN's inner product (forced by cpp_onednn), and on the brgemm micro-kernel in bfloat16 (AMX; what
+    cpp chooses there). Against the same kernel in float32: outputs within 2e-2 absolute (h and c are O(1);
+    one bf16 rounding is 2^-9 relative, and it enters every step's pre-activations), every gradient within
+    3% of its largest entry; and it does differ from float32 (the bf16 GEMM ran: h W_hh^T is not computed in
+    float32)."""
     from dglstm_lm.models import kernels
 
     if not kernels.onednn_bf16_available():
         pytest.skip("no bfloat16 GEMM on this CPU")
+    if path == "cpp_brgemm_bf16" and not kernels.brgemm_bf16_available():
+        pytest.skip("no bfloat16 brgemm on this CPU (AMX)")
+    backend = "cpp_onednn" if path == "cpp_onednn_bf16" else "cpp"
     used = []
     real = kernels._pack
     monkeypatch.setattr(kernels, "_pack", lambda w, rows, mode: used.append(mode) or real(w, rows, mode))
@@ -559,18 +586,17 @@ def test_bf16_gemm_is_within_bf16_tolerance_of_float32(coupled, monkeypatch):
     def run(bf16):
         leaves = [a.clone().requires_grad_() for a in [*args, wcd]]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            # cpp_onednn: the path with the bf16 GEMM (cpp picks it for layers wider than this one)
-            h, c = kernels.scan(*leaves[:6], wcd=leaves[6], coupled=coupled, backend="cpp_onednn")
+            h, c = kernels.scan(*leaves[:6], wcd=leaves[6], coupled=coupled, backend=backend)
         assert h.dtype == c.dtype == torch.float32  # the state stays float32
         grads = torch.autograd.grad((h * wh).sum() + (c * wc).sum(), leaves)
         return h, c, grads
 
     wh, wc = torch.randn(T, B, H), torch.randn(T, B, H)
     h32, c32, g32 = run(False)
-    assert set(used) == {"cpp_onednn"}
+    assert set(used) == {kernels.gemm_path(hidden=H, backend=backend)}  # float32
     used.clear()
     h16, c16, g16 = run(True)
-    assert set(used) == {"cpp_onednn_bf16"}
+    assert set(used) == {path}
     for a, b in ((h16, h32), (c16, c32)):
         err = float((a - b).detach().abs().max())
         assert 1e-5 < err < 2e-2, err

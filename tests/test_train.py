@@ -493,7 +493,11 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
         "dglstm[cpp_brgemm]",
         "dglstm[cpp_blas]",
         "dglstm[python]",
-        *(["nn.LSTM bf16", "stacked_lstm bf16", "dglstm bf16"] if bf16_here else []),
+        *(
+            ["nn.LSTM bf16", "stacked_lstm bf16", "dglstm bf16", "dglstm[cpp_onednn] bf16"]
+            if bf16_here
+            else []
+        ),
     }
     # the bf16 rows only where oneDNN runs bfloat16 (not on AMD Zen 3, AVX2 only); said where they are not
     assert payload["left_out"] == (
@@ -526,7 +530,13 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert wgrads["dglstm"] == ("oneDNN" if avx512 and vendor != "GenuineIntel" else "BLAS")  # auto, 16 units
     assert payload["machine"]["fused_wgrad"].startswith(("BLAS", "oneDNN")), payload["machine"]["fused_wgrad"]
     bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
-    assert len(bf16) == 3 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
+    assert len(bf16) == 4 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
+    if bf16_here:  # under bf16: oneDNN's inner product forced, and the brgemm micro-kernel where there is AMX
+        from dglstm_lm.models.kernels import brgemm_bf16_available
+
+        assert gemms["dglstm[cpp_onednn] bf16"] == "oneDNN bf16"
+        if brgemm_bf16_available():
+            assert gemms["dglstm bf16"] == "oneDNN brgemm bf16 (AMX)"
     assert set(payload["load_average"]) == {"start", "readings", "while_measuring"} and isinstance(
         payload["warnings"], list
     )

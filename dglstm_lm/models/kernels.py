@@ -18,11 +18,11 @@ Two implementations of the same forward and backward:
   output columns (no dispatch, no allocation, the plain weight) up to BRGEMM_MAX_HIDDEN units, and oneDNN's
   inner product on a reordered weight above (on AMD 1.4x faster forward and 2.8x backward than MKL at
   20 x 650). Under autocast bf16 (on Intel at any width, elsewhere above BRGEMM_MAX_HIDDEN["bf16"] units)
-  the per-step GEMMs take bfloat16
-  inputs with float32 accumulation (oneDNN; avx512_bf16 or AMX) while the cell state and every elementwise
-  operation stay float32. ``cpp_mkl``, ``cpp_onednn`` and ``cpp_brgemm`` force one path (``cpp_onednn``
-  under autocast bf16: the bfloat16 GEMM; ``cpp_mkl`` and ``cpp_brgemm``: float32 GEMMs whatever the
-  precision), ``cpp_blas`` a plain GEMM per step (torch's BLAS); float64 always uses that. Under no_grad
+  the per-step GEMMs take bfloat16 inputs with float32 accumulation (oneDNN's inner product; avx512_bf16 or
+  AMX; on a CPU with AMX the brgemm micro-kernel in bfloat16 instead, on a weight packed in VNNI order
+  once per window) while the cell state and every elementwise operation stay float32. ``cpp_mkl``,
+  ``cpp_onednn`` and ``cpp_brgemm`` force one path (``cpp_onednn`` under autocast bf16: the inner product's
+  bfloat16 GEMM; ``cpp_mkl`` and ``cpp_brgemm``: float32 GEMMs whatever the precision), ``cpp_blas`` a plain GEMM per step (torch's BLAS); float64 always uses that. Under no_grad
   the kernel keeps no per-step activations.
 - ``python``: the same loops written with torch ops; runs on any device (CUDA included) and is the fallback
   when no compiler is available.
@@ -36,7 +36,7 @@ All save the gate activations in the forward pass, so that the backward pass is 
 Under autocast (``trainer.precision=bf16``) the recurrence's inputs (the bf16 input projections) are cast up
 and autocast is off inside, so the elementwise work and the cell state stay in float32 (fp32 master
 weights; the big input and output GEMMs are the bf16 ones). h_{t-1} W_hh is a bfloat16 GEMM with float32
-accumulation on the fused kernel's oneDNN path (see ``cpp`` above) and float32 on every other path.
+accumulation on the fused kernel's oneDNN paths (see ``cpp`` above) and float32 on every other path.
 """
 
 from __future__ import annotations
@@ -322,6 +322,21 @@ def brgemm_available() -> bool:
     return _brgemm and torch.backends.mkldnn.enabled
 
 
+_brgemm_bf16: bool | None = None
+
+
+def brgemm_bf16_available() -> bool:
+    """Whether the fused CPU kernel can run its per-step GEMMs on oneDNN's brgemm micro-kernel in bfloat16
+    (torch packs the micro-kernel's bfloat16 weight only where the CPU has AMX)."""
+    global _brgemm_bf16
+    if not brgemm_available():  # (oneDNN disabled included: nothing is cached then)
+        return False
+    if _brgemm_bf16 is None:
+        ext = cpp_extension()
+        _brgemm_bf16 = hasattr(ext, "has_brgemm_bf16") and bool(ext.has_brgemm_bf16())
+    return _brgemm_bf16
+
+
 def onednn_bf16_available() -> bool:
     """Whether oneDNN has bfloat16 GEMMs with float32 accumulation on this CPU (avx512_bf16, AMX, ...)."""
     try:
@@ -350,6 +365,7 @@ GEMM_MODES = {
     "cpp_onednn": (2, torch.float32),
     "cpp_onednn_bf16": (2, torch.bfloat16),
     "cpp_brgemm": (3, torch.float32),
+    "cpp_brgemm_bf16": (3, torch.bfloat16),
 }
 GEMM_NAMES = {
     "cpp_plain": "BLAS",
@@ -357,6 +373,7 @@ GEMM_NAMES = {
     "cpp_onednn": "oneDNN",
     "cpp_onednn_bf16": "oneDNN bf16",
     "cpp_brgemm": "oneDNN brgemm",
+    "cpp_brgemm_bf16": "oneDNN brgemm bf16 (AMX)",
 }
 
 
@@ -367,6 +384,12 @@ GEMM_NAMES = {
 # 53/37, 400 136/120 and 162/146, 500 198/185 and 205/195, 650 332/320 and 373/422; bf16 (with its float32
 # <-> bfloat16 copies) against brgemm in fp32 at H = 200 43/34 and 51/38, 300 66/70 and 86/83, 400 96/121.
 BRGEMM_MAX_HIDDEN = {"fp32": 512, "bf16": 256}
+
+# Under autocast bf16 on a CPU with AMX, the per-step GEMM as brgemm in bfloat16 (cpp_brgemm_bf16) against
+# oneDNN's bf16 inner product (cpp_onednn_bf16, both with their float32 -> bfloat16 copy of X) and MKL's
+# float32 packed GEMM, µs per call, 20 rows, 2 threads, forward 20 x H x 4H, on a 2-core Intel Xeon with AMX
+# (2026-12-05, the machine otherwise quiet): H = 200 27 / 48-72 / 38, H = 650 228 / 231-325 / 389; whole
+# training and evaluation steps in docs/models.md (Speed). Measured at 200 and 650 units only.
 
 
 def brgemm_limit(low: torch.dtype | None = None) -> int:
@@ -386,7 +409,9 @@ def gemm_path(
     autocast to `low` (None: no autocast), in a layer of `hidden` units (None: a wide one). For
     model.backend=cpp (and auto on the CPU), chosen per CPU, precision and width by what was measured: MKL's
     packed GEMM on Intel (its fast code is Intel's own); on every other CPU oneDNN's brgemm micro-kernel up
-    to BRGEMM_MAX_HIDDEN units, oneDNN's inner product above (under autocast bf16 its bfloat16 GEMM)."""
+    to BRGEMM_MAX_HIDDEN units, oneDNN's inner product above (under autocast bf16 its bfloat16 GEMM). Under
+    autocast bf16 on a CPU with AMX, the brgemm micro-kernel in bfloat16 at every even width (measured
+    faster than oneDNN's bf16 inner product at 200 and 650 units, above)."""
     if dtype != torch.float32 or backend == "cpp_blas":
         return "cpp_plain"
     mkl, onednn = packed_gemm_available(), onednn_gemm_available()
@@ -397,6 +422,8 @@ def gemm_path(
         return "cpp_brgemm" if brgemm_available() else "cpp_plain"
     if backend == "cpp_onednn":
         return ("cpp_onednn_bf16" if bf16 else "cpp_onednn") if onednn else "cpp_plain"
+    if bf16 and (hidden is None or hidden % 2 == 0) and brgemm_bf16_available():
+        return "cpp_brgemm_bf16"
     intel = cpu_vendor() == "GenuineIntel"
     if not intel and hidden is not None and hidden <= brgemm_limit(low) and brgemm_available():
         return "cpp_brgemm"
@@ -414,6 +441,8 @@ def _pack(w: torch.Tensor, rows: int, mode: str) -> torch.Tensor | None:
     _, dtype = GEMM_MODES[mode]
     if mode == "cpp_brgemm":  # the micro-kernel's B matrix: plain^T as [K, N], row-major
         return plain_t if (plain_t := w.t()).is_contiguous() else cpp_extension().transpose_weight(w)
+    if mode == "cpp_brgemm_bf16":  # plain^T in bfloat16, in blocks of 64 columns packed in VNNI order
+        return cpp_extension().pack_brgemm_bf16(w)
     if mode == "cpp_mkl":
         return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
     if dtype is not None:
@@ -437,7 +466,7 @@ def _packed(
     if hit is not None and hit[0] is w:
         return hit[1], hit[2]
     if transposed:  # (brgemm multiplies by plain^T = W_hh as it is: a view will do)
-        plain = w.t() if mode == "cpp_brgemm" else cpp_extension().transpose_weight(w)
+        plain = w.t() if mode in ("cpp_brgemm", "cpp_brgemm_bf16") else cpp_extension().transpose_weight(w)
     else:
         plain = w
     packed = _pack(plain, rows, mode)

@@ -338,7 +338,10 @@ void check_input(const Tensor& t, const char* name) {
 //   kBrgemm  oneDNN's batch-reduce GEMM micro-kernel as torch exports it (at::native::cpublas::brgemm),
 //            called per block of output columns, the blocks split over the threads, writing into the step's
 //            own buffer: no operator dispatch, no output allocated per step. Its B matrix is the plain
-//            [K, N] weight (W_hh^T forward, W_hh backward), so nothing is reordered; float32 only.
+//            [K, N] weight (W_hh^T forward, W_hh backward), so nothing is reordered. With a bfloat16 weight
+//            (pack_brgemm_bf16: each block of kBrgemmBlock columns packed once per window in the VNNI order
+//            the micro-kernel needs, which torch offers where the CPU has AMX) X is rounded to bfloat16 and
+//            the product accumulates in float32 on AMX's tiles.
 enum class Gemm : int64_t { kPlain = 0, kMkl = 1, kOneDnn = 2, kBrgemm = 3 };
 
 constexpr int64_t kBrgemmBlock = 64;  // output columns per micro-kernel call
@@ -367,7 +370,7 @@ struct StepGemm {
   Gemm kind;
   const Tensor& w;         // [N, K]
   const Tensor* w_packed;  // kMkl / kOneDnn
-  Tensor x_low;            // bfloat16 [B, K] (kOneDnn with a bfloat16 weight), else undefined
+  Tensor x_low;            // bfloat16 [B, K] (kOneDnn or kBrgemm with a bfloat16 weight), else undefined
 
   void operator()(const Tensor& x, Tensor& out) {
     switch (kind) {
@@ -383,6 +386,10 @@ struct StepGemm {
         }
         return;
       case Gemm::kBrgemm: {
+        if (x_low.defined()) {
+          brgemm_bf16(x, out);
+          return;
+        }
 #ifdef CPUBLAS_BRGEMM_F32F32F32
         const int64_t M = x.size(0), K = x.size(1), N = w_packed->size(1);
         const float* a = x.data_ptr<float>();
@@ -403,6 +410,28 @@ struct StepGemm {
         at::mm_out(out, x, w.t());
     }
   }
+
+  // kBrgemm with a bfloat16 weight packed by pack_brgemm_bf16 ([blocks, K, kBrgemmBlock]): X rounded to
+  // bfloat16 once, then one micro-kernel call per block of output columns, the blocks split over the
+  // threads; each thread hands back its AMX tiles when its blocks are done.
+  void brgemm_bf16(const Tensor& x, Tensor& out) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+    x_low.copy_(x);
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    const at::BFloat16* a = x_low.data_ptr<at::BFloat16>();
+    const at::BFloat16* b = w_packed->data_ptr<at::BFloat16>();
+    float* c = out.data_ptr<float>();
+    at::parallel_for(0, (N + kBrgemmBlock - 1) / kBrgemmBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * kBrgemmBlock, n = std::min(kBrgemmBlock, N - n0);
+        at::native::cpublas::brgemm(M, n, K, K, kBrgemmBlock, N, false, a, b + blk * K * kBrgemmBlock, c + n0, true);
+      }
+      at::native::cpublas::brgemm_release(true);
+    });
+#else
+    TORCH_CHECK(false, "scan: this torch has no bfloat16 brgemm");
+#endif
+  }
 };
 
 StepGemm make_gemm(int64_t kind, const Tensor& w, const std::optional<Tensor>& w_packed, const Tensor& x_like) {
@@ -413,14 +442,21 @@ StepGemm make_gemm(int64_t kind, const Tensor& w, const std::optional<Tensor>& w
   TORCH_CHECK(!packed || (w_packed.has_value() && w_packed->defined()), "scan: this GEMM path needs a packed weight");
   TORCH_CHECK(!packed || x_like.scalar_type() == at::kFloat, "scan: the packed GEMMs are float32 only");
   TORCH_CHECK(g != Gemm::kMkl || w_packed->scalar_type() == at::kFloat, "scan: MKL's packed weight is float32");
-  if (g == Gemm::kBrgemm) {
+  const bool low = packed && w_packed->scalar_type() == at::kBFloat16;
+  if (g == Gemm::kBrgemm && low) {
+    const int64_t K = x_like.size(1), N = w.size(0);
+    TORCH_CHECK(w_packed->is_contiguous() && w_packed->dim() == 3 &&
+                    w_packed->size(0) == (N + kBrgemmBlock - 1) / kBrgemmBlock && w_packed->size(1) == K &&
+                    w_packed->size(2) == kBrgemmBlock,
+                "scan: the bfloat16 brgemm weight must be pack_brgemm_bf16's [blocks, K, ", kBrgemmBlock, "]");
+  } else if (g == Gemm::kBrgemm) {
     check_input(*w_packed, "the brgemm weight");
     TORCH_CHECK(w_packed->dim() == 2 && w_packed->size(0) == x_like.size(1), "scan: the brgemm weight must be [K, N]");
   } else if (packed) {
     check_input(w, "w_hh");
   }
   Tensor x_low;
-  if (g == Gemm::kOneDnn && w_packed->scalar_type() == at::kBFloat16) x_low = at::empty_like(x_like, at::kBFloat16);
+  if ((g == Gemm::kOneDnn || g == Gemm::kBrgemm) && low) x_low = at::empty_like(x_like, at::kBFloat16);
   return StepGemm{g, w, packed ? &*w_packed : nullptr, x_low};
 }
 
@@ -475,6 +511,38 @@ bool has_packed_gemm() {
 bool has_onednn_gemm() {
   return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value() &&
          c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""}).has_value();
+}
+
+// w ([N, K], any strides) for kBrgemm in bfloat16: w^T rounded to bfloat16, each block of kBrgemmBlock
+// columns packed in the micro-kernel's VNNI order (the last block padded with zeros): [blocks, K, block].
+Tensor pack_brgemm_bf16(const Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "pack_brgemm_bf16: w must be 2-D");
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  TORCH_CHECK(at::native::cpublas::could_pack(at::kBFloat16), "pack_brgemm_bf16: no bfloat16 brgemm on this CPU (AMX)");
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBrgemmBlock - 1) / kBrgemmBlock;
+  TORCH_CHECK(K % 2 == 0, "pack_brgemm_bf16: K must be even (bfloat16 pairs), got ", K);
+  const Tensor wt = w.t().to(at::kBFloat16);  // [K, N]
+  auto out = at::zeros({blocks, K, kBrgemmBlock}, wt.options());
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n0 = blk * kBrgemmBlock, n = std::min(kBrgemmBlock, N - n0);
+    const Tensor src = wt.narrow(1, n0, n).contiguous();
+    at::native::cpublas::pack(K, n, n, kBrgemmBlock, at::kBFloat16, at::kBFloat16, src.data_ptr<at::BFloat16>(),
+                              out[blk].data_ptr<at::BFloat16>());
+  }
+  return out;
+#else
+  TORCH_CHECK(false, "pack_brgemm_bf16: this torch has no bfloat16 brgemm");
+#endif
+}
+
+// Whether this torch and CPU run oneDNN's brgemm micro-kernel in bfloat16 (torch packs its weight only where
+// the CPU has AMX).
+bool has_brgemm_bf16() {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  return at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  return false;
+#endif
 }
 
 // Whether this torch exports oneDNN's brgemm micro-kernel in float32 (at::native::cpublas::brgemm).
@@ -645,6 +713,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("row_isa", &fused_row_isa, "the instruction set the fused elementwise rows run with");
   mod.def("has_packed_gemm", &has_packed_gemm, "whether this torch has MKL's packed GEMM (mkl::_mkl_linear)");
   mod.def("has_brgemm", &has_brgemm, "whether this torch exports oneDNN's float32 brgemm micro-kernel");
+  mod.def("has_brgemm_bf16", &has_brgemm_bf16, "whether the brgemm micro-kernel runs in bfloat16 here (AMX)");
+  mod.def("pack_brgemm_bf16", &pack_brgemm_bf16, "w [N, K] packed for the bfloat16 brgemm: [blocks, K, 64]");
   mod.def("has_onednn_gemm", &has_onednn_gemm,
           "whether this torch has oneDNN's inner product on a reordered weight (mkldnn::_linear_pointwise)");
 }
