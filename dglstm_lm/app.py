@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
         rundir.release(run_dir)  # before submitit's handler, which requeues the job and exits
         previous = signal.getsignal(exc.signum)
         if exc.signum == getattr(signal, "SIGUSR2", None) and callable(previous):
-            previous(exc.signum, None)
+            hand_on(previous, exc.signum)
         sys.exit(128 + exc.signum)
     except Exception as exc:
         if trial is not None and isinstance(exc, DivergedError):
@@ -158,6 +159,21 @@ def _run_job(cfg: DictConfig, name: str, group: str | None, multirun: bool, run_
         value = metrics.get(cfg.optimized_metric)
         return float(value) if value is not None else float("inf")
     return None
+
+
+def hand_on(handler, signum: int) -> None:
+    """Call the handler our own replaced (submitit's SIGUSR2 handler, which runs `scontrol requeue` and
+    exits). SLURM carries out a requeue by sending SIGTERM to every process of the job, and the scontrol
+    that asked for it is one of them: when the signal reaches it before it exits, the requeue has been made
+    and only its messenger died (CalledProcessError, returncode -SIGTERM). Raised on, that error would be
+    this incarnation's result, and the sweep would report the job failed while it runs again. Any other
+    failure of the handler is raised."""
+    try:
+        handler(signum, None)
+    except subprocess.CalledProcessError as err:
+        if err.returncode != -signal.SIGTERM or "requeue" not in err.cmd:
+            raise
+        log.warning("scontrol requeue was ended by the SIGTERM of the requeue it asked for; exiting")
 
 
 def _make_hydra_main():

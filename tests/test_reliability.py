@@ -770,6 +770,34 @@ def test_same_slurm_job_without_a_requeue_is_not_stale(tmp_path, monkeypatch):
         rundir.acquire(run_dir)
 
 
+@pytest.mark.parametrize(
+    "returncode, cmd, handed_on",
+    [
+        (-signal.SIGTERM, ["scontrol", "requeue", "7"], True),  # the requeue's own SIGTERM: it was made
+        (-signal.SIGKILL, ["scontrol", "requeue", "7"], False),
+        (1, ["scontrol", "requeue", "7"], False),  # refused by slurmctld: nothing was requeued
+        (-signal.SIGTERM, ["scontrol", "show", "job"], False),
+    ],
+)
+def test_a_requeue_that_ends_its_own_scontrol_is_not_a_failure(returncode, cmd, handed_on):
+    """The race tests/test_slurm.py forces on a real cluster, here as the unit it is: only an `scontrol
+    requeue` ended by SIGTERM counts as requeued; every other failure of the handler is raised."""
+    from dglstm_lm.app import hand_on
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise subprocess.CalledProcessError(returncode, cmd)
+
+    if handed_on:
+        hand_on(handler, signal.SIGUSR2)
+    else:
+        with pytest.raises(subprocess.CalledProcessError):
+            hand_on(handler, signal.SIGUSR2)
+    assert seen == [signal.SIGUSR2]
+
+
 def test_train_releases_its_lock_on_success_and_on_failure(tmp_path, ptb_dir, ptb_root, caplog):
     run_dir = tmp_path / "run"
     _write_lock(run_dir, pid=_dead_pid())  # left by a run that was killed

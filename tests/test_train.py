@@ -741,7 +741,7 @@ m = bench.make_model(sys.argv[1], 200, 2, cpu)
 opt = torch.optim.SGD(m.parameters(), lr=0.1)
 x, y = (torch.randint(bench.V, (bench.T, bench.B)) for _ in range(2))
 faults = []
-for _ in range(16):
+for _ in range(32):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     logits, _ = m(x, m.init_state(bench.B, cpu))
     loss = F.cross_entropy(logits.view(-1, bench.V), y.view(-1))
@@ -788,23 +788,26 @@ def test_a_step_reuses_the_memory_the_last_step_freed(core):
     """glibc returns large freed blocks to the system, so every training step used to fault its logits,
     softmax and their gradients (28 MB each at 2 x 200) in again page by page: thousands of page faults per
     step, about a fifth of the step. With freed memory kept (runtime.keep_freed_memory, on in every run and
-    in make bench), the typical step of the twelve after the first four faults in next to nothing (under
-    1% of a logits buffer; their median), and all twelve under four buffers' worth (the heap may still
-    grow a few times as the steps' order of allocations settles), where faulting again what the last step
-    freed costs about a buffer at every step — which the same steps with the allocator left alone show first
-    (where they do not, e.g. with transparent huge pages always on, this machine cannot tell the two apart
-    and the test says so)."""
+    in make bench), of the 24 steps after the first eight the typical one faults in next to nothing (under
+    1% of a logits buffer; their median) and they fault under a quarter of a buffer per step on average. Not
+    none: the heap still grows now and then, by a buffer or two, while the order of the steps' allocations
+    leaves free blocks too small for the next large one (fragmentation; the DGLSTM, with more buffers of
+    more sizes, more often), and where that growth falls is not the same from one process to the next (a
+    median over the first twelve steps once failed in CI). With the allocator left alone the same steps
+    fault more than that on average (nn.LSTM: over a buffer at every step); where they do not (the DGLSTM
+    here at times, or with transparent huge pages always on), the checks could not have failed, and the
+    test says so."""
     out = _step_faults(core)
     assert out["state"] == "keep (glibc: mmap threshold 32 MiB, no trim)"
     assert out["logits_bytes"] == 20 * 35 * 10_000 * 4  # the buffer in question
     pages = out["logits_bytes"] // os.sysconf("SC_PAGE_SIZE")
     control = _step_faults(core, DGLSTM_MALLOC="system")
     assert control["state"] == "system (DGLSTM_MALLOC=system)"
-    steady = out["faults"][4:]
-    assert len(steady) == 12
+    steady = out["faults"][8:]
+    assert len(steady) == 24
     assert statistics.median(steady) < pages / 100, (out["faults"], control["faults"])
-    assert sum(steady) < 4 * pages, (out["faults"], control["faults"])
-    if sum(control["faults"][4:]) < 4 * pages:  # the checks above held, but could not have failed here
+    assert statistics.mean(steady) < pages / 4, (out["faults"], control["faults"])
+    if statistics.mean(control["faults"][8:]) < pages / 4:  # the checks above held, but could not have failed
         pytest.skip(f"left alone, the allocator faults little here too: {control['faults']}")
 
 
