@@ -7,8 +7,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The torch build to install. The default is the CPU wheel this project is developed on; elsewhere choose
-# your own, e.g.  make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# The torch build to install: by default torch 2.13.0 from pip's own index (on Linux, PyPI's wheel brings
+# CUDA libraries). CPU only:  make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# A CUDA build:              make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
@@ -42,7 +43,7 @@ help:  ## list the targets
 _step = @echo "[setup $(1)/5] $(2)" && t0=$$(date +%s) && $(3) && echo "[setup $(1)/5] done in $$(( $$(date +%s) - t0 )) s"
 PIP := $(VENV)/bin/pip install --progress-bar on --no-input --disable-pip-version-check
 
-setup:  ## create .venv: torch (TORCH_SPEC) first, then the project with dev extras, then the fused CPU kernel (~3-8 min)
+setup:  ## create .venv: torch (TORCH_SPEC) first, then the project with dev extras, then the fused CPU kernel (2-3 min with torch's wheel at hand; longer where it downloads)
 	$(call _step,1,virtual environment $(VENV),$(PYTHON) -m venv $(VENV))
 	$(call _step,2,pip,$(PIP) --quiet --upgrade pip)
 	$(call _step,3,$(TORCH_SPEC) (the largest download),$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH_SPEC)')
