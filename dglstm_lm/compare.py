@@ -1087,6 +1087,8 @@ class Compare:
                     ]
                 )
             )
+            if self.keeper is not None:  # a final run's record is kept as soon as it ends, not ten minutes on
+                self.keeper.keep()
         if not record:
             return []
         runs, problems = {}, []

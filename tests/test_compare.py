@@ -572,6 +572,28 @@ def test_final_jobs_sets_the_final_runs_at_a_time_and_nothing_else(tmp_path, fin
     assert plan.settings() == without.settings()
 
 
+def test_a_final_run_is_archived_as_soon_as_it_ends(tmp_path):
+    """Final runs one seed at a time (the interleaved order, record=False) last hours each: the record of one
+    that ended goes to archive= at once, not at the archive's next ten-minute save, which a machine handed
+    back in between would lose."""
+    folder, keep = tmp_path / "cmp", tmp_path / "keep"
+    cmp = _compare(folder, models="stacked_lstm", trials="2", stages="final", archive=str(keep))
+    run = folder / "final" / "stacked_lstm" / "seed=1"
+
+    class Fake:
+        def run(self, cmd):  # the run ends: its record, as train writes it
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"status": "completed", "val/ppl": 90.0}))
+            (run / "history.jsonl").write_text(json.dumps({"epoch": 1, "val/ppl": 90.0}) + "\n")
+            return 0
+
+    cmp.runner = Fake()
+    assert cmp.final("stacked_lstm", {"trainer.lr": 1.5}, [1], record=False) == []
+    kept = keep / "final" / "stacked_lstm" / "seed=1"
+    assert json.loads((kept / "metrics.json").read_text())["status"] == "completed"
+    assert (kept / "history.jsonl").read_text() == (run / "history.jsonl").read_text()
+
+
 def test_the_archive_keeps_the_records_and_a_fresh_folder_continues_from_it(tmp_path):
     """archive=: the study, the summary and the records of the runs that ended are copied out (not their
     checkpoints or W&B files, not a run still going); with the folder gone, the same comparison brings them
