@@ -43,6 +43,19 @@ from .runtime import (
 log = logging.getLogger("dglstm_lm.train")
 
 
+def _gemm_record() -> str:
+    """The per-step GEMM paths the DGLSTM's fused scan ran in this run (kernels.gemm_record)."""
+    from .models.kernels import gemm_record
+
+    return gemm_record()
+
+
+def _reset_gemm_record() -> None:
+    from .models.kernels import reset_gemm_record
+
+    reset_gemm_record()
+
+
 def _wgrad_summary() -> str:
     """Where the DGLSTM's weight gradients run here (kernels.wgrad_path), for the run's record."""
     from .models.kernels import wgrad_summary
@@ -160,6 +173,7 @@ class _Run:
         if threads:
             torch.set_num_threads(threads)
         keep_freed_memory()  # no page faults for the buffers every step frees and allocates again
+        _reset_gemm_record()  # this run's GEMM paths only, in a worker that ran another job before
         corpus = prepare_from_config(obj.data)
         if point.state is not None and list(point.state.get("vocab") or []) != list(corpus.vocab.words):
             raise CheckpointError(
@@ -320,6 +334,7 @@ class _Run:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "malloc": keep_freed_memory(),
+            "gemm": _gemm_record(),
             "wgrad": _wgrad_summary(),
             "run_dir": str(self.run_dir),
             "wandb_id": self.tracker.run_id,

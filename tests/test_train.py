@@ -61,7 +61,8 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model", ["rnn", "lstm", "stacked_lstm", "dglstm"])
+# the DGLSTM first: the runs after it in this process must not record its GEMM path (train() resets it)
+@pytest.mark.parametrize("model", ["dglstm", "rnn", "lstm", "stacked_lstm"])
 def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
     run_dir = tmp_path / "run"
     m = train(smoke_cfg(tmp_path, ptb_dir, ptb_root, f"model={model}"), run_dir)
@@ -88,6 +89,13 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
         avx512 = avx512 and os.environ.get("ATEN_CPU_CAPABILITY", "avx512").lower() == "avx512"
         on_brgemm = "onednn" if avx512 else "blas"
         assert m["wgrad"] == f"auto: {on_brgemm} where a layer runs brgemm, onednn on oneDNN's inner product"
+    from dglstm_lm.models.kernels import GEMM_NAMES, cpp_extension, gemm_path
+
+    if model != "dglstm":  # the GEMM path of the DGLSTM's fused scan, from the rule for this CPU and width
+        assert m["gemm"] == "none (no fused scan ran)"
+    elif cpp_extension() is not None:
+        path = gemm_path(torch.float32, "cpp", None, 200)
+        assert m["gemm"] == f"{path} ({GEMM_NAMES[path]})"
     if "DGLSTM_MALLOC" not in os.environ and not any(k.startswith("MALLOC_") for k in os.environ):
         assert m["malloc"] == (
             "keep (glibc: mmap threshold 32 MiB, no trim)" if _glibc() else "system (not glibc)"

@@ -392,6 +392,24 @@ BRGEMM_MAX_HIDDEN = {"fp32": 512, "bf16": 256}
 # training and evaluation steps in docs/models.md (Speed). Measured at 200 and 650 units only.
 
 
+# The per-step GEMM paths the fused scan ran in this process since reset_gemm_record(), which train() calls
+# at a run's start (a joblib worker runs job after job): a run's record names them, since a run's rounding,
+# and so its perplexity to the last digits, is its CPU's and its path's.
+_GEMMS_RUN: set[str] = set()
+
+
+def reset_gemm_record() -> None:
+    _GEMMS_RUN.clear()
+
+
+def gemm_record() -> str:
+    """The GEMM paths the fused scan ran since reset_gemm_record(), for a run's record (its `gemm`)."""
+    if not _GEMMS_RUN:
+        return "none (no fused scan ran)"
+    names = {**GEMM_NAMES, "python": "PyTorch ops"}
+    return ", ".join(f"{m} ({names.get(m, m)})" for m in sorted(_GEMMS_RUN))
+
+
 def brgemm_limit(low: torch.dtype | None = None) -> int:
     """The widest layer for which model.backend=cpp prefers brgemm, under autocast to `low` (None: none): the
     bf16 limit only where there is a bf16 GEMM to prefer instead."""
@@ -712,6 +730,7 @@ def scan(
             f"unknown scan backend {backend!r} (auto, {', '.join(CPP_BACKENDS)}, python, triton, triton_graph)"
         )
     mode = "python" if backend == "python" else gemm_path(gx.dtype, backend, _low, h0.shape[-1])
+    _GEMMS_RUN.add(mode)
     contig = [None if t is None else t.contiguous() for t in (gx, gd, m, h0, c0)]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     return _Scan.apply(*contig, w_hh, wci, wcf, wco, wcd, coupled, mode, save)
