@@ -97,6 +97,17 @@ def test_triton_scan_equals_python_backend(peephole, coupled, depth):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, k=k: f"gradient {k}: {m}")
 
 
+def test_a_run_records_the_triton_scan_as_its_path():
+    """A run's record (metrics.json gemm) names the Triton scan where it ran, not "none"."""
+    args = _scan_args(5, 3, 4, True, False, True)
+    kernels.reset_gemm_record()
+    _run(lambda *a: kernels.scan(*a, backend="triton"), args)
+    assert kernels.gemm_record() == "triton (Triton scan)"
+    kernels.reset_gemm_record()
+    _run(lambda *a: kernels.scan(*a, backend="python"), args)
+    assert kernels.gemm_record() == "python (PyTorch ops)"
+
+
 @pytest.mark.parametrize("dims", DIMS, ids=["equal", "unequal"])
 @pytest.mark.parametrize("gate_input,peephole,coupled,stabiliser", OPTIONS)
 def test_triton_dglstm_matches_per_step_reference(gate_input, peephole, coupled, stabiliser, dims):

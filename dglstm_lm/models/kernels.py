@@ -406,7 +406,12 @@ def gemm_record() -> str:
     """The GEMM paths the fused scan ran since reset_gemm_record(), for a run's record (its `gemm`)."""
     if not _GEMMS_RUN:
         return "none (no fused scan ran)"
-    names = {**GEMM_NAMES, "python": "PyTorch ops"}
+    names = {
+        **GEMM_NAMES,
+        "python": "PyTorch ops",
+        "triton": "Triton scan",
+        "triton_graph": "Triton, CUDA graphs",
+    }
     return ", ".join(f"{m} ({names.get(m, m)})" for m in sorted(_GEMMS_RUN))
 
 
@@ -665,7 +670,9 @@ def _triton(*args, coupled, backend):
     if backend == "triton_graph" and args[0].device.type != "cuda":
         raise ValueError(f"the CUDA-graph scan (triton_graph) needs a CUDA device, not {args[0].device.type}")
     graphs = triton_scan.default_graphs() if backend == "triton_graph" else None
-    return triton_scan.scan(*args, coupled=coupled, graphs=graphs)
+    out = triton_scan.scan(*args, coupled=coupled, graphs=graphs)
+    _GEMMS_RUN.add(backend)  # the Triton scan's own GEMM (a run's record, gemm_record)
+    return out
 
 
 def scan(
