@@ -41,10 +41,14 @@ V, B, T = 10_000, 20, 35
 # written with torch ops. A " bf16" suffix: the same model trained and evaluated under
 # torch.autocast(bfloat16) (trainer.precision=bf16), its ratio taken to "nn.LSTM bf16";
 # "dglstm[cpp_onednn] bf16" forces oneDNN's bf16 inner product, against which plain "dglstm bf16" shows the
-# path chosen here (on a CPU with AMX, the brgemm micro-kernel in bfloat16).
+# path chosen here (on a CPU with AMX, the brgemm micro-kernel in bfloat16). Every row's step computes its
+# loss as a run does (models/loss.py: the fused CPU cross-entropy), except "nn.LSTM (torch loss)", which is
+# nn.LSTM with torch's F.cross_entropy: its ratio to nn.LSTM is what the fused loss saves per step.
+TORCH_LOSS = "(torch loss)"
 CORES = (
     "nn.LSTM",
     "nn.LSTM (control)",
+    "nn.LSTM (torch loss)",
     "rnn",
     "stacked_lstm",
     "dglstm",
@@ -54,6 +58,7 @@ CORES = (
     "dglstm[cpp_blas]",
     "dglstm[python]",
     "nn.LSTM bf16",
+    "nn.LSTM (torch loss) bf16",
     "stacked_lstm bf16",
     "dglstm bf16",
     "dglstm[cpp_onednn] bf16",
@@ -90,6 +95,14 @@ def make_model(core: str, dim: int, layers: int, device, vocab: int = V):
     model = LanguageModel(vocab, dim, c).to(device)
     model.reset_parameters("uniform", 0.05)
     return model
+
+
+def _loss_name(device) -> str:
+    """What models/loss.py runs for this device's float32 logits (loss_path)."""
+    from .models.loss import loss_path
+
+    path = loss_path(torch.empty(1, 1, device=device))
+    return "fused CPU cross-entropy" if path == "fused" else "F.cross_entropy"
 
 
 def _sync(device):
@@ -133,6 +146,8 @@ def paired_ratio(times: dict[str, list[float]], core: str, ref: str) -> dict | N
 
 def measure_rounds(models: dict, device, rounds: int, steps: int, train: bool) -> dict[str, list[float]]:
     """Seconds per step of every model in each round (see measure)."""
+    from .models.loss import summed_nll
+
     x = torch.randint(V, (T, B), device=device)
     y = torch.randint(V, (T, B), device=device)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
@@ -143,12 +158,17 @@ def measure_rounds(models: dict, device, rounds: int, steps: int, train: bool) -
                 return step_fp32(k)
         return step_fp32(k)
 
+    def nll(k, logits):
+        if TORCH_LOSS in k:
+            return F.cross_entropy(logits.view(-1, V), y.view(-1), reduction="sum")
+        return summed_nll(logits.view(-1, V), y.view(-1))
+
     def step_fp32(k):
         m = models[k]
         if train:
             m.train()
             logits, _ = m(x, m.init_state(B, device))
-            loss = F.cross_entropy(logits.view(-1, V), y.view(-1))
+            loss = nll(k, logits) / (B * T)
             opts[k].zero_grad(set_to_none=True)
             loss.backward()
             opts[k].step()
@@ -156,7 +176,7 @@ def measure_rounds(models: dict, device, rounds: int, steps: int, train: bool) -
             m.eval()
             with torch.no_grad():
                 logits, _ = m(x, m.init_state(B, device))
-                F.cross_entropy(logits.view(-1, V), y.view(-1)).item()
+                nll(k, logits).item()
 
     for k in models:  # warm-up (allocator, oneDNN primitives, extension load)
         step(k)
@@ -240,6 +260,7 @@ def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict |
     from .config import compose, validate
     from .data import make_batches, prepare_from_config
     from .models import build_model
+    from .models.loss import summed_nll
     from .tracking import Tracker
     from .trainer import StopSignals, Trainer
 
@@ -287,7 +308,7 @@ def bench_trainer(ptb_dir: str | None, model: str, steps: int, device) -> dict |
             for i in range(steps):
                 x, y = (t.to(device) for t in batches[i])
                 logits, state = m(x, [tuple(s.detach() for s in layer) for layer in state])
-                loss = F.cross_entropy(logits.view(-1, V), y.view(-1), reduction="sum") / y.size(1)
+                loss = summed_nll(logits.view(-1, V), y.view(-1)) / y.size(1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
@@ -674,6 +695,7 @@ def main(argv=None) -> int:  # long on purpose: the options, then each measureme
         "bptt": T,
         "vocab": V,
         "records": records,
+        "loss": _loss_name(device),  # the loss every row but the "(torch loss)" ones computes
         "data": data,
         "trainer": trainer,
     }

@@ -324,10 +324,12 @@ class Plan:
     def check_configs(self) -> None:
         from .config import compose, flatten, resolved_container, validate
         from .models.kernels import wgrad_choice
+        from .models.loss import loss_choice
         from .runtime import malloc_choice
 
         malloc_choice()  # every run it starts would refuse a bad $DGLSTM_MALLOC: say so before anything is made
         wgrad_choice()  # ... and a bad $DGLSTM_WGRAD
+        loss_choice()  # ... and $DGLSTM_LOSS
         given = {o.split("=", 1)[0].lstrip("+~") for o in self.common + self.proxy_overrides}
         searched = sorted(given & set(self.space.params))
         if searched:

@@ -86,8 +86,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     keep_freed_memory()  # as a run does (runtime.py)
     from .models.kernels import wgrad_choice
+    from .models.loss import loss_choice
 
-    wgrad_choice()  # a bad $DGLSTM_WGRAD: one line before anything is loaded
+    wgrad_choice()  # a bad $DGLSTM_WGRAD or $DGLSTM_LOSS: one line before anything is loaded
+    loss_choice()
     if not args.ckpt:
         raise CheckpointError("no checkpoint given: make eval ckpt=<checkpoint file or run dir>")
     target = ckpt.resolve(args.ckpt, prefer=ckpt.BEST)

@@ -71,14 +71,16 @@ def resolve_device(name: str, what: str = "trainer.device") -> torch.device:
 def check_before_run(obj) -> None:
     """What would fail a run before its first step, checked before Hydra makes its folder (a run refused
     here leaves no `failed` folder behind to appear in every report): the output folder, $DGLSTM_MALLOC,
-    $DGLSTM_WGRAD, the device and its precision, the data folder."""
+    $DGLSTM_WGRAD, $DGLSTM_LOSS, the device and its precision, the data folder."""
     from .data import check_source
 
     rundir.check_folder(obj.paths.output_dir, "paths.output_dir")
     from .models.kernels import wgrad_choice
+    from .models.loss import loss_choice
 
     malloc_choice()
     wgrad_choice()
+    loss_choice()
     device = resolve_device(obj.trainer.device)
     from .trainer import precision_context
 

@@ -51,9 +51,19 @@ def _gemm_record() -> str:
 
 
 def _reset_gemm_record() -> None:
+    """Forget the GEMM and loss paths that earlier runs in this process ran."""
     from .models.kernels import reset_gemm_record
+    from .models.loss import reset_loss_record
 
     reset_gemm_record()
+    reset_loss_record()
+
+
+def _loss_record() -> str:
+    """The cross-entropy paths this run ran (loss.loss_record)."""
+    from .models.loss import loss_record
+
+    return loss_record()
 
 
 def _wgrad_summary() -> str:
@@ -173,7 +183,7 @@ class _Run:
         if threads:
             torch.set_num_threads(threads)
         keep_freed_memory()  # no page faults for the buffers every step frees and allocates again
-        _reset_gemm_record()  # this run's GEMM paths only, in a worker that ran another job before
+        _reset_gemm_record()  # this run's GEMM and loss paths only, in a worker that ran another job before
         corpus = prepare_from_config(obj.data)
         if point.state is not None and list(point.state.get("vocab") or []) != list(corpus.vocab.words):
             raise CheckpointError(
@@ -336,6 +346,7 @@ class _Run:
             "malloc": keep_freed_memory(),
             "gemm": _gemm_record(),
             "wgrad": _wgrad_summary(),
+            "loss": _loss_record(),
             "run_dir": str(self.run_dir),
             "wandb_id": self.tracker.run_id,
             "code": self.code,

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import faults, rundir
 from .data import PAD_TARGET, SentenceBatches
 from .errors import UserError
+from .models.loss import summed_nll
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,7 @@ def evaluate_batches(
                 state = _master_state(model, state)
             faults.point("eval_batch")
             with precision_context(device, precision):
-                nll += F.cross_entropy(
-                    logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
-                ).item()
+                nll += summed_nll(logits.view(-1, logits.size(-1)), y.view(-1), PAD_TARGET).item()
             ntok += int((y != PAD_TARGET).sum())
             if i % 20 == 0:
                 bar.set_postfix(ppl=f"{ppl(nll / max(ntok, 1)):.2f}")
@@ -443,9 +441,7 @@ class Trainer:
         """One optimizer step on a (T, B) window. Returns (summed NLL, target tokens, grad norm, state)."""
         with precision_context(self.device, self.precision):  # trainer.precision=bf16: autocast
             logits, state = self.model(x, state)  # (T, B, V)
-            nll = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=PAD_TARGET, reduction="sum"
-            )
+            nll = summed_nll(logits.view(-1, logits.size(-1)), y.view(-1), PAD_TARGET)
         if self.precision != "fp32":
             state = _master_state(self.model, state)
         ntok = int((y != PAD_TARGET).sum())

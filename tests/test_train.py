@@ -96,6 +96,9 @@ def test_smoke_run_writes_every_output(model, tmp_path, ptb_dir, ptb_root):
     elif cpp_extension() is not None:
         path = gemm_path(torch.float32, "cpp", None, 200)
         assert m["gemm"] == f"{path} ({GEMM_NAMES[path]})"
+    if "DGLSTM_LOSS" not in os.environ:  # the fused CPU cross-entropy, wherever the kernel is built
+        fused = cpp_extension() is not None
+        assert m["loss"] == ("fused (fused CPU cross-entropy)" if fused else "torch (F.cross_entropy)")
     if "DGLSTM_MALLOC" not in os.environ and not any(k.startswith("MALLOC_") for k in os.environ):
         assert m["malloc"] == (
             "keep (glibc: mmap threshold 32 MiB, no trim)" if _glibc() else "system (not glibc)"
@@ -493,6 +496,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert cores == {
         "nn.LSTM",
         "nn.LSTM (control)",
+        "nn.LSTM (torch loss)",
         "rnn",
         "stacked_lstm",
         "dglstm",
@@ -502,7 +506,13 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
         "dglstm[cpp_blas]",
         "dglstm[python]",
         *(
-            ["nn.LSTM bf16", "stacked_lstm bf16", "dglstm bf16", "dglstm[cpp_onednn] bf16"]
+            [
+                "nn.LSTM bf16",
+                "nn.LSTM (torch loss) bf16",
+                "stacked_lstm bf16",
+                "dglstm bf16",
+                "dglstm[cpp_onednn] bf16",
+            ]
             if bf16_here
             else []
         ),
@@ -520,6 +530,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     for key in ("fused_gemm", "fused_gemm_bf16"):  # e.g. "oneDNN brgemm up to 512 units, oneDNN above"
         said = payload["machine"][key]
         assert said in names or any(said.startswith(f"{n} up to ") for n in names), said
+    assert payload["loss"] == "fused CPU cross-entropy"  # every row's but the "(torch loss)" ones
     gemms = {rec["core"]: rec.get("gemm") for rec in payload["records"]}
     assert gemms["dglstm[cpp_onednn]"] == "oneDNN" and gemms["dglstm[cpp_blas]"] == "BLAS"
     # at 16 units plain dglstm runs MKL's packed GEMM on Intel, the brgemm micro-kernel on other x86 CPUs
@@ -538,7 +549,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
     assert wgrads["dglstm"] == ("oneDNN" if avx512 and vendor != "GenuineIntel" else "BLAS")  # auto, 16 units
     assert payload["machine"]["fused_wgrad"].startswith(("BLAS", "oneDNN")), payload["machine"]["fused_wgrad"]
     bf16 = [rec for rec in payload["records"] if rec["precision"] == "bf16"]
-    assert len(bf16) == 4 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
+    assert len(bf16) == 5 * bf16_here and all(rec["train_ratio_to_nn_lstm_fp32"] > 0 for rec in bf16)
     if bf16_here:  # under bf16: oneDNN's inner product forced, and the brgemm micro-kernel where there is AMX
         from dglstm_lm.models.kernels import brgemm_bf16_available
 

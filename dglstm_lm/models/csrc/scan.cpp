@@ -706,6 +706,194 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
   return {d_gx, d_gd, d_m, dh_rec, dc, d_w_hh, d_wci, d_wcf, d_wco, d_wcd};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The language model's loss: summed cross-entropy over the rows of logits [N, V] (float32 or bfloat16) in
+// two passes over each row, computed in float32 whatever the logits' type. torch's F.cross_entropy makes five
+// passes over N x V float32 values (under autocast bf16 seven, with the casts): log_softmax writes them,
+// nll_loss's backward fills a zero gradient and scatters into it, log_softmax's backward reads two and writes
+// one, and autocast casts the logits up and the gradient down. Here the forward reads each row twice (its
+// maximum, then the sum of exp) and keeps one float per row (the log-sum-exp); the backward reads each row
+// once and writes its gradient, softmax minus the one-hot target, in the logits' own type. A row is one
+// thread's work, and the rows' losses are summed in double in row order: the result does not depend on the
+// thread count. Each row keeps its maximum m and log(sum_j exp(x_j - m)) apart, so that the loss and the
+// gradient are computed from x - m as torch's log_softmax does (exact where the logits are large).
+
+// bfloat16 <-> float32 in plain integer arithmetic that GCC vectorises (round to nearest even; NaN stays NaN).
+inline float load_f(const float* p, int64_t j) { return p[j]; }
+inline float load_f(const at::BFloat16* p, int64_t j) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store_f(float* p, int64_t j, float v) { p[j] = v; }
+inline void store_f(at::BFloat16* p, int64_t j, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[j] = static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+
+constexpr int64_t kLanes = 16;  // partial maxima / sums per row, so that GCC vectorises the reductions
+
+// One row's maximum m and log(sum_j exp(x_j - m)), into stats[0] and stats[1]. A NaN anywhere in the row makes
+// the latter NaN (through the sum), like torch's.
+template <typename scalar_t>
+DGLSTM_ROW_BODY void row_logsumexp(const scalar_t* x, int64_t V, float* stats) {
+  float mx[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) mx[k] = -std::numeric_limits<float>::infinity();
+  const int64_t Vb = V - V % kLanes;
+  for (int64_t j = 0; j < Vb; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const float v = load_f(x, j + k);
+      mx[k] = v > mx[k] ? v : mx[k];
+    }
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < kLanes; ++k) m = mx[k] > m ? mx[k] : m;
+  for (int64_t j = Vb; j < V; ++j) m = load_f(x, j) > m ? load_f(x, j) : m;
+  if (std::isinf(m)) m = m > 0 ? m : 0.0f;  // all -inf: sum 0, log -inf; +inf: inf - inf = NaN, as torch
+  float s[kLanes] = {};
+  for (int64_t j = 0; j < Vb; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) s[k] += exp_(load_f(x, j + k) - m);
+  }
+  float sum = 0.0f;
+  for (int64_t k = 0; k < kLanes; ++k) sum += s[k];
+  for (int64_t j = Vb; j < V; ++j) sum += exp_(load_f(x, j) - m);
+  stats[0] = m;
+  stats[1] = std::log(sum);
+}
+
+// grad_j = (exp(x_j - m - log_sum) - [j == t]) * g for one row, written in the logits' type.
+template <typename scalar_t>
+DGLSTM_ROW_BODY void row_softmax_grad(const scalar_t* x, scalar_t* out, int64_t V, float m, float log_sum, int64_t t,
+                                      float g) {
+  for (int64_t j = 0; j < V; ++j) store_f(out, j, exp_((load_f(x, j) - m) - log_sum) * g);
+  store_f(out, t, (exp_((load_f(x, t) - m) - log_sum) - 1.0f) * g);
+}
+
+#ifdef DGLSTM_X86_VARIANTS
+#define DGLSTM_LOSS_VARIANTS(NAME)                                                                            \
+  template <typename scalar_t, typename... A>                                                                \
+  __attribute__((noinline, target("arch=x86-64-v4"))) auto NAME##_v4(A... a) { return NAME<scalar_t>(a...); } \
+  template <typename scalar_t, typename... A>                                                                \
+  __attribute__((noinline, target("arch=x86-64-v3"))) auto NAME##_v3(A... a) { return NAME<scalar_t>(a...); } \
+  template <typename scalar_t, typename... A>                                                                \
+  __attribute__((noinline)) auto NAME##_base(A... a) { return NAME<scalar_t>(a...); }
+#else
+#define DGLSTM_LOSS_VARIANTS(NAME)                              \
+  template <typename scalar_t, typename... A>                   \
+  __attribute__((noinline)) auto NAME##_base(A... a) { return NAME<scalar_t>(a...); }
+#endif
+DGLSTM_LOSS_VARIANTS(row_logsumexp)
+DGLSTM_LOSS_VARIANTS(row_softmax_grad)
+
+template <typename scalar_t>
+void call_row_logsumexp(const scalar_t* x, int64_t V, float* stats) {
+#ifdef DGLSTM_X86_VARIANTS
+  switch (row_isa()) {
+    case RowIsa::kAvx512:
+      return row_logsumexp_v4<scalar_t>(x, V, stats);
+    case RowIsa::kAvx2:
+      return row_logsumexp_v3<scalar_t>(x, V, stats);
+    default:
+      break;
+  }
+#endif
+  row_logsumexp_base<scalar_t>(x, V, stats);
+}
+
+template <typename scalar_t>
+void call_row_softmax_grad(const scalar_t* x, scalar_t* out, int64_t V, const float* stats, int64_t t, float g) {
+#ifdef DGLSTM_X86_VARIANTS
+  switch (row_isa()) {
+    case RowIsa::kAvx512:
+      return row_softmax_grad_v4<scalar_t>(x, out, V, stats[0], stats[1], t, g);
+    case RowIsa::kAvx2:
+      return row_softmax_grad_v3<scalar_t>(x, out, V, stats[0], stats[1], t, g);
+    default:
+      break;
+  }
+#endif
+  row_softmax_grad_base<scalar_t>(x, out, V, stats[0], stats[1], t, g);
+}
+
+void check_loss_args(const Tensor& logits, const Tensor& target) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.device().is_cpu(),
+              "cross_entropy: logits must be a contiguous 2-D CPU tensor, got ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
+              "cross_entropy: logits must be float32 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.scalar_type() == at::kLong && target.size(0) == logits.size(0) &&
+                  target.is_contiguous() && target.device().is_cpu(),
+              "cross_entropy: target must be a contiguous int64 CPU vector of ", logits.size(0), " rows, got ",
+              target.scalar_type(), " ", target.sizes());
+}
+
+// Returns {the summed negative log-likelihood of the targets (float32, 0-D), the rows' stats [N, 2]: maximum and
+// log(sum exp(x - maximum))}. A row whose target is ignore_index adds nothing; any other target outside [0, V)
+// is an error, as in torch.
+std::vector<Tensor> cross_entropy_forward(const Tensor& logits, const Tensor& target, int64_t ignore_index) {
+  check_loss_args(logits, target);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "cross_entropy: logits have no classes");
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < V), "cross_entropy: target ", t[r],
+                " is out of bounds for ", V, " classes");
+  }
+  auto stats = at::empty({N, 2}, logits.options().dtype(at::kFloat));
+  auto nll = at::empty({N}, logits.options().dtype(at::kFloat));
+  float* l = stats.data_ptr<float>();
+  float* n = nll.data_ptr<float>();
+  auto rows = [&](auto* x) {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        call_row_logsumexp(x + r * V, V, l + 2 * r);
+        n[r] = t[r] == ignore_index ? 0.0f : l[2 * r + 1] - (load_f(x + r * V, t[r]) - l[2 * r]);
+      }
+    });
+  };
+  if (logits.scalar_type() == at::kFloat) {
+    rows(logits.data_ptr<float>());
+  } else {
+    rows(logits.data_ptr<at::BFloat16>());
+  }
+  double sum = 0.0;
+  for (int64_t r = 0; r < N; ++r) sum += n[r];
+  return {at::scalar_tensor(sum, logits.options().dtype(at::kFloat)), stats};
+}
+
+// d(summed NLL)/d(logits) times grad (a 0-D float32 tensor), in the logits' type; rows whose target is
+// ignore_index get zeros.
+Tensor cross_entropy_backward(const Tensor& logits, const Tensor& target, const Tensor& stats, const Tensor& grad,
+                              int64_t ignore_index) {
+  check_loss_args(logits, target);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == 2 * logits.size(0) && stats.is_contiguous(),
+              "cross_entropy_backward: stats must be the forward's [N, 2] float32 result");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const float g = grad.item<float>();
+  auto out = at::empty_like(logits);
+  const int64_t* t = target.data_ptr<int64_t>();
+  const float* l = stats.data_ptr<float>();
+  auto rows = [&](const auto* x, auto* o) {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (t[r] == ignore_index) {
+          std::memset(o + r * V, 0, V * sizeof(*o));
+        } else {
+          call_row_softmax_grad(x + r * V, o + r * V, V, l + 2 * r, t[r], g);
+        }
+      }
+    });
+  };
+  if (logits.scalar_type() == at::kFloat) {
+    rows(logits.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    rows(logits.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &scan_forward, "fused (depth-gated) LSTM layer: forward over all steps");
   mod.def("backward", &scan_backward, "fused (depth-gated) LSTM layer: backward over all steps");
@@ -715,6 +903,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("has_brgemm", &has_brgemm, "whether this torch exports oneDNN's float32 brgemm micro-kernel");
   mod.def("has_brgemm_bf16", &has_brgemm_bf16, "whether the brgemm micro-kernel runs in bfloat16 here (AMX)");
   mod.def("pack_brgemm_bf16", &pack_brgemm_bf16, "w [N, K] packed for the bfloat16 brgemm: [blocks, K, 64]");
+  mod.def("cross_entropy_forward", &cross_entropy_forward,
+          "summed cross-entropy of logits [N, V] (float32 or bfloat16): {nll (0-D), [N, 2] row stats}");
+  mod.def("cross_entropy_backward", &cross_entropy_backward,
+          "its gradient with respect to the logits, times grad, in the logits' type");
   mod.def("has_onednn_gemm", &has_onednn_gemm,
           "whether this torch has oneDNN's inner product on a reordered weight (mkldnn::_linear_pointwise)");
 }
