@@ -552,7 +552,7 @@ def _rows(cores, models, dim, args, device, train_times, eval_times) -> list[dic
             else ""
         )
         print(
-            f"{args.layers}x{dim:<5} {c:<19} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
+            f"{args.layers}x{dim:<5} {c:<26} {rec['params']:>11,} params  train {rec['train_tokens_per_s']:>8,.0f} tok/s"
             f" ({fmt(rec['train_ratio_to_nn_lstm'], rec['train_ratio_to_nn_lstm_ci95'])})"
             f"  eval {rec['eval_tokens_per_s']:>8,.0f} tok/s"
             f" ({fmt(rec['eval_ratio_to_nn_lstm'], rec['eval_ratio_to_nn_lstm_ci95'])})  peak {rec['peak_memory_mb']:,.0f} MB{extra}",

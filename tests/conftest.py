@@ -115,3 +115,33 @@ def train_overrides(out: Path, data_root: Path, ptb_dir: Path | None = None, **e
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+ROW_VARIANTS = [("default", "baseline"), ("avx2", "AVX2"), ("avx512", "AVX-512")]  # ATEN_CPU_CAPABILITY, rows
+
+
+def run_row_variant(capability: str, rows: str, code: str) -> list:
+    """Run `code` in a fresh process with ATEN_CPU_CAPABILITY=capability, which picks the fused kernel's row
+    variant (AVX-512, AVX2, baseline), and return the JSON list its last line prints, whose first two items
+    must be the kernel's row_isa() and torch's capability. Skips where this CPU cannot run the variant: torch
+    2.13 takes ATEN_CPU_CAPABILITY at its word, and its own AVX-512 kernels die with SIGILL on an AVX2 CPU."""
+    import json
+
+    import pytest
+
+    with open("/proc/cpuinfo") as f:
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
+    needs = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma"}}.get(
+        capability
+    )
+    if needs and not needs <= flags:
+        pytest.skip(f"this CPU cannot run {rows} (no {' '.join(sorted(needs - flags))})")
+    res = run_cli([PY, "-c", code], env={"ATEN_CPU_CAPABILITY": capability})
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    isa, cap = out[0], out[1]
+    if cap != capability.upper():  # asked for more than the CPU has: torch falls back to what it has
+        assert capability != "default" and isa != rows
+        pytest.skip(f"this CPU cannot run {rows} rows")
+    assert isa == rows  # the kernel follows torch's capability
+    return out

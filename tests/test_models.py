@@ -13,6 +13,8 @@ from dglstm_lm.config import DGLSTMConfig, LSTMConfig, ResidualLSTMConfig, RNNCo
 from dglstm_lm.models import DGLSTMLayer, LanguageModel, LSTMLayer, build_core, build_model, count_parameters
 from dglstm_lm.models.kernels import cpp_extension, scan
 
+from .conftest import ROW_VARIANTS, run_row_variant
+
 # every path of the fused kernel's per-step GEMM: as chosen for this CPU (cpp), plain BLAS, and MKL's packed
 # GEMM and oneDNN forced. The forced ones run with the slow tests (`make test`, CI): cpp already runs one of
 # them, and the fast suite forces each in test_every_gemm_path_matches_the_python_scan.
@@ -292,34 +294,14 @@ print(json.dumps([cpp_extension().row_isa(), cap, float((out.double() - out64).a
 """
 
 
-@pytest.mark.parametrize(
-    "capability,rows", [("default", "baseline"), ("avx2", "AVX2"), ("avx512", "AVX-512")]
-)
+@pytest.mark.parametrize("capability,rows", ROW_VARIANTS)
 def test_every_row_variant_matches_the_python_scan(capability, rows):
     """The fused rows are compiled for AVX-512, AVX2 and baseline x86-64 and chosen per process, following
     ATEN_CPU_CAPABILITY: each variant this CPU can run, forced in a fresh process, against the float64
     python scan (itself proved against the per-step reference above)."""
-    import json
-
-    from .conftest import PY, run_cli
-
     if cpp_extension() is None:
         pytest.skip("no fused kernel")
-    with open("/proc/cpuinfo") as f:
-        flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
-    needs = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma"}}.get(
-        capability
-    )
-    if needs and not needs <= flags:
-        # torch 2.13 takes ATEN_CPU_CAPABILITY at its word: its own AVX-512 kernels die with SIGILL on an AVX2 CPU
-        pytest.skip(f"this CPU cannot run {rows} (no {' '.join(sorted(needs - flags))})")
-    res = run_cli([PY, "-c", ROW_VARIANT_CHECK], env={"ATEN_CPU_CAPABILITY": capability})
-    assert res.returncode == 0, res.stderr
-    isa, cap, out_err, grad_err = json.loads(res.stdout.strip().splitlines()[-1])
-    if cap != capability.upper():  # asked for more than the CPU has: torch falls back to what it has
-        assert capability != "default" and isa != rows
-        pytest.skip(f"this CPU cannot run {rows} rows")
-    assert isa == rows  # the kernel follows torch's capability
+    _, _, out_err, grad_err = run_row_variant(capability, rows, ROW_VARIANT_CHECK)
     assert out_err < 2e-6 and grad_err <= 1, (out_err, grad_err)  # gradients: |g - r| <= 1e-5 + 1e-4 |r|
 
 

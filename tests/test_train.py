@@ -487,7 +487,7 @@ def test_bench_script_runs_and_writes_its_records(tmp_path, ptb_dir):
             "--ptb-dir",
             str(ptb_dir),
         ],
-        env={"DGLSTM_WGRAD": ""},  # the choice per CPU, not a caller's
+        env={"DGLSTM_WGRAD": "", "DGLSTM_LOSS": ""},  # the choices per CPU, not a caller's
     )
     assert r.returncode == 0, r.stderr[-2000:]
     payload = json.loads((tmp_path / "bench.json").read_text())

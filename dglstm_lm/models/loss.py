@@ -8,7 +8,9 @@ values (log_softmax's output, nll_loss's zero-filled gradient, log_softmax's bac
 bf16, two more for its casts; at a 10,000-word vocabulary that is the largest elementwise work of a step (see
 docs/models.md, Speed). Everything is computed in float32 (bfloat16 logits are read as they are, so autocast
 makes no float32 copy of them); the rows' losses are summed in double in row order, so the result does not
-depend on the thread count.
+depend on the thread count (it may in its last bits on the instruction set: the AVX-512, AVX2 and baseline
+builds of the rows may round differently). Where the kernel is not built yet, the first call builds it, as
+the DGLSTM's scan does (`make setup` builds it ahead of time).
 
 Elsewhere (CUDA, float64, no compiler) and with $DGLSTM_LOSS=torch it is F.cross_entropy(reduction="sum").
 """
@@ -19,6 +21,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 LOSS_ENV = "DGLSTM_LOSS"  # torch | auto (or unset): which cross-entropy runs (loss_path)
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -64,6 +67,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return nll
 
     @staticmethod
+    @once_differentiable  # no second derivative: create_graph=True through it is an error, not a silent 0
     def backward(ctx, grad):
         from .kernels import cpp_extension
 
@@ -73,8 +77,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 
 def summed_nll(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """sum over the rows of -log softmax(logits)[target], rows whose target is ignore_index left out: a
-    float32 0-D tensor. logits [N, V], target [N] (integers)."""
+    """sum over the rows of -log softmax(logits)[target], rows whose target is ignore_index left out, as a 0-D
+    tensor: float32 on the fused path (and from F.cross_entropy under autocast), else the logits' dtype.
+    logits [N, V], target [N] (integers)."""
     path = loss_path(logits)
     _LOSSES_RUN.add(path)
     if path == "torch":

@@ -712,10 +712,11 @@ std::vector<Tensor> scan_backward(const Tensor& grad_h, const Tensor& grad_c, co
 // passes over N x V float32 values (under autocast bf16 seven, with the casts): log_softmax writes them,
 // nll_loss's backward fills a zero gradient and scatters into it, log_softmax's backward reads two and writes
 // one, and autocast casts the logits up and the gradient down. Here the forward reads each row twice (its
-// maximum, then the sum of exp) and keeps one float per row (the log-sum-exp); the backward reads each row
+// maximum, then the sum of exp) and keeps two floats per row (see below); the backward reads each row
 // once and writes its gradient, softmax minus the one-hot target, in the logits' own type. A row is one
 // thread's work, and the rows' losses are summed in double in row order: the result does not depend on the
-// thread count. Each row keeps its maximum m and log(sum_j exp(x_j - m)) apart, so that the loss and the
+// thread count (on one machine: the AVX-512, AVX2 and baseline variants may round differently, e.g. where
+// the compiler fuses a multiply-add). Each row keeps its maximum m and log(sum_j exp(x_j - m)) apart, so that the loss and the
 // gradient are computed from x - m as torch's log_softmax does (exact where the logits are large).
 
 // bfloat16 <-> float32 in plain integer arithmetic that GCC vectorises (round to nearest even; NaN stays NaN).
@@ -844,8 +845,13 @@ std::vector<Tensor> cross_entropy_forward(const Tensor& logits, const Tensor& ta
   auto rows = [&](auto* x) {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
+        if (t[r] == ignore_index) {  // padding: no loss, no gradient (the backward never reads its stats)
+          l[2 * r] = l[2 * r + 1] = 0.0f;
+          n[r] = 0.0f;
+          continue;
+        }
         call_row_logsumexp(x + r * V, V, l + 2 * r);
-        n[r] = t[r] == ignore_index ? 0.0f : l[2 * r + 1] - (load_f(x + r * V, t[r]) - l[2 * r]);
+        n[r] = l[2 * r + 1] - (load_f(x + r * V, t[r]) - l[2 * r]);
       }
     });
   };
@@ -870,6 +876,10 @@ Tensor cross_entropy_backward(const Tensor& logits, const Tensor& target, const 
   const float g = grad.item<float>();
   auto out = at::empty_like(logits);
   const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < V), "cross_entropy_backward: target ", t[r],
+                " is out of bounds for ", V, " classes");
+  }
   const float* l = stats.data_ptr<float>();
   auto rows = [&](const auto* x, auto* o) {
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
